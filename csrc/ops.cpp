@@ -1,0 +1,44 @@
+// Every schema of the localgp op library. Kernels register per device in csrc/cpu/ and
+// csrc/cuda/; the CPU library is complete without the CUDA files.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import localgp._C` only needs to find a module; the ops register when the library loads.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(localgp, m) {
+  // Threshold the keep probability softmax(logits)[..., 1] > threshold of every valid frame
+  // (t < lengths[b]) and pack the kept frames of x, sequence after sequence.
+  m.def(
+      "gate_compact(Tensor x, Tensor logits, Tensor lengths, float threshold=0.5) -> "
+      "(Tensor packed, Tensor index, Tensor cu_seqlens, Tensor max_seqlen, Tensor keep)");
+  // Same, with the two-class logits computed in the kernel from the gate's hidden features
+  // (B,T,H), weight (2,H) and bias (2,), so they never go to memory.
+  m.def(
+      "gate_compact_linear(Tensor x, Tensor hidden, Tensor weight, Tensor bias, Tensor lengths, "
+      "float threshold=0.5) -> "
+      "(Tensor packed, Tensor index, Tensor cu_seqlens, Tensor max_seqlen, Tensor keep)");
+  // Rows of src (..., D) flattened to (M, D), picked by index (N,) -> (N, D).
+  m.def("gather_rows(Tensor src, Tensor index) -> Tensor");
+  // residual + scale * y, y = values (N, D) scattered to the rows `index` of residual's
+  // flattened (M, D) view, zeros elsewhere. index entries must be distinct.
+  m.def("scatter_pad(Tensor values, Tensor index, Tensor residual, float scale=1.0) -> Tensor");
+  // masks (R, M) bool -> perm (R,) putting rows with equal masks together (groups ordered by
+  // mask, rows in original order inside a group), offsets (G+1,), inverse (R,) of perm.
+  m.def("group_rows(Tensor masks) -> (Tensor perm, Tensor offsets, Tensor inverse)");
+  // Self-attention inside each packed sequence: q, k, v (N, H, Dh), cu_seqlens int32 (B+1),
+  // max_seqlen an upper bound of the longest sequence. Returns out (N, H, Dh) and the
+  // float32 log-sum-exp of the scores (H, N) for the backward.
+  m.def(
+      "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
+      "float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "varlen_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor cu_seqlens, int max_seqlen, float scale) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}

@@ -1,0 +1,3 @@
+from localgp.cli import main
+
+raise SystemExit(main())
