@@ -33,7 +33,7 @@ TORCH_LIBRARY(localgp, m) {
   m.def("group_rows(Tensor masks) -> (Tensor perm, Tensor offsets, Tensor inverse)");
   // Self-attention inside each packed sequence: q, k, v (N, H, Dh), cu_seqlens int32 (B+1),
   // max_seqlen an upper bound of the longest sequence. Returns out (N, H, Dh) and the
-  // float32 log-sum-exp of the scores (H, N) for the backward.
+  // log-sum-exp of the scaled scores (H, N) for the backward, float32 (float64 for float64).
   m.def(
       "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
       "float scale) -> (Tensor out, Tensor lse)");

@@ -48,13 +48,17 @@ class Grouping(NamedTuple):
     inverse: Tensor  # (R,) int64 inverse[perm[i]] = i
 
 
+# Read once: a plain bool keeps the wrappers traceable by torch.compile.
+_HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("localgp::gate_compact", "CUDA")
+
+
 def has_cuda_kernels() -> bool:
     """Whether the extension was built with its CUDA kernels."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("localgp::gate_compact", "CUDA")
+    return _HAS_CUDA_KERNELS
 
 
 def _require_kernels(op: str, tensor: Tensor) -> None:
-    if tensor.is_cuda and not has_cuda_kernels():
+    if tensor.is_cuda and not _HAS_CUDA_KERNELS:
         raise RuntimeError(
             f"{op}: got CUDA tensors but localgp was built without its CUDA kernels; rebuild "
             "with a CUDA torch and nvcc (LOCALGP_CUDA=1 makes the build fail if it cannot)"
@@ -163,18 +167,20 @@ def _(values, index, residual, scale=1.0):
 @torch.library.register_fake("localgp::group_rows")
 def _(masks):
     R = masks.shape[0]
-    groups = torch.library.get_ctx().new_dynamic_size()
+    # offsets holds G+1 >= 1 entries; the unbacked size must be an output size as it is.
+    num_offsets = torch.library.get_ctx().new_dynamic_size(min=1)
     return (
         masks.new_empty(R, dtype=torch.int64),
-        masks.new_empty(groups + 1, dtype=torch.int64),
+        masks.new_empty(num_offsets, dtype=torch.int64),
         masks.new_empty(R, dtype=torch.int64),
     )
 
 
 @torch.library.register_fake("localgp::varlen_attention")
 def _(q, k, v, cu_seqlens, max_seqlen, scale):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        q.shape[1], q.shape[0], dtype=torch.float32
+        q.shape[1], q.shape[0], dtype=lse_dtype
     )
 
 

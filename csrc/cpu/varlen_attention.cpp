@@ -1,7 +1,8 @@
 // CPU kernel of varlen attention: each packed sequence attends to itself only. cu_seqlens is
 // host memory here, so sequences are taken one at a time with exact lengths (no padding),
-// in float32 (op-math) whatever the input dtype.
+// in the op-math type (float32 for half/bf16/float, float64 for double).
 #include <ATen/Functions.h>
+#include <ATen/OpMathType.h>
 #include <ATen/TensorOperators.h>
 #include <torch/library.h>
 
@@ -27,9 +28,9 @@ void check_offsets(const Tensor& cu_seqlens, int64_t N, int64_t max_seqlen) {
   }
 }
 
-// One sequence as (H, L, Dh) float32.
+// One sequence as (H, L, Dh) in the op-math type.
 Tensor heads_first(const Tensor& packed, int64_t start, int64_t length) {
-  return packed.narrow(0, start, length).transpose(0, 1).to(at::kFloat);
+  return packed.narrow(0, start, length).transpose(0, 1).to(at::toOpMathType(packed.scalar_type()));
 }
 
 std::tuple<Tensor, Tensor> varlen_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -40,7 +41,7 @@ std::tuple<Tensor, Tensor> varlen_attention_cpu(const Tensor& q, const Tensor& k
   const int64_t N = q.size(0), H = q.size(1);
   check_offsets(cu_seqlens, N, max_seqlen);
   Tensor out = at::empty(q.sizes(), q.options());
-  Tensor lse = at::empty({H, N}, q.options().dtype(at::kFloat));
+  Tensor lse = at::empty({H, N}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();
   for (int64_t b = 0; b + 1 < cu_seqlens.size(0); ++b) {
     const int64_t start = cu[b], L = cu[b + 1] - cu[b];

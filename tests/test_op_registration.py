@@ -1,0 +1,80 @@
+"""torch.library.opcheck on every op, and torch.compile(fullgraph=True) with data-dependent N."""
+
+import pytest
+import torch
+
+from localgp import ops, reference
+from tests.test_ops import make_attention, make_case
+
+OPS = torch.ops.localgp
+
+
+def opcheck_cases(device):
+    x, logits, lengths = make_case("random", device, torch.float32)
+    x_grad = x.clone().requires_grad_(True)
+    B, T, _ = x.shape
+    hidden = torch.randn(B, T, 12, device=device)
+    weight, bias = torch.randn(2, 12, device=device), torch.randn(2, device=device)
+    c = ops.gate_compact(x, logits, lengths)
+    values = torch.randn_like(c.packed, requires_grad=True)
+    q, k, v, cu, max_len = make_attention([5, 0, 7], 2, 8, torch.float32, device)
+    out, lse = OPS.varlen_attention(q, k, v, cu, max_len, 0.3)
+    q_grad, k_grad, v_grad = (t.clone().requires_grad_(True) for t in (q, k, v))
+    masks = torch.rand(12, 5, device=device) > 0.5
+    return [
+        ("gate_compact", OPS.gate_compact.default, (x_grad, logits, lengths, 0.5)),
+        ("gate_compact_linear", OPS.gate_compact_linear.default, (x_grad, hidden, weight, bias, lengths, 0.4)),
+        ("gather_rows", OPS.gather_rows.default, (x_grad, c.index)),
+        ("scatter_pad", OPS.scatter_pad.default, (values, c.index, x_grad, 0.5)),
+        ("group_rows", OPS.group_rows.default, (masks,)),
+        ("varlen_attention", OPS.varlen_attention.default, (q_grad, k_grad, v_grad, cu, max_len, 0.3)),
+        ("varlen_attention_backward", OPS.varlen_attention_backward.default,
+         (torch.randn_like(out), q, k, v, out, lse, cu, max_len, 0.3)),
+    ]
+
+
+@pytest.mark.parametrize("which", range(7))
+def test_opcheck(device, which):
+    name, op, args = opcheck_cases(device)[which]
+    torch.library.opcheck(op, args)
+
+
+def ffn_block(x, logits, lengths, linear1, linear2):
+    """compaction -> FFN on the kept frames -> scatter back with the residual."""
+    c = ops.gate_compact(x, logits, lengths)
+    y = linear2(torch.relu(linear1(c.packed)))
+    return ops.scatter_pad(y, c.index, x, 0.5)
+
+
+def test_compiled_block_equals_eager(device):
+    torch._dynamo.reset()
+    x, logits, lengths = make_case("random", device, torch.float32)
+    D = x.shape[-1]
+    linear1, linear2 = torch.nn.Linear(D, 4 * D).to(device), torch.nn.Linear(4 * D, D).to(device)
+    compiled = torch.compile(ffn_block, fullgraph=True, dynamic=True)
+    for seed in range(3):  # a different number of kept frames each time, one graph
+        x, logits, lengths = make_case("random", device, torch.float32, seed=seed)
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        eager = ffn_block(x1, logits, lengths, linear1, linear2)
+        got = compiled(x2, logits, lengths, linear1, linear2)
+        torch.testing.assert_close(got, eager)
+        grad = torch.randn_like(eager)
+        eager.backward(grad)
+        got.backward(grad)
+        torch.testing.assert_close(x2.grad, x1.grad)
+
+
+def test_compiled_group_rows_and_attention(device):
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, dynamic=True)
+    def grouped_and_attended(masks, q, k, v, cu, max_len):
+        g = ops.group_rows(masks)
+        return g.perm, g.offsets, ops.varlen_attention(q, k, v, cu, max_len)
+
+    masks = torch.rand(9, 3, device=device) > 0.5
+    q, k, v, cu, max_len = make_attention([6, 3], 2, 8, torch.float32, device)
+    perm, offsets, out = grouped_and_attended(masks, q, k, v, cu, max_len)
+    want_perm, want_offsets, _ = reference.group_rows(masks)
+    assert torch.equal(perm, want_perm) and torch.equal(offsets, want_offsets)
+    torch.testing.assert_close(out, reference.varlen_attention(q, k, v, cu))
