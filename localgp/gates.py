@@ -1,0 +1,172 @@
+"""Gates: the straight-through Gumbel-softmax estimator (SGSE), the sparsity loss, and the two
+gate predictors of the papers, globalGP (utterance-wise, one predictor for the whole model)
+and localGP (per layer, conditioned on external context through cross-attention).
+
+A gate emits two-class logits (..., 2) per gated unit, class 1 = keep. Training samples a hard
+keep/skip decision and passes gradients through the soft probability; inference thresholds the
+keep probability. Both give a binary mask in the forward pass, so the computation trained is
+the computation run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+KEEP = 1  # index of the keep class in the two-class logits
+
+
+def keep_probability(logits: Tensor) -> Tensor:
+    return torch.softmax(logits.float(), dim=-1)[..., KEEP]
+
+
+def gate_mask(logits: Tensor, *, training: bool, threshold: float = 0.5, tau: float = 1.0) -> Tensor:
+    """Binary keep mask (float, 1 = keep) from two-class logits (..., 2).
+
+    training: straight-through Gumbel-softmax: the forward value is the hard sample, the
+    gradient is that of the Gumbel-softmax probability of keeping (temperature tau).
+    inference: keep where softmax(logits)[1] > threshold.
+    """
+    if logits.shape[-1] != 2:
+        raise ValueError(f"gate_mask: logits must end in 2 classes (skip, keep), got {tuple(logits.shape)}")
+    if not training:
+        # softmax(l)[1] > threshold  <=>  l[1] - l[0] > logit(threshold), in float32: exactly
+        # the decision the fused gate_compact kernels take, so masked and compact agree.
+        margin = logits[..., KEEP].float() - logits[..., 1 - KEEP].float()
+        return (margin > math.log(threshold / (1 - threshold))).float()
+    uniform = torch.rand_like(logits, dtype=torch.float32).clamp_(1e-10, 1 - 1e-10)
+    gumbel = -torch.log(-torch.log(uniform))
+    soft = torch.softmax((logits.float() + gumbel) / tau, dim=-1)[..., KEEP]
+    hard = (soft > 0.5).float()  # argmax of the two perturbed classes
+    return hard + soft - soft.detach()
+
+
+@dataclass
+class GateRecord:
+    """The masks one forward pass applied, kept for the sparsity loss and reports."""
+
+    masks: dict[str, Tensor] = field(default_factory=dict)  # name -> mask (B,) or (B, T)
+    valid: dict[str, Tensor] = field(default_factory=dict)  # name -> bool, same shape
+
+    def add(self, name: str, mask: Tensor, valid: Tensor | None = None) -> None:
+        self.masks[name] = mask
+        self.valid[name] = torch.ones_like(mask, dtype=torch.bool) if valid is None else valid
+
+    def sparsity(self) -> Tensor:
+        """Fraction of gated units (module x frame/token) skipped over valid positions."""
+        if not self.masks:
+            raise ValueError("sparsity: no gate was applied in this forward pass")
+        kept = sum((m * v).sum() for m, v in zip(self.masks.values(), self.valid.values()))
+        total = sum(v.sum() for v in self.valid.values())
+        return 1 - kept / total.clamp(min=1)
+
+    def sparsity_per_module(self) -> dict[str, float]:
+        """Skipped fraction per module kind (e.g. 'encoder.ffn1'), over all layers."""
+        kept: dict[str, float] = {}
+        total: dict[str, float] = {}
+        for name, mask in self.masks.items():
+            kind = module_kind(name)
+            valid = self.valid[name]
+            kept[kind] = kept.get(kind, 0.0) + float((mask.detach() * valid).sum())
+            total[kind] = total.get(kind, 0.0) + float(valid.sum())
+        return {k: 1 - kept[k] / total[k] if total[k] else 0.0 for k in kept}
+
+
+def module_kind(name: str) -> str:
+    """'encoder.3.ffn1' -> 'encoder.ffn1'."""
+    parts = name.split(".")
+    return ".".join(p for p in parts if not p.isdigit())
+
+
+def sparsity_loss(sparsity: Tensor, target: float, alpha: float = 1.0) -> Tensor:
+    """alpha * (|s - s_target| + (s - s_target)^2): the squared term of the globalGP paper."""
+    gap = sparsity - target
+    return alpha * (gap.abs() + gap**2)
+
+
+def random_keep_logits(shape, keep: float, generator: torch.Generator, device=None) -> Tensor:
+    """Logits (*shape, 2) whose decisions keep a random `keep` share: forced masks for
+    benchmarks and tests."""
+    kept = torch.rand(shape, generator=generator) < keep
+    margin = torch.where(kept, 4.0, -4.0)
+    return torch.stack([-margin / 2, margin / 2], dim=-1).to(device)
+
+
+def align_to_frames(sequence: Tensor, frames: int) -> Tensor:
+    """(B, Tc, D) -> (B, frames, D): trimmed, or the last frame repeated (the paper's rule)."""
+    if sequence.shape[1] == 0:
+        raise ValueError("align_to_frames: the context sequence is empty")
+    if sequence.shape[1] >= frames:
+        return sequence[:, :frames]
+    tail = sequence[:, -1:].expand(-1, frames - sequence.shape[1], -1)
+    return torch.cat([sequence, tail], dim=1)
+
+
+class LocalGatePredictor(nn.Module):
+    """localGP for one layer (Algorithm 1 of the localGP paper).
+
+    The K context sequences (B, K, Tc, D), projected to d_model and aligned to the frames,
+    give keys and values after a linear layer; the layer input x (B, T, D) is the query.
+    Cross-attention with a residual gives h; a linear layer turns h into two-class logits for
+    each of the layer's gated modules. The attention result is added to the layer input
+    (through `inject`, zero-initialised so that a freshly gated model computes exactly what
+    the original did) and to the context handed to the next layer.
+    """
+
+    def __init__(self, d_model: int, num_modules: int, heads: int = 4):
+        super().__init__()
+        self.num_modules = num_modules
+        self.norm = nn.LayerNorm(d_model)
+        self.key_value = nn.Linear(d_model, d_model)
+        self.attention = nn.MultiheadAttention(d_model, heads, batch_first=True)
+        self.to_logits = nn.Linear(d_model, 2 * num_modules)
+        self.inject = nn.Linear(d_model, d_model)
+        nn.init.zeros_(self.inject.weight)
+        nn.init.zeros_(self.inject.bias)
+        # Start by keeping everything: the keep logit leads by 3 (p_keep ~ 0.95).
+        nn.init.zeros_(self.to_logits.weight)
+        with torch.no_grad():
+            self.to_logits.bias.view(num_modules, 2).copy_(torch.tensor([-1.5, 1.5]))
+
+    def forward(self, x: Tensor, context: Tensor, context_pad: Tensor | None = None):
+        """x (B, T, D); context (B, K, Tc, D); context_pad (B, K*Tc) bool, True = padding.
+
+        Returns logits (B, T, M, 2), the layer input with the attention result added, and the
+        context for the next layer.
+        """
+        B, K, Tc, D = context.shape
+        kv = self.key_value(context.reshape(B, K * Tc, D))
+        attended, _ = self.attention(self.norm(x), kv, kv, key_padding_mask=context_pad, need_weights=False)
+        h = x + attended
+        logits = self.to_logits(h).view(*x.shape[:2], self.num_modules, 2)
+        if Tc == x.shape[1]:  # aligned to the frames: add the result to every context stream
+            context = context + attended[:, None]
+        return logits, x + self.inject(attended), context
+
+
+class GlobalGatePredictor(nn.Module):
+    """globalGP: one predictor for every gated module of encoder and decoder, utterance-wise.
+
+    Inputs: the discrete context, the prompt's language and task token ids (B, P), and the
+    time-pooled encoder input (B, D). Output: logits (B, num_units, 2).
+    """
+
+    def __init__(self, d_model: int, vocab_size: int, num_units: int, prompt_dim: int = 64, hidden: int = 256):
+        super().__init__()
+        self.num_units = num_units
+        self.prompt_embedding = nn.Embedding(vocab_size, prompt_dim)
+        self.net = nn.Sequential(
+            nn.LayerNorm(prompt_dim + d_model), nn.Linear(prompt_dim + d_model, hidden), nn.GELU(),
+            nn.Linear(hidden, 2 * num_units),
+        )
+        last = self.net[-1]
+        nn.init.zeros_(last.weight)
+        with torch.no_grad():
+            last.bias.view(num_units, 2).copy_(torch.tensor([-1.5, 1.5]))
+
+    def forward(self, prompt_ids: Tensor, pooled_input: Tensor) -> Tensor:
+        features = torch.cat([self.prompt_embedding(prompt_ids).mean(1), pooled_input], dim=-1)
+        return self.net(features).view(-1, self.num_units, 2)

@@ -1,0 +1,56 @@
+"""What is gated, by which predictor, with which context: one frozen dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ENCODER_MODULES = {
+    # Temporal pruning: per frame. cgMLP and the merge look across time and always run.
+    "temporal": ("ffn1", "attn", "ffn2"),
+    "utterance": ("ffn1", "attn", "cgmlp", "ffn2"),
+}
+DECODER_MODULES = {
+    "token": ("self_attn", "src_attn", "ffn"),
+    "utterance": ("self_attn", "src_attn", "ffn"),
+}
+EXECUTIONS = ("masked", "compact")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    # "local": localGP, a predictor per layer conditioned on context (the localGP paper);
+    # "global": globalGP, one utterance-wise predictor for all modules (the ICLR 2025 paper).
+    predictor: str = "local"
+    # Encoder pruning granularity: "temporal" (per frame), "utterance", or None (not gated).
+    encoder: str | None = "temporal"
+    # Decoder pruning granularity: "token", "utterance", or None (not gated).
+    decoder: str | None = None
+    # Encoder context streams for localGP: (name, feature size); "front" is the subsampled
+    # speech itself (size ignored), others are given with set_context() (speaker: 192,
+    # event: 768, lang2vec: 289), projected to d_model and aligned to the frames.
+    contexts: tuple[tuple[str, int], ...] = (("front", 0),)
+    # Decoder context streams for localGP, utterance-level, e.g. (("lang2vec", 289),).
+    decoder_contexts: tuple[tuple[str, int], ...] = ()
+    heads: int = 4  # cross-attention heads of the localGP predictors
+    threshold: float = 0.5  # keep when softmax(logits)[keep] > threshold (inference)
+    tau: float = 1.0  # Gumbel-softmax temperature (training)
+
+    def __post_init__(self):
+        if self.predictor not in ("local", "global"):
+            raise ValueError(f"GateConfig.predictor must be 'local' or 'global', got {self.predictor!r}")
+        if self.encoder not in (None, *ENCODER_MODULES):
+            raise ValueError(f"GateConfig.encoder must be one of {list(ENCODER_MODULES)} or None, got {self.encoder!r}")
+        if self.decoder not in (None, *DECODER_MODULES):
+            raise ValueError(f"GateConfig.decoder must be one of {list(DECODER_MODULES)} or None, got {self.decoder!r}")
+        if self.encoder is None and self.decoder is None:
+            raise ValueError("GateConfig: gate the encoder, the decoder or both")
+        if self.predictor == "global" and "temporal" == self.encoder or (
+            self.predictor == "global" and self.decoder == "token"
+        ):
+            raise ValueError("GateConfig: globalGP is utterance-wise: use encoder='utterance' and decoder='utterance'")
+        if self.predictor == "local" and self.encoder and not self.contexts:
+            raise ValueError("GateConfig: localGP needs at least one encoder context (e.g. ('front', 0))")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"GateConfig.threshold must lie in (0, 1), got {self.threshold}")
+        if self.tau <= 0:
+            raise ValueError(f"GateConfig.tau must be positive, got {self.tau}")
