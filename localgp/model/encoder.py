@@ -14,28 +14,29 @@ from espnet2.asr.encoder.e_branchformer_encoder import EBranchformerEncoder
 from torch import Tensor, nn
 
 from localgp import ops
-from localgp.gates import (
-    GateRecord,
-    GlobalGatePredictor,
-    LocalGatePredictor,
-    align_to_frames,
-    gate_mask,
-    random_keep_logits,
-)
+from localgp.gates import GateRecord, GlobalGatePredictor, LocalGatePredictor, align_to_frames, random_keep_logits
 from localgp.model.attention import packed_self_attention
 from localgp.model.config import ENCODER_MODULES, EXECUTIONS, GateConfig
+from localgp.model.gating import PositionGate, UtteranceGate
 
 
 class EncoderPruning(nn.Module):
     """The encoder's gate predictors and context projections (state-dict prefix `pruning.`)."""
 
-    def __init__(self, config: GateConfig, d_model: int, num_layers: int):
+    def __init__(self, config: GateConfig, d_model: int, num_layers: int, vocab_size: int = 0,
+                 decoder_units: int = 0):
         super().__init__()
         self.config = config
         self.modules_per_layer = ENCODER_MODULES[config.encoder]
         self.context_proj = nn.ModuleDict()
         self.gates = nn.ModuleList()
-        if config.predictor == "local":
+        self.decoder_units = decoder_units  # globalGP also emits the decoder's decisions
+        if config.predictor == "global":
+            if vocab_size <= 0:
+                raise ValueError("globalGP needs the vocabulary size (its prompt tokens are embedded)")
+            units = num_layers * len(self.modules_per_layer) + decoder_units
+            self.global_gate = GlobalGatePredictor(d_model, vocab_size, units)
+        else:
             for name, size in config.contexts:
                 self.context_proj[name] = nn.Linear(d_model if name == "front" else size, d_model)
             self.gates.extend(
@@ -51,12 +52,21 @@ class GatedEBranchformerEncoder(EBranchformerEncoder):
     forced_keep: float | None  # random masks keeping this share, instead of the gates
     forced_generator: torch.Generator
     external_context: dict[str, Tensor]  # name -> (B, Tc, size), set by set_context()
-    global_logits: Tensor | None  # (B, layers, modules, 2) from globalGP, set by the model
+    prompt: Tensor | None  # (B, P) language and task token ids for globalGP
+    decoder_logits: Tensor | None  # (B, decoder units, 2): globalGP's decisions for the decoder
+    global_logits: Tensor | None  # (B, layers, modules, 2): globalGP's decisions for the encoder
     last_record: GateRecord | None
 
     # ------------------------------------------------------------------ set-up
-    def set_context(self, **streams: Tensor) -> None:
-        """External context sequences for localGP, e.g. speaker=(B, Tc, 192). Kept until changed."""
+    def set_context(self, prompt: Tensor | None = None, **streams: Tensor) -> None:
+        """Context kept until changed: external sequences for localGP, e.g. speaker=(B, Tc, 192),
+        or, for globalGP, the prompt's language and task token ids (B, P)."""
+        if prompt is not None:
+            if self.pruning.config.predictor != "global":
+                raise ValueError("set_context: prompt is the context of globalGP; this encoder uses localGP")
+            if prompt.dim() != 2 or prompt.dtype != torch.long:
+                raise ValueError(f"set_context: prompt must be int64 token ids (B, P), got {prompt.dtype} {tuple(prompt.shape)}")
+            self.prompt = prompt
         expected = {name for name, _ in self.pruning.config.contexts if name != "front"}
         unknown = set(streams) - expected
         if unknown:
@@ -101,6 +111,17 @@ class GatedEBranchformerEncoder(EBranchformerEncoder):
             logits = (logits * weights).sum(1) / weights.sum(1).clamp(min=1)
         return logits, x, context
 
+    def _run_global_gate(self, x: Tensor, valid: Tensor) -> None:
+        if self.prompt is None or self.prompt.shape[0] != x.shape[0]:
+            raise ValueError("encoder: globalGP needs the prompt token ids of the batch; call set_context(prompt=...)")
+        weights = valid[..., None].to(x.dtype)
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1)
+        logits = self.pruning.global_gate(self.prompt.to(x.device), pooled).to(x.dtype)
+        per_layer = len(self.pruning.modules_per_layer)
+        encoder_units = len(self.encoders) * per_layer
+        self.global_logits = logits[:, :encoder_units].unflatten(1, (len(self.encoders), per_layer))
+        self.decoder_logits = logits[:, encoder_units:]
+
     # ------------------------------------------------------------------ forward
     def forward(self, xs_pad: Tensor, ilens: Tensor, prev_states=None, masks=None, ctc=None,
                 max_layer=None, return_all_hs=False):
@@ -125,6 +146,8 @@ class GatedEBranchformerEncoder(EBranchformerEncoder):
         context = None
         if cfg.predictor == "local" and self.forced_keep is None:
             context = self._context(xs_pad, xs_pad.shape[1])
+        if cfg.predictor == "global" and self.forced_keep is None:
+            self._run_global_gate(xs_pad, valid)
         record = GateRecord()
         for index, layer in enumerate(self.encoders):
             if max_layer is not None and index >= max_layer:
@@ -140,24 +163,28 @@ def run_layer(layer, x: Tensor, pad_mask: Tensor, lengths: Tensor, logits: Tenso
     """One E-Branchformer layer under its gates. x (B, T, D); pad_mask (B, 1, T)."""
     names = ENCODER_MODULES[cfg.encoder]
     valid = pad_mask.squeeze(1)
-    training = layer.training
+    ffn1 = lambda h, *_: layer.dropout(layer.feed_forward_macaron(layer.norm_ff_macaron(h)))  # noqa: E731
+    ffn2 = lambda h, *_: layer.dropout(layer.feed_forward(layer.norm_ff(h)))  # noqa: E731
     if cfg.encoder == "temporal":
-        gate = TemporalGate(logits, valid, lengths, cfg, execution, training, record, prefix, names)
-    else:
-        gate = UtteranceGate(logits, cfg, execution, training, record, prefix, names)
-
-    x = gate.residual("ffn1", x, lambda h: layer.feed_forward_macaron(layer.norm_ff_macaron(h)), layer)
-    x_attn = gate.attention(layer, x, pad_mask)
-    if "cgmlp" in names:
-        x_mlp = gate.branch("cgmlp", x, lambda h, m: _cgmlp(layer, h, m), pad_mask)
-    else:
+        gate = PositionGate(logits, valid, lengths, names, cfg, execution, layer.training, record, prefix)
+        x = gate.residual("ffn1", x, ffn1, layer.ff_scale)
+        x_attn = _temporal_attention(gate, layer, x, pad_mask)
         x_mlp = _cgmlp(layer, x, pad_mask)
-    x_mlp = layer.dropout(x_mlp)
-    merged = torch.cat([x_attn, x_mlp], dim=-1)
+    else:
+        gate = UtteranceGate(logits, names, cfg, execution, layer.training, record, prefix)
+        x = gate.residual("ffn1", x, ffn1, layer.ff_scale)
+        x_attn = gate.branch("attn", x, lambda h, m: _attention(layer, h, m), (pad_mask,))
+        x_mlp = gate.branch("cgmlp", x, lambda h, m: _cgmlp(layer, h, m), (pad_mask,))
+    merged = torch.cat([x_attn, layer.dropout(x_mlp)], dim=-1)
     fused = layer.depthwise_conv_fusion(merged.transpose(1, 2)).transpose(1, 2)
     x = x + layer.dropout(layer.merge_proj(merged + fused))
-    x = gate.residual("ffn2", x, lambda h: layer.feed_forward(layer.norm_ff(h)), layer)
+    x = gate.residual("ffn2", x, ffn2, layer.ff_scale)
     return layer.norm_final(x)
+
+
+def _attention(layer, x: Tensor, pad_mask: Tensor) -> Tensor:
+    h = layer.norm_mha(x)
+    return layer.dropout(layer.attn(h, h, h, pad_mask))
 
 
 def _cgmlp(layer, x: Tensor, pad_mask: Tensor) -> Tensor:
@@ -165,105 +192,23 @@ def _cgmlp(layer, x: Tensor, pad_mask: Tensor) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-class TemporalGate:
-    """Per-frame decisions for FFN1, attention and FFN2 of one layer."""
-
-    def __init__(self, logits, valid, lengths, cfg, execution, training, record, prefix, names):
-        self.logits, self.valid, self.lengths = logits, valid, lengths
-        self.cfg, self.execution, self.training = cfg, execution, training
-        self.record, self.prefix, self.names = record, prefix, names
-
-    def _logits(self, name):
-        return self.logits[:, :, self.names.index(name)]
-
-    def _mask(self, name):
-        """Masked mode: (B, T) float mask; padding counts as skipped."""
-        mask = gate_mask(self._logits(name), training=self.training, threshold=self.cfg.threshold, tau=self.cfg.tau)
-        mask = mask * self.valid
-        self.record.add(f"{self.prefix}.{name}", mask, self.valid)
-        return mask
-
-    def residual(self, name, x, module, layer):
-        """x + ff_scale * module(x) on the kept frames."""
-        if self.execution == "compact":
-            c = ops.gate_compact(x, self._logits(name), self.lengths, self.cfg.threshold)
-            self.record.add(f"{self.prefix}.{name}", c.keep.to(x.dtype), self.valid)
-            return ops.scatter_pad(layer.dropout(module(c.packed)), c.index, x, layer.ff_scale)
-        mask = self._mask(name).to(x.dtype)
-        return x + layer.ff_scale * layer.dropout(module(x)) * mask[..., None]
-
-    def attention(self, layer, x, pad_mask):
-        """The attention branch: queries and keys are the kept frames; zeros at skipped frames."""
-        if self.execution == "compact":
-            c = ops.gate_compact(x, self._logits("attn"), self.lengths, self.cfg.threshold)
-            self.record.add(f"{self.prefix}.attn", c.keep.to(x.dtype), self.valid)
-            out = packed_self_attention(layer.attn, layer.norm_mha(c.packed), c.cu_seqlens, x.shape[1])
-            return ops.scatter_pad(layer.dropout(out), c.index, torch.zeros_like(x))
-        mask = self._mask("attn")
-        h = layer.norm_mha(x)
-        keys = pad_mask & (mask > 0)[:, None, :]
-        return layer.dropout(layer.attn(h, h, h, keys)) * mask.to(x.dtype)[..., None]
+def _temporal_attention(gate: PositionGate, layer, x: Tensor, pad_mask: Tensor) -> Tensor:
+    """The attention branch: queries and keys are the kept frames only; zeros elsewhere."""
+    if gate.execution == "compact":
+        c = gate.compact("attn", x)
+        out = packed_self_attention(layer.attn, layer.norm_mha(c.packed), c.cu_seqlens, x.shape[1])
+        return ops.scatter_pad(layer.dropout(out), c.index, torch.zeros_like(x))
+    mask = gate.mask("attn")
+    return _attention(layer, x, pad_mask & (mask > 0)[:, None, :]) * mask.to(x.dtype)[..., None]
 
 
-class UtteranceGate:
-    """Per-utterance decisions: a skipped module is not run for that utterance at all."""
-
-    def __init__(self, logits, cfg, execution, training, record, prefix, names):
-        self.logits, self.cfg, self.execution, self.training = logits, cfg, execution, training
-        self.record, self.prefix, self.names = record, prefix, names
-
-    def _decision(self, name):
-        """(B,) float mask (masked mode, with gradients when training) or kept rows (compact)."""
-        logits = self.logits[:, self.names.index(name)]
-        mask = gate_mask(logits, training=self.training and self.execution == "masked",
-                         threshold=self.cfg.threshold, tau=self.cfg.tau)
-        self.record.add(f"{self.prefix}.{name}", mask)
-        return mask
-
-    @staticmethod
-    def _run_rows(mask, x, fn, *row_args):
-        """(kept rows, fn on them) or None when no utterance keeps the module."""
-        rows = mask.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return None
-        if rows.numel() == x.shape[0]:
-            return rows, fn(x, *row_args)
-        return rows, fn(x[rows], *(a[rows] for a in row_args))
-
-    def residual(self, name, x, module, layer):
-        mask = self._decision(name)
-        if self.execution == "masked":
-            return x + layer.ff_scale * layer.dropout(module(x)) * mask.to(x.dtype)[:, None, None]
-        done = self._run_rows(mask, x, module)
-        if done is None:
-            return x
-        rows, y = done
-        return x.index_add(0, rows, layer.ff_scale * layer.dropout(y))
-
-    def branch(self, name, x, fn, pad_mask):
-        """A parallel branch's output, zeros for utterances that skip it."""
-        mask = self._decision(name)
-        if self.execution == "masked":
-            return fn(x, pad_mask) * mask.to(x.dtype)[:, None, None]
-        done = self._run_rows(mask, x, fn, pad_mask)
-        out = torch.zeros_like(x)
-        if done is not None:
-            rows, y = done
-            out = out.index_copy(0, rows, y)
-        return out
-
-    def attention(self, layer, x, pad_mask):
-        def attend(h, m):
-            h = layer.norm_mha(h)
-            return layer.dropout(layer.attn(h, h, h, m))
-
-        return self.branch("attn", x, attend, pad_mask)
-
-
-def gate_encoder(encoder: EBranchformerEncoder, config: GateConfig) -> GatedEBranchformerEncoder:
+def gate_encoder(encoder: EBranchformerEncoder, config: GateConfig, vocab_size: int = 0,
+                 decoder_units: int = 0) -> GatedEBranchformerEncoder:
     """Turns an ESPnet EBranchformerEncoder into a gated one, in place, reusing its parameters.
 
     Its state-dict keys are unchanged; the gates add keys under `pruning.`. Starts in masked mode.
+    globalGP (config.predictor == "global") needs `vocab_size` for its prompt embedding, and
+    `decoder_units` when it also decides for a gated decoder.
     """
     if not isinstance(encoder, EBranchformerEncoder):
         raise TypeError(f"gate_encoder: expected an ESPnet EBranchformerEncoder, got {type(encoder).__name__}")
@@ -274,11 +219,14 @@ def gate_encoder(encoder: EBranchformerEncoder, config: GateConfig) -> GatedEBra
         raise ValueError("gate_encoder: the layers need both FFNs (use_ffn and macaron_ffn, as in OWSM)")
     encoder.__class__ = GatedEBranchformerEncoder
     d_model = encoder.output_size()
-    encoder.pruning = EncoderPruning(config, d_model, len(encoder.encoders)).to(next(encoder.parameters()).device)
+    pruning = EncoderPruning(config, d_model, len(encoder.encoders), vocab_size, decoder_units)
+    encoder.pruning = pruning.to(next(encoder.parameters()).device)
     encoder.execution = "masked"
     encoder.forced_keep = None
     encoder.forced_generator = torch.Generator().manual_seed(0)
     encoder.external_context = {}
+    encoder.prompt = None
     encoder.global_logits = None
+    encoder.decoder_logits = None
     encoder.last_record = None
     return encoder

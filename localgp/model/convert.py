@@ -1,0 +1,71 @@
+"""Gating a whole ESPnet S2T model, and the switches that act on all of its gated parts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from localgp.gates import GateRecord, sparsity_loss
+from localgp.model.config import DECODER_MODULES, EXECUTIONS, GateConfig
+from localgp.model.decoder import GatedTransformerDecoder, gate_decoder
+from localgp.model.encoder import GatedEBranchformerEncoder, gate_encoder
+
+GATE_KEY = "pruning."  # every gate parameter's state-dict key contains this
+
+
+def gate_s2t_model(model: nn.Module, config: GateConfig) -> nn.Module:
+    """Gates the encoder and/or decoder of an ESPnetS2TModel in place, reusing its weights.
+
+    The original state-dict keys are unchanged (real OWSM weights load as before); gate
+    parameters are under `encoder.pruning.` and `decoder.pruning.`.
+    """
+    decoder_units = 0
+    if config.decoder and config.predictor == "global":
+        decoder_units = len(model.decoder.decoders) * len(DECODER_MODULES[config.decoder])
+    if config.encoder:
+        gate_encoder(model.encoder, config, vocab_size=model.vocab_size, decoder_units=decoder_units)
+    if config.decoder:
+        gate_decoder(model.decoder, config, global_source=model.encoder if config.predictor == "global" else None)
+    return model
+
+
+def gated_parts(model: nn.Module):
+    return [m for m in (getattr(model, "encoder", model), getattr(model, "decoder", None))
+            if isinstance(m, (GatedEBranchformerEncoder, GatedTransformerDecoder))]
+
+
+def set_execution(model: nn.Module, execution: str) -> None:
+    """'masked' (the papers' reference) or 'compact' (skipped work is not done), at run time."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"set_execution: execution must be one of {EXECUTIONS}, got {execution!r}")
+    for part in gated_parts(model):
+        part.execution = execution
+
+
+def force_keep(model: nn.Module, keep: float | None, seed: int = 0) -> None:
+    """Replace the gates by random decisions keeping a `keep` share (None: the gates again)."""
+    if keep is not None and not 0 <= keep <= 1:
+        raise ValueError(f"force_keep: keep must lie in [0, 1], got {keep}")
+    for part in gated_parts(model):
+        part.forced_keep = keep
+        part.forced_generator.manual_seed(seed)
+
+
+def last_record(model: nn.Module) -> GateRecord:
+    """The masks of the last forward pass, encoder and decoder together."""
+    record = GateRecord()
+    for part in gated_parts(model):
+        if part.last_record is not None:
+            record.masks.update(part.last_record.masks)
+            record.valid.update(part.last_record.valid)
+    return record
+
+
+def pruning_loss(model: nn.Module, task_loss: torch.Tensor, target: float, alpha: float = 1.0):
+    """task loss + alpha * sparsity loss, and the achieved sparsity, of the last forward pass."""
+    sparsity = last_record(model).sparsity()
+    return task_loss + sparsity_loss(sparsity, target, alpha), sparsity
+
+
+def gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if GATE_KEY in k}
