@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from localgp import ops
+from localgp.gates import random_keep_logits
 
 KEEP_RATIOS = [1.0, 0.7, 0.5, 0.3]
 ROUNDS = {"cpu": 7, "cuda": 50}
@@ -44,10 +45,7 @@ class FFN(torch.nn.Module):
 
 def logits_for(keep: float, B: int, T: int, device, seed: int = 0) -> torch.Tensor:
     """Random per-frame decisions keeping a `keep` share of the frames."""
-    gen = torch.Generator().manual_seed(seed)
-    kept = torch.rand(B, T, generator=gen) < keep
-    margin = torch.where(kept, 4.0, -4.0)
-    return torch.stack([-margin / 2, margin / 2], -1).to(device)
+    return random_keep_logits((B, T), keep, torch.Generator().manual_seed(seed), device)
 
 
 @pytest.fixture(scope="module")

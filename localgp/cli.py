@@ -30,6 +30,47 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flops(args: argparse.Namespace) -> int:
+    from localgp import flops
+
+    shape = flops.EncoderShape.of_preset(args.preset)
+    frames = flops.input_frames(args.seconds)
+    if flops.subsampled_frames(frames) < 1:
+        raise SystemExit(f"flops: {args.seconds} s is too short for the conv2d subsampling")
+    dense = flops.encoder_macs(shape, frames)
+    pruned = flops.keep_ratio_macs(shape, frames, args.keep, args.granularity)
+    report = {
+        "preset": args.preset,
+        "seconds": args.seconds,
+        "input_frames": frames,
+        "encoder_frames": flops.subsampled_frames(frames),
+        "keep": args.keep,
+        "granularity": args.granularity,
+        "unit": "GMACs (the papers' GFLOPs)",
+        "encoder_gflops": pruned["total"] / 1e9,
+        "dense_encoder_gflops": dense["total"] / 1e9,
+        "modules": {m: pruned[m] / 1e9 for m in flops.MODULES},
+        "dense_modules": {m: dense[m] / 1e9 for m in flops.MODULES},
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.preset} encoder, {args.seconds:g} s ({frames} frames -> {report['encoder_frames']}), "
+          f"keep {args.keep:g} ({args.granularity}); GMACs (the papers' GFLOPs)")
+    print(f"{'module':12s} {'dense':>10s} {'pruned':>10s}")
+    for m in flops.MODULES:
+        print(f"{m:12s} {dense[m] / 1e9:10.3f} {pruned[m] / 1e9:10.3f}")
+    print(f"{'total':12s} {dense['total'] / 1e9:10.3f} {pruned['total'] / 1e9:10.3f}")
+    return 0
+
+
+def keep_ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="localgp", description="Context-driven dynamic pruning that saves wall-clock time."
@@ -38,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, devices and which kernels are built")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=cmd_info)
+
+    from localgp.model.owsm import PRESETS
+
+    flops = sub.add_parser("flops", help="encoder compute (MACs, the papers' GFLOPs), dense and pruned")
+    flops.add_argument("--preset", choices=sorted(PRESETS), default="medium")
+    flops.add_argument("--seconds", type=float, default=30.0, help="input length (OWSM pads to 30 s)")
+    flops.add_argument("--keep", type=keep_ratio, default=1.0, help="share of frames/modules kept")
+    flops.add_argument("--granularity", choices=["temporal", "utterance"], default="temporal",
+                       help="temporal: FFN1/attention/FFN2 per frame; utterance: all four modules")
+    flops.add_argument("--json", action="store_true", help="print JSON")
+    flops.set_defaults(func=cmd_flops)
     return parser
 
 

@@ -41,7 +41,8 @@ def gate_mask(logits: Tensor, *, training: bool, threshold: float = 0.5, tau: fl
     gumbel = -torch.log(-torch.log(uniform))
     soft = torch.softmax((logits.float() + gumbel) / tau, dim=-1)[..., KEEP]
     hard = (soft > 0.5).float()  # argmax of the two perturbed classes
-    return hard + soft - soft.detach()
+    # soft - soft.detach() is exactly 0 forward (binary mask) and carries soft's gradient.
+    return hard + (soft - soft.detach())
 
 
 @dataclass
@@ -122,6 +123,9 @@ class LocalGatePredictor(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.key_value = nn.Linear(d_model, d_model)
         self.attention = nn.MultiheadAttention(d_model, heads, batch_first=True)
+        # Normalised features keep the logits in the range where the Gumbel-softmax has
+        # gradients (un-normalised layer inputs saturate it within a few steps).
+        self.logits_norm = nn.LayerNorm(d_model)
         self.to_logits = nn.Linear(d_model, 2 * num_modules)
         self.inject = nn.Linear(d_model, d_model)
         nn.init.zeros_(self.inject.weight)
@@ -141,7 +145,7 @@ class LocalGatePredictor(nn.Module):
         kv = self.key_value(context.reshape(B, K * Tc, D))
         attended, _ = self.attention(self.norm(x), kv, kv, key_padding_mask=context_pad, need_weights=False)
         h = x + attended
-        logits = self.to_logits(h).view(*x.shape[:2], self.num_modules, 2)
+        logits = self.to_logits(self.logits_norm(h)).view(*x.shape[:2], self.num_modules, 2)
         if Tc == x.shape[1]:  # aligned to the frames: add the result to every context stream
             context = context + attended[:, None]
         return logits, x + self.inject(attended), context

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,6 @@ def load_owsm(directory: str | Path, device: str = "cpu"):
             yaml.safe_dump(config, f, allow_unicode=True, sort_keys=False)
         try:
             model, args = S2TTask.build_model_from_file(resolved_config, model_path, device)
-        except (RuntimeError, EOFError, OSError) as err:
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
             raise RuntimeError(f"could not load the model weights {model_path}: {err}") from err
     return model, args

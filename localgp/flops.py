@@ -1,0 +1,141 @@
+"""Encoder compute as the papers count it: multiply-accumulates ("GFLOPs" in the papers, fvcore's
+convention), LayerNorm at 5 ops per element, elementwise activations not counted.
+
+The count is of what a forward pass executes: in masked execution every module runs on every
+frame whatever its mask; in compact execution a module runs only on its kept frames (and an
+utterance-wise skipped module not at all). Frames are counted per utterance (valid frames), as
+the papers report per-utterance figures. Dense OWSM v3.1 medium on 30 s: 568.47 GMACs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from localgp.model.owsm import HOP, PRESETS, SAMPLE_RATE
+
+N_MELS = 80
+LN_OPS = 5  # per element, fvcore's LayerNorm count
+MODULES = ("subsampling", "ffn1", "attn", "cgmlp", "merge", "ffn2", "norms")
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    d_model: int
+    ffn_units: int
+    cgmlp_units: int
+    conv_kernel: int
+    layers: int
+
+    @classmethod
+    def of_preset(cls, name: str) -> "EncoderShape":
+        p = PRESETS[name]
+        return cls(p.d_model, p.ffn_units, p.cgmlp_units, p.conv_kernel, p.encoder_layers)
+
+    @classmethod
+    def of_encoder(cls, encoder) -> "EncoderShape":
+        layer = encoder.encoders[0]
+        return cls(encoder.output_size(), layer.feed_forward.w_1.out_features,
+                   layer.cgmlp.channel_proj1[0].out_features, layer.depthwise_conv_fusion.kernel_size[0],
+                   len(encoder.encoders))
+
+
+def input_frames(seconds: float) -> int:
+    """fbank frames of `seconds` of 16 kHz audio (hop 160, centred): 30 s -> 3001."""
+    return int(round(seconds * SAMPLE_RATE)) // HOP + 1
+
+
+def subsampled_frames(frames: int) -> int:
+    """Frames after OWSM's conv2d subsampling (two 3x3 convolutions, stride 2): 3001 -> 749."""
+    return ((frames - 1) // 2 - 1) // 2
+
+
+def subsampling_macs(s: EncoderShape, frames: int) -> int:
+    t1, f1 = (frames - 1) // 2, (N_MELS - 1) // 2
+    t2, f2 = (t1 - 1) // 2, (f1 - 1) // 2
+    c = s.d_model
+    return t1 * f1 * c * 9 + t2 * f2 * c * c * 9 + t2 * (c * f2) * s.d_model
+
+
+def ffn_macs(s: EncoderShape, n: int) -> int:
+    return 2 * n * s.d_model * s.ffn_units + LN_OPS * n * s.d_model
+
+
+def attention_macs(s: EncoderShape, kept_per_sequence: list[int] | int) -> int:
+    """Projections on the kept frames, products quadratic in them (queries and keys kept)."""
+    kept = [kept_per_sequence] if isinstance(kept_per_sequence, int) else kept_per_sequence
+    n = sum(kept)
+    return 4 * n * s.d_model**2 + sum(2 * k * k * s.d_model for k in kept) + LN_OPS * n * s.d_model
+
+
+def cgmlp_macs(s: EncoderShape, n: int) -> int:
+    half = s.cgmlp_units // 2
+    linear = n * s.d_model * s.cgmlp_units + n * half * s.d_model
+    # depthwise conv over the gate half, the gating product, and its LayerNorm; plus norm_mlp.
+    return linear + n * half * s.conv_kernel + n * half + LN_OPS * n * half + LN_OPS * n * s.d_model
+
+
+def merge_macs(s: EncoderShape, n: int) -> int:
+    return n * 2 * s.d_model * s.conv_kernel + n * 2 * s.d_model * s.d_model
+
+
+def encoder_macs(s: EncoderShape, frames: int, kept: dict[str, list[int]] | None = None) -> dict[str, int]:
+    """MACs per module of one utterance of `frames` fbank frames.
+
+    kept: module ('ffn1', 'attn', 'cgmlp', 'ffn2') -> frames kept in each layer, as executed
+    (compact execution); missing modules run on every frame (dense or masked execution).
+    """
+    t = subsampled_frames(frames)
+    kept = kept or {}
+    per_layer = lambda name: kept.get(name, [t] * s.layers)  # noqa: E731
+    for name, counts in kept.items():
+        if len(counts) != s.layers or any(not 0 <= c <= t for c in counts):
+            raise ValueError(f"encoder_macs: kept[{name!r}] must hold {s.layers} counts in [0, {t}], got {counts}")
+    out = {
+        "subsampling": subsampling_macs(s, frames),
+        "ffn1": sum(ffn_macs(s, n) for n in per_layer("ffn1")),
+        "attn": sum(attention_macs(s, n) for n in per_layer("attn")),
+        "cgmlp": sum(cgmlp_macs(s, n) for n in per_layer("cgmlp")),
+        "merge": s.layers * merge_macs(s, t),
+        "ffn2": sum(ffn_macs(s, n) for n in per_layer("ffn2")),
+        # norm_final of every layer and the encoder's after_norm
+        "norms": (s.layers + 1) * LN_OPS * t * s.d_model,
+    }
+    out["total"] = sum(out[m] for m in MODULES)
+    return out
+
+
+def executed_encoder_macs(encoder, input_lengths, execution: str | None = None) -> dict[str, int]:
+    """MACs a gated encoder's last forward pass executed, summed over its utterances.
+
+    input_lengths: fbank frames of each utterance. Masked execution computes every module on
+    every frame; compact only what its masks kept.
+    """
+    record = encoder.last_record
+    execution = execution or encoder.execution
+    s = EncoderShape.of_encoder(encoder)
+    total: dict[str, int] = {}
+    for b, frames in enumerate(int(f) for f in input_lengths):
+        kept = None
+        if execution == "compact":
+            kept = {}
+            for name, mask in record.masks.items():
+                _, layer, module = name.split(".")
+                m = mask[b]
+                count = int(m.sum()) if m.dim() else int(m) * subsampled_frames(frames)
+                kept.setdefault(module, [0] * s.layers)[int(layer)] = count
+        for key, value in encoder_macs(s, frames, kept).items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def keep_ratio_macs(s: EncoderShape, frames: int, keep: float, granularity: str = "temporal") -> dict[str, int]:
+    """MACs when FFN1/attention/FFN2 (temporal) or all four modules (utterance, as an
+    expectation) keep a `keep` share."""
+    t = subsampled_frames(frames)
+    if granularity == "temporal":
+        n = round(keep * t)
+        return encoder_macs(s, frames, {m: [n] * s.layers for m in ("ffn1", "attn", "ffn2")})
+    dense = encoder_macs(s, frames)
+    out = {m: round(dense[m] * keep) if m in ("ffn1", "attn", "cgmlp", "ffn2") else dense[m] for m in MODULES}
+    out["total"] = sum(out[m] for m in MODULES)
+    return out
