@@ -275,3 +275,24 @@ def test_flops_cli(capsys):
     assert abs(report["encoder_gflops"] - 568.5) <= 0.5 and report["encoder_frames"] == 749
     assert main(["flops", "--preset", "small", "--keep", "0.5"]) == 0
     assert "total" in capsys.readouterr().out
+
+
+def test_espnet_beam_search_runs_on_the_gated_decoder(tiny):
+    """ESPnet's BatchBeamSearch scores through the gated decoder; all-keep gives its hypotheses."""
+    from espnet.nets.batch_beam_search import BatchBeamSearch
+
+    model, args = tiny
+    token_list = args.token_list
+    gated = gate_s2t_model(copy.deepcopy(model), CONFIGS["local_temporal_token"]).eval()
+    force_keep(gated, 1.0)
+
+    def search(m):
+        beam = BatchBeamSearch(scorers=dict(decoder=m.decoder), weights=dict(decoder=1.0), beam_size=3,
+                               vocab_size=len(token_list), sos=token_list.index("<sos>"),
+                               eos=token_list.index("<eos>"), token_list=token_list, pre_beam_score_key="full")
+        with torch.no_grad():
+            enc, _, _ = m.encoder(*speech([300], seed=4))
+            hyps = beam(enc[0], maxlenratio=-6, minlenratio=0.0)
+        return [(h.yseq.tolist(), float(h.score)) for h in hyps]
+
+    assert search(gated) == search(model)
