@@ -295,4 +295,7 @@ def test_espnet_beam_search_runs_on_the_gated_decoder(tiny):
             hyps = beam(enc[0], maxlenratio=-6, minlenratio=0.0)
         return [(h.yseq.tolist(), float(h.score)) for h in hyps]
 
-    assert search(gated) == search(model)
+    got, want = search(gated), search(model)
+    assert [seq for seq, _ in got] == [seq for seq, _ in want]
+    # batch_score recomputes the whole prefix; ESPnet's cache adds one token at a time.
+    assert [score for _, score in got] == pytest.approx([score for _, score in want], rel=1e-5)
