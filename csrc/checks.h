@@ -15,9 +15,14 @@ inline void check_same_device(const char* op, const at::Tensor& ref, const char*
               ref_name, " is on ", ref.device(), "; all tensors must be on one device");
 }
 
+// The dtypes every kernel handles (the CPU and CUDA dispatch, the op-math types). Also asked
+// of tensors that are only copied as bytes (x of gate_compact, src of gather_rows), so that
+// every op accepts the same dtypes.
 inline void check_floating(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be a floating-point tensor, got ", t.scalar_type());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
+                  dtype == at::kDouble,
+              op, ": ", name, " must be float16, bfloat16, float32 or float64, got ", dtype);
 }
 
 inline void check_dim(const char* op, const at::Tensor& t, const char* name, int64_t dim,
@@ -99,6 +104,7 @@ inline void check_row_index(const char* op, const at::Tensor& index, const at::T
 inline void check_gather_rows(const at::Tensor& src, const at::Tensor& index) {
   const char* op = "gather_rows";
   TORCH_CHECK(src.dim() >= 1, op, ": src must have shape (..., D), got a 0-dim tensor");
+  check_floating(op, src, "src");
   check_row_index(op, index, src, "src");
 }
 

@@ -25,8 +25,8 @@ def good(device="cpu"):
         (lambda x, l, n: (x, l, n + 100), r"lengths must lie in \[0, T=17\]"),
         (lambda x, l, n: (x, l, -n - 1), r"lengths must lie in \[0, T=17\]"),
         (lambda x, l, n: (x, l, n.float()), "lengths must be an integer tensor"),
-        (lambda x, l, n: (x, l.long(), n), "logits must be a floating-point tensor"),
-        (lambda x, l, n: (x.int(), l, n), "x must be a floating-point tensor"),
+        (lambda x, l, n: (x, l.long(), n), "logits must be float16, bfloat16, float32 or float64, got Long"),
+        (lambda x, l, n: (x.int(), l, n), "x must be float16, bfloat16, float32 or float64, got Int"),
         (lambda x, l, n: (x, l.index_fill(1, torch.tensor([0]), float("nan")), n), "logits contain NaN"),
     ],
 )
