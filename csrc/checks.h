@@ -2,6 +2,7 @@
 // argument and what was expected. Value checks that need the data (NaN logits, lengths
 // outside [0, T]) are done inside each kernel, where the data is read anyway.
 #pragma once
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -156,6 +157,28 @@ inline void check_varlen_attention(const at::Tensor& q, const at::Tensor& k,
   check_same_device(op, q, "q", cu_seqlens, "cu_seqlens");
   TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
   TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be positive, got ", scale);
+}
+
+// The backward's checks beyond those of the forward (q, k, v, cu_seqlens): grad_out and out
+// like q, lse (H, N) in q's op-math type (float32; float64 for float64), all on q's device.
+inline void check_varlen_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                                            const at::Tensor& out, const at::Tensor& lse) {
+  const char* op = "varlen_attention_backward";
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
+              ": grad_out and out must have q's shape ", q.sizes(), ", got grad_out ",
+              grad_out.sizes(), " and out ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              op, ": grad_out and out must have q's dtype ", q.scalar_type(), ", got grad_out ",
+              grad_out.scalar_type(), " and out ", out.scalar_type());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0), op,
+              ": lse must have shape (H, N) = (", q.size(1), ", ", q.size(0), "), got ",
+              lse.sizes());
+  const auto lse_dtype = at::toOpMathType(q.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == lse_dtype, op, ": lse must be ", lse_dtype,
+              " for q of dtype ", q.scalar_type(), ", got ", lse.scalar_type());
+  check_same_device(op, q, "q", grad_out, "grad_out");
+  check_same_device(op, q, "q", out, "out");
+  check_same_device(op, q, "q", lse, "lse");
 }
 
 }  // namespace localgp

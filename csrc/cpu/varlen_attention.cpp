@@ -59,12 +59,8 @@ std::tuple<Tensor, Tensor, Tensor> varlen_attention_backward_cpu(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& lse, const Tensor& cu_seqlens_in, int64_t max_seqlen, double scale) {
   check_varlen_attention(q, k, v, cu_seqlens_in, max_seqlen, scale);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-              "varlen_attention_backward: grad_out and out must have q's shape ", q.sizes());
-  const int64_t N = q.size(0), H = q.size(1);
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == H && lse.size(1) == N,
-              "varlen_attention_backward: lse must have shape (H, N) = (", H, ", ", N, "), got ",
-              lse.sizes());
+  check_varlen_attention_backward(grad_out, q, out, lse);
+  const int64_t N = q.size(0);
   const Tensor cu_seqlens = cu_seqlens_in.contiguous();
   check_offsets(cu_seqlens, N, max_seqlen);
   Tensor grad_q = at::zeros_like(q), grad_k = at::zeros_like(k), grad_v = at::zeros_like(v);

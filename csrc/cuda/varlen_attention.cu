@@ -225,27 +225,6 @@ std::tuple<Tensor, Tensor> varlen_attention_cuda(const Tensor& q_in, const Tenso
   return padded_attention_forward(q, k, v, make_padded_layout(pad_index, cu_seqlens, L), scale);
 }
 
-// The argument checks of the backward beyond those of the forward (q, k, v, cu_seqlens).
-void check_varlen_attention_backward(const Tensor& grad_out, const Tensor& q, const Tensor& out,
-                                     const Tensor& lse) {
-  const char* op = "varlen_attention_backward";
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
-              ": grad_out and out must have q's shape ", q.sizes(), ", got grad_out ",
-              grad_out.sizes(), " and out ", out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              op, ": grad_out and out must have q's dtype ", q.scalar_type(), ", got grad_out ",
-              grad_out.scalar_type(), " and out ", out.scalar_type());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0), op,
-              ": lse must have shape (H, N) = (", q.size(1), ", ", q.size(0), "), got ",
-              lse.sizes());
-  const auto lse_dtype = at::toOpMathType(q.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == lse_dtype, op, ": lse must be ", lse_dtype, " for q of dtype ",
-              q.scalar_type(), ", got ", lse.scalar_type());
-  check_same_device(op, q, "q", grad_out, "grad_out");
-  check_same_device(op, q, "q", out, "out");
-  check_same_device(op, q, "q", lse, "lse");
-}
-
 std::tuple<Tensor, Tensor, Tensor> varlen_attention_backward_cuda(
     const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
     const Tensor& out_in, const Tensor& lse_in, const Tensor& cu_seqlens_in, int64_t max_seqlen,
