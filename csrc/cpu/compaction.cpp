@@ -6,7 +6,6 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -20,9 +19,10 @@ using at::Tensor;
 using CompactResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // Shared by both gate variants: margin_at(b, t) returns logit[1] - logit[0] as float.
+// nan_message is the CUDA kernels' wording for a NaN margin.
 template <typename MarginAt>
-CompactResult compact_frames(const char* op, const Tensor& x_in, const Tensor& lengths_in,
-                             double threshold, MarginAt margin_at) {
+CompactResult compact_frames(const char* op, const char* nan_message, const Tensor& x_in,
+                             const Tensor& lengths_in, double threshold, MarginAt margin_at) {
   const Tensor x = x_in.contiguous();
   const Tensor lengths = lengths_in.to(at::kLong).contiguous();
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
@@ -36,7 +36,7 @@ CompactResult compact_frames(const char* op, const Tensor& x_in, const Tensor& l
   Tensor keep = at::empty({B, T}, x.options().dtype(at::kBool));
   bool* keep_ptr = keep.mutable_data_ptr<bool>();
   std::vector<int64_t> counts(B, 0);
-  std::atomic<bool> saw_nan{false};
+  std::vector<int64_t> first_nan(B, -1);  // t of the first NaN margin of each sequence
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t count = 0;
@@ -44,7 +44,7 @@ CompactResult compact_frames(const char* op, const Tensor& x_in, const Tensor& l
         bool kept = false;
         if (t < len[b]) {
           const float m = margin_at(b, t);
-          if (std::isnan(m)) saw_nan = true;
+          if (std::isnan(m) && first_nan[b] < 0) first_nan[b] = t;
           kept = m > margin;
         }
         keep_ptr[b * T + t] = kept;
@@ -53,7 +53,10 @@ CompactResult compact_frames(const char* op, const Tensor& x_in, const Tensor& l
       counts[b] = count;
     }
   });
-  TORCH_CHECK(!saw_nan, op, ": logits contain NaN at valid frames (t < lengths[b])");
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(first_nan[b] < 0, op, ": ", nan_message, " (first at b=", b, ", t=",
+                first_nan[b], ")");
+  }
 
   Tensor cu_seqlens = at::empty({B + 1}, x.options().dtype(at::kInt));
   int32_t* cu = cu_seqlens.mutable_data_ptr<int32_t>();
@@ -98,7 +101,8 @@ CompactResult gate_compact_cpu(const Tensor& x, const Tensor& logits_in, const T
                                   "gate_compact_cpu", [&] {
     const scalar_t* l = logits.const_data_ptr<scalar_t>();
     const int64_t T = logits.size(1);
-    result = compact_frames("gate_compact", x, lengths, threshold, [&](int64_t b, int64_t t) {
+    result = compact_frames("gate_compact", "logits contain NaN at valid frames", x, lengths,
+                            threshold, [&](int64_t b, int64_t t) {
       const scalar_t* frame = l + (b * T + t) * 2;
       return static_cast<float>(frame[1]) - static_cast<float>(frame[0]);
     });
@@ -122,8 +126,8 @@ CompactResult gate_compact_linear_cpu(const Tensor& x, const Tensor& hidden_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(),
                                   "gate_compact_linear_cpu", [&] {
     const scalar_t* hid = hidden.const_data_ptr<scalar_t>();
-    result = compact_frames("gate_compact_linear", x, lengths, threshold,
-                            [&](int64_t b, int64_t t) {
+    result = compact_frames("gate_compact_linear", "the gate logits contain NaN at valid frames",
+                            x, lengths, threshold, [&](int64_t b, int64_t t) {
       const scalar_t* row = hid + (b * T + t) * H;
       float acc = b_diff;
       for (int64_t h = 0; h < H; ++h) acc += static_cast<float>(row[h]) * w_diff[h];
@@ -171,12 +175,12 @@ Tensor scatter_pad_cpu(const Tensor& values_in, const Tensor& index_in, const Te
   if (D != 0) check_index_range("scatter_pad", index, rows);
   const int64_t N = index.size(0);
   const int64_t* idx = index.const_data_ptr<int64_t>();
-  const float s = static_cast<float>(scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(),
                                   "scatter_pad_cpu", [&] {
     const scalar_t* v = values.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     using acc_t = at::opmath_type<scalar_t>;
+    const acc_t s = static_cast<acc_t>(scale);  // float32; float64 for float64, as on CUDA
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         scalar_t* dst = o + idx[n] * D;

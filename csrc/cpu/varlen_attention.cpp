@@ -13,7 +13,8 @@ namespace {
 
 using at::Tensor;
 
-// Validates cu_seqlens against N and max_seqlen; the CUDA kernels take them on trust.
+// Validates cu_seqlens against N and max_seqlen (host memory here, so before any work). The
+// CUDA kernels check the same on the device with asserts, which costs no host sync.
 void check_offsets(const Tensor& cu_seqlens, int64_t N, int64_t max_seqlen) {
   const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();
   const int64_t B = cu_seqlens.size(0) - 1;
