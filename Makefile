@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: setup build test demo bench cuda-check clean
+.PHONY: setup build test demo bench cuda-check cuda-emu clean
 
 setup:
 	PYTHON=$(PYTHON) bash tools/setup_venv.sh
@@ -28,6 +28,10 @@ bench: build
 # Compile-checks every csrc/**/*.cu with nvcc for sm_80 and sm_90; needs no GPU.
 cuda-check: setup
 	PYTHON=$(PY) bash tools/check_cuda.sh
+
+# Runs the CUDA kernels on the CPU (an emulator) against ATen; needs no GPU or nvcc.
+cuda-emu: build
+	PYTHON=$(PY) bash tools/cuda_emu/run.sh
 
 clean:
 	rm -rf build localgp/_C*.so $(OUT)
