@@ -23,15 +23,19 @@ from localgp.model.config import GateConfig
 from localgp.model.convert import force_keep, gate_s2t_model, set_execution
 
 
-def timed(fn, repeats: int, sync) -> list[float]:
-    fn()  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed_interleaved(providers: dict, repeats: int, sync) -> dict[str, list[float]]:
+    """Each repeat runs every provider once, in turn: slow drift of the machine (other load,
+    clocks) then shifts all providers alike instead of biasing the ratios."""
+    times = {name: [] for name in providers}
+    for fn in providers.values():  # warm-up
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
+    sync()
+    for _ in range(repeats):
+        for name, fn in providers.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -58,26 +62,32 @@ def main(argv=None) -> int:
     lengths = torch.full((args.batch,), frames, device=device)
     shape = flops.EncoderShape.of_encoder(dense)
 
+    def gated_run(execution: str, keep: float):
+        def run():
+            set_execution(gated, execution)
+            force_keep(gated, keep, seed=0)  # the same masks in both executions, every repeat
+            gated(feats, lengths)
+        return run
+
     rows = []
     with torch.inference_mode():
-        dense_times = timed(lambda: dense(feats, lengths), args.repeats, sync)
         dense_macs = flops.encoder_macs(shape, frames)["total"] * args.batch
         for keep in (float(k) for k in args.keep.split(",")):
-            results = {"dense": (dense_times, dense_macs)}
+            providers = {"dense": lambda: dense(feats, lengths)}
+            providers.update({ex: gated_run(ex, keep) for ex in ("masked", "compact")})
+            times = timed_interleaved(providers, args.repeats, sync)
+            macs = {"dense": dense_macs}
             for execution in ("masked", "compact"):
-                set_execution(gated, execution)
-                force_keep(gated, keep, seed=0)
-                run = lambda: (gated.forced_generator.manual_seed(0), gated(feats, lengths))  # noqa: E731
-                times = timed(run, args.repeats, sync)
-                macs = flops.executed_encoder_macs(gated, lengths.tolist())["total"]
-                results[execution] = (times, macs)
-            for provider, (times, macs) in results.items():
+                providers[execution]()
+                macs[execution] = flops.executed_encoder_macs(gated, lengths.tolist())["total"]
+            for provider in providers:
+                times_p, macs_p = times[provider], macs[provider]
                 rows.append(dict(part="encoder", provider=provider, keep=keep, preset=args.preset,
                                  batch=args.batch, seconds=args.seconds, dtype=args.dtype,
                                  device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                                  threads=torch.get_num_threads(), torch=torch.__version__,
-                                 median_ms=1e3 * statistics.median(times), min_ms=1e3 * min(times),
-                                 max_ms=1e3 * max(times), repeats=len(times), gmacs=macs / 1e9))
+                                 median_ms=1e3 * statistics.median(times_p), min_ms=1e3 * min(times_p),
+                                 max_ms=1e3 * max(times_p), repeats=len(times_p), gmacs=macs_p / 1e9))
             by = {r["provider"]: r for r in rows if r["keep"] == keep}
             for r in by.values():
                 r["speedup_vs_dense"] = by["dense"]["median_ms"] / r["median_ms"]
