@@ -299,3 +299,22 @@ def test_espnet_beam_search_runs_on_the_gated_decoder(tiny):
     assert [seq for seq, _ in got] == [seq for seq, _ in want]
     # batch_score recomputes the whole prefix; ESPnet's cache adds one token at a time.
     assert [score for _, score in got] == pytest.approx([score for _, score in want], rel=1e-5)
+
+
+def test_snapshot_with_a_real_bpe_model(tmp_path):
+    """A sentencepiece BPE model travels with the snapshot and is found again on load."""
+    import sentencepiece as spm
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"the quick brown fox number {i} jumps over the lazy dog" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "bpe"), vocab_size=40,
+                                   model_type="bpe", minloglevel=2)
+    pieces = [spm.SentencePieceProcessor(model_file=str(tmp_path / "bpe.model")).id_to_piece(i) for i in range(3, 40)]
+    token_list = owsm.owsm_token_list(owsm.PRESETS["tiny"].vocab_size, pieces)
+    model, args = owsm.build_owsm("tiny", token_list=token_list, bpemodel=str(tmp_path / "bpe.model"))
+    owsm.write_checkpoint(model, args, tmp_path / "snap", bpemodel=tmp_path / "bpe.model")
+    loaded, train_args = owsm.load_owsm(tmp_path / "snap")
+    assert train_args.bpemodel == str(tmp_path / "snap" / owsm.BPE_PATH)
+    assert train_args.token_list[2 : 2 + len(pieces)] == pieces
+    tokenizer = spm.SentencePieceProcessor(model_file=train_args.bpemodel)
+    assert tokenizer.encode("the lazy fox", out_type=str)
