@@ -78,3 +78,19 @@ def test_compiled_group_rows_and_attention(device):
     want_perm, want_offsets, _ = reference.group_rows(masks)
     assert torch.equal(perm, want_perm) and torch.equal(offsets, want_offsets)
     torch.testing.assert_close(out, reference.varlen_attention(q, k, v, cu))
+
+
+def test_compiled_fused_gate_and_gather(device):
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, dynamic=True)
+    def fused(x, hidden, weight, bias, lengths):
+        c = ops.gate_compact_linear(x, hidden, weight, bias, lengths)
+        return ops.gather_rows(x, c.index) * 2, c.keep
+
+    x, _, lengths = make_case("random", device, torch.float32)
+    B, T, _ = x.shape
+    hidden, weight, bias = torch.randn(B, T, 9, device=device), torch.randn(2, 9, device=device), torch.randn(2, device=device)
+    rows, keep = fused(x, hidden, weight, bias, lengths)
+    want = ops.gate_compact_linear(x, hidden, weight, bias, lengths)
+    assert torch.equal(keep, want.keep) and torch.equal(rows, want.packed * 2)
