@@ -1,0 +1,32 @@
+"""Language context: URIEL typological vectors from lang2vec (offline, 289 values)."""
+
+from __future__ import annotations
+
+import torch
+
+FEATURES = "syntax_knn+phonology_knn+inventory_knn"
+# ISO 639-1 codes of the data -> the ISO 639-3 codes lang2vec uses.
+ISO_639_3 = {
+    "en": "eng", "de": "deu", "fr": "fra", "it": "ita", "es": "spa", "pt": "por", "nl": "nld",
+    "pl": "pol", "ro": "ron", "ja": "jpn", "zh": "cmn", "ru": "rus", "ko": "kor", "ar": "arb",
+}
+
+
+class Lang2Vec:
+    name, size = "lang2vec", 289
+
+    def __init__(self):
+        import lang2vec.lang2vec as l2v
+
+        self._l2v = l2v
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, language: str) -> torch.Tensor:
+        """(1, 289) for an ISO 639-1 (or 639-3) language code."""
+        code = ISO_639_3.get(language, language)
+        if code not in self._l2v.available_languages():
+            raise ValueError(f"Lang2Vec: unknown language code {language!r}; known 639-1 codes: {sorted(ISO_639_3)}")
+        if code not in self._cache:
+            values = self._l2v.get_features([code], FEATURES)[code]
+            self._cache[code] = torch.tensor([float(v) for v in values])[None]
+        return self._cache[code]
