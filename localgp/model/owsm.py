@@ -54,13 +54,15 @@ def task_tokens(languages=LANGUAGES) -> list[str]:
     return ["<asr>", *(f"<st_{code}>" for code in languages)]
 
 
-def owsm_token_list(vocab_size: int, pieces: list[str] | None = None, languages=LANGUAGES) -> list[str]:
+def owsm_token_list(vocab_size: int | None, pieces: list[str] | None = None, languages=LANGUAGES) -> list[str]:
     """A token list shaped like OWSM's: blank/unk, BPE pieces, <na>, language and task tokens,
-    timestamps, sos/eos/sop. Filler pieces pad a random-weight model to `vocab_size`."""
+    timestamps, sos/eos/sop. Filler pieces pad a random-weight model to `vocab_size` (None: no
+    padding, the list is as long as its tokens)."""
     specials = ["<na>", "<nospeech>", *map(language_token, languages), *task_tokens(languages)]
     specials += ["<notimestamps>", *(f"<{t * 0.02:.2f}>" for t in range(0, 1501, 50))]
     pieces = list(pieces or [])
     fixed = len(SPECIAL_TOKENS_HEAD) + len(pieces) + len(specials) + len(SPECIAL_TOKENS_TAIL)
+    vocab_size = fixed if vocab_size is None else vocab_size
     if fixed > vocab_size:
         raise ValueError(f"owsm_token_list: {fixed} tokens do not fit vocab_size={vocab_size}")
     fillers = [f"<filler{i}>" for i in range(vocab_size - fixed)]
