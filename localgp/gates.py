@@ -60,7 +60,7 @@ class GateRecord:
         """Fraction of gated units (module x frame/token) skipped over valid positions."""
         if not self.masks:
             raise ValueError("sparsity: no gate was applied in this forward pass")
-        kept = sum((m * v).sum() for m, v in zip(self.masks.values(), self.valid.values()))
+        kept = sum((m * v).sum() for m, v in zip(self.masks.values(), self.valid.values(), strict=True))
         total = sum(v.sum() for v in self.valid.values())
         return 1 - kept / total.clamp(min=1)
 

@@ -66,7 +66,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None) -> Tensor
     """Each packed sequence attends to itself, one sequence at a time."""
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end == start:
             continue
         q_b, k_b, v_b = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from localgp import ops, reference
-from tests.conftest import requires_cuda
 
 # (B, T, D, lengths, keep pattern): odd sizes, lengths 0 and 1, T=1, nothing / everything kept.
 CASES = {
@@ -48,7 +47,7 @@ def make_case(name, device, dtype, threshold=0.5, seed=0, noncontiguous=False):
 
 
 def assert_compaction_equal(got, want):
-    for name, g, w in zip(ops.Compacted._fields, got, want):
+    for name, g, w in zip(ops.Compacted._fields, got, want, strict=True):
         assert g.dtype == w.dtype, name
         assert torch.equal(g.cpu(), w.cpu()), name
 
@@ -217,7 +216,7 @@ def test_group_rows_matches_reference(device, R, M, patterns):
     for seed in range(3):
         masks = random_masks(R, M, patterns, torch.Generator().manual_seed(seed)).to(device)
         got = ops.group_rows(masks)
-        for name, g, w in zip(ops.Grouping._fields, got, reference.group_rows(masks)):
+        for name, g, w in zip(ops.Grouping._fields, got, reference.group_rows(masks), strict=True):
             assert torch.equal(g.cpu(), w.cpu()), name
         # Rows of a group share one mask; the groups' masks are distinct.
         perm, offsets = got.perm, got.offsets.tolist()

@@ -49,7 +49,7 @@ def europarl_st(root: str | Path, source: str, targets: list[str] | str, split: 
             raise ValueError(f"europarl_st: {folder} has {len(segments)} segments, {len(sources)} source and "
                              f"{len(translations)} target lines; they must match")
         seen = {}
-        for line_no, (seg, text, translation) in enumerate(zip(segments, sources, translations), 1):
+        for line_no, (seg, text, translation) in enumerate(zip(segments, sources, translations, strict=True), 1):
             parts = seg.split()
             if len(parts) != 3:
                 raise ValueError(f"{folder / 'segments.lst'}:{line_no}: expected '<audio id> <start> <end>', got {seg!r}")
