@@ -64,6 +64,22 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from localgp.train import TrainConfig, Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = TrainConfig.from_yaml(args.config)
+    if args.steps is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, max_steps=args.steps)
+    row = Trainer(config).train()
+    print(json.dumps(row))
+    return 0
+
+
 def keep_ratio(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
@@ -90,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="temporal: FFN1/attention/FFN2 per frame; utterance: all four modules")
     flops.add_argument("--json", action="store_true", help="print JSON")
     flops.set_defaults(func=cmd_flops)
+
+    train = sub.add_parser("train", help="train a gated OWSM model from a YAML config (resumes from its out_dir)")
+    train.add_argument("config", help="YAML file with the fields of localgp.train.TrainConfig")
+    train.add_argument("--steps", type=int, help="override max_steps")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

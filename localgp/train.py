@@ -1,0 +1,220 @@
+"""Training of a gated OWSM model: ASR + ST multitask with OWSM prompts, Adam with a warm-up
+learning-rate schedule, gradient clipping, the sparsity target; progress, a JSONL log, and
+checkpoints that resume exactly (model, optimizer, schedule, step, RNG state)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from localgp.data.corpora import Utterance, europarl_st, kaldi_dir
+from localgp.data.tokenizer import Tokenizer
+from localgp.model import owsm
+from localgp.model.config import GateConfig
+from localgp.model.convert import gate_s2t_model, last_record, pruning_loss, set_execution
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str  # checkpoints, tokenizer, log.jsonl
+    # Corpus: {"kind": "kaldi", "dirs": {"de": "data/de_train", ...}} or
+    # {"kind": "europarl", "root": ..., "source": "de", "targets": ["fr", "it"], "split": "train"}
+    data: dict = field(default_factory=dict)
+    preset: str = "tiny"  # model size when not starting from a snapshot
+    init: str | None = None  # an OWSM snapshot directory to start from (brings its tokenizer)
+    gates: dict = field(default_factory=lambda: {"encoder": "temporal"})  # GateConfig fields
+    tasks: tuple[str, ...] = ("asr", "st")  # asr: transcript; st: every translation present
+    vocab_size: int = 300  # BPE pieces of a tokenizer trained on the corpus
+    batch_size: int = 4
+    lr: float = 1e-3  # peak learning rate, reached after warmup_steps
+    warmup_steps: int = 50
+    max_steps: int = 200
+    max_minutes: float | None = None  # stop (with a checkpoint) after this much training time
+    grad_clip: float = 5.0
+    target_sparsity: float = 0.3
+    sparsity_weight: float = 1.0  # alpha of the sparsity loss
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 50
+
+    def __post_init__(self):
+        if not set(self.tasks) <= {"asr", "st"} or not self.tasks:
+            raise ValueError(f"TrainConfig.tasks must be a non-empty subset of ('asr', 'st'), got {self.tasks}")
+        for name in ("batch_size", "max_steps", "log_every", "save_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        if "tasks" in raw:
+            raw["tasks"] = tuple(raw["tasks"])
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class Example:
+    utterance: Utterance
+    target_language: str  # == utterance.language for ASR
+    target_text: str
+
+
+def load_corpus(data: dict) -> list[Utterance]:
+    kind = data.get("kind")
+    if kind == "kaldi":
+        return [u for lang, d in data["dirs"].items() for u in kaldi_dir(d, lang, data.get("audio_root"))]
+    if kind == "europarl":
+        return europarl_st(data["root"], data["source"], data["targets"], data["split"])
+    raise ValueError(f"TrainConfig.data.kind must be 'kaldi' or 'europarl', got {kind!r}")
+
+
+def make_examples(utterances: list[Utterance], tasks) -> list[Example]:
+    examples = []
+    for u in utterances:
+        if "asr" in tasks:
+            examples.append(Example(u, u.language, u.text))
+        if "st" in tasks:
+            examples.extend(Example(u, lang, text) for lang, text in sorted(u.translations.items()))
+    if not examples:
+        raise ValueError("training: the corpus gives no example for the tasks asked")
+    return examples
+
+
+def warmup_lr(step: int, peak: float, warmup: int) -> float:
+    """ESPnet's WarmupLR: linear warm-up to `peak`, then inverse square-root decay."""
+    step = max(step, 1)
+    warmup = max(warmup, 1)
+    return peak * min(step / warmup, math.sqrt(warmup / step))
+
+
+def collate(examples: list[Example], tokenizer: Tokenizer):
+    """The S2T model's inputs: waveforms, prompt + target ids, <na> as previous text, and the
+    source transcript for CTC."""
+    waves = [torch.from_numpy(e.utterance.load()) for e in examples]
+    texts = [torch.tensor(tokenizer.prompt(e.utterance.language, e.target_language) + tokenizer.encode(e.target_text))
+             for e in examples]
+    ctc = [torch.tensor(tokenizer.encode(e.utterance.text)) for e in examples]
+    pad = torch.nn.utils.rnn.pad_sequence
+    lengths = lambda xs: torch.tensor([len(x) for x in xs])  # noqa: E731
+    na = tokenizer.id_of["<na>"]
+    prev = torch.full((len(examples), 1), na)
+    return (pad(waves, batch_first=True), lengths(waves), pad(texts, batch_first=True, padding_value=-1),
+            lengths(texts), prev, torch.ones(len(examples), dtype=torch.long),
+            pad(ctc, batch_first=True, padding_value=-1), lengths(ctc))
+
+
+def batch_order(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of training step `step` (0-based): a seeded permutation per epoch, so a
+    resumed run sees exactly the batches the uninterrupted one would."""
+    per_epoch = max(num_examples // batch_size, 1)
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    picked = order[index * batch_size : (index + 1) * batch_size]
+    return picked if picked else order[:batch_size]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.out = Path(config.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.examples = make_examples(load_corpus(config.data), config.tasks)
+        torch.manual_seed(config.seed)
+        if config.init:
+            self.model, args = owsm.load_owsm(config.init)
+            if not args.bpemodel:
+                raise ValueError(f"{config.init}: the snapshot names no BPE model")
+            self.tokenizer = Tokenizer(args.bpemodel, args.token_list)
+        else:
+            tokenizer_dir = self.out / "tokenizer"
+            if (tokenizer_dir / "tokens.txt").exists():
+                self.tokenizer = Tokenizer.load(tokenizer_dir)
+            else:
+                texts = [e.target_text for e in self.examples] + [e.utterance.text for e in self.examples]
+                self.tokenizer = Tokenizer.train(texts, tokenizer_dir, config.vocab_size)
+            self.model, _ = owsm.build_owsm(config.preset, token_list=self.tokenizer.token_list)
+        gate_s2t_model(self.model, GateConfig(**config.gates))
+        set_execution(self.model, "masked")
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.step = 0
+        self._resume()
+
+    def _checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pth"
+
+    def save(self) -> None:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                 "rng": torch.get_rng_state(), "config": dataclasses.asdict(self.config)}
+        tmp = self._checkpoint_path().with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self._checkpoint_path())  # never a half-written checkpoint
+
+    def _resume(self) -> None:
+        path = self._checkpoint_path()
+        if not path.exists():
+            return
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a corrupt file must not be trained over silently
+            raise RuntimeError(f"cannot resume from {path}: {err}; move it away to start afresh") from err
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        torch.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def train(self, steps: int | None = None) -> dict:
+        """Runs until max_steps (or `steps` more, or max_minutes); returns the last log row."""
+        from tqdm import tqdm
+
+        cfg = self.config
+        end = cfg.max_steps if steps is None else min(cfg.max_steps, self.step + steps)
+        started = time.monotonic()
+        self.model.train()
+        row = {}
+        with open(self.out / "log.jsonl", "a") as log_file, tqdm(total=end, initial=self.step, desc="train") as bar:
+            while self.step < end:
+                picked = batch_order(len(self.examples), cfg.batch_size, self.step, cfg.seed)
+                batch = collate([self.examples[i] for i in picked], self.tokenizer)
+                lr = warmup_lr(self.step + 1, cfg.lr, cfg.warmup_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss, stats, _ = self.model(*batch)
+                total, sparsity = pruning_loss(self.model, loss, cfg.target_sparsity, cfg.sparsity_weight)
+                self.optimizer.zero_grad()
+                total.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                if torch.isfinite(grad_norm):
+                    self.optimizer.step()
+                else:
+                    log.warning("step %d: non-finite gradient norm, update skipped", self.step + 1)
+                self.step += 1
+                bar.update(1)
+                row = {"step": self.step, "loss": loss.item(), "total": total.item(), "sparsity": sparsity.item(),
+                       "lr": lr, "grad_norm": float(grad_norm),
+                       "sparsity_per_module": last_record(self.model).sparsity_per_module()}
+                bar.set_postfix(loss=f"{row['loss']:.3f}", sparsity=f"{row['sparsity']:.3f}")
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    log_file.write(json.dumps(row) + "\n")
+                    log_file.flush()
+                if self.step % cfg.save_every == 0 or self.step == end:
+                    self.save()
+                if cfg.max_minutes is not None and time.monotonic() - started > 60 * cfg.max_minutes:
+                    self.save()
+                    break
+        return row

@@ -1,0 +1,96 @@
+"""Training: the loss falls, resume continues exactly, bad input is caught."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+
+from localgp.train import TrainConfig, Trainer, batch_order, warmup_lr
+
+SENTENCES = {
+    "de": ["guten morgen", "wie geht es dir", "das ist gut", "bis bald"],
+    "fr": ["bonjour", "comment ça va", "c'est bien", "à bientôt"],
+}
+
+
+def write_kaldi(root):
+    """Two tiny languages in ESPnet data-dir layout, one tone pattern per sentence."""
+    dirs = {}
+    for lang, sentences in SENTENCES.items():
+        data = root / lang
+        data.mkdir(parents=True, exist_ok=True)
+        lines = {"wav.scp": [], "text": [], "utt2spk": []}
+        for i, text in enumerate(sentences):
+            t = np.arange(int(0.8 * 16000)) / 16000
+            wav = 0.2 * np.sin(2 * np.pi * (150 + 60 * i) * t) * (1 + np.sin(2 * np.pi * 3 * t))
+            sf.write(data / f"{lang}{i}.wav", wav.astype(np.float32), 16000)
+            lines["wav.scp"].append(f"{lang}{i} {data / f'{lang}{i}.wav'}")
+            lines["text"].append(f"{lang}{i} {text}")
+            lines["utt2spk"].append(f"{lang}{i} spk_{lang}")
+        for name, rows in lines.items():
+            (data / name).write_text("\n".join(rows) + "\n")
+        dirs[lang] = str(data)
+    return dirs
+
+
+def config(tmp_path, out="run", **overrides):
+    base = dict(out_dir=str(tmp_path / out), data={"kind": "kaldi", "dirs": write_kaldi(tmp_path / f"data_{out}")},
+                tasks=("asr",), vocab_size=40, batch_size=4, lr=3e-3, warmup_steps=5, max_steps=30,
+                log_every=5, save_every=10, gates={"encoder": "temporal", "decoder": "token"})
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_loss_falls_and_log_is_written(tmp_path):
+    trainer = Trainer(config(tmp_path))
+    first = trainer.train(steps=1)
+    last = trainer.train()
+    assert last["step"] == 30 and last["loss"] < 0.7 * first["loss"]
+    rows = [yaml.safe_load(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 30 and "encoder.ffn1" in rows[-1]["sparsity_per_module"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = Trainer(config(tmp_path, "a", max_steps=12, save_every=6))
+    straight.train()
+    interrupted = Trainer(config(tmp_path, "b", max_steps=12, save_every=6))
+    interrupted.train(steps=6)  # checkpoint at step 6, then the process "dies"
+    resumed = Trainer(config(tmp_path, "b", max_steps=12, save_every=6))
+    assert resumed.step == 6
+    resumed.train()
+    for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="tasks must be"):
+        config(tmp_path, tasks=("tts",))
+    with pytest.raises(ValueError, match="unknown settings"):
+        (tmp_path / "c.yaml").write_text("out_dir: x\nbatchsize: 3\n")
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
+    cfg = config(tmp_path, "bad")
+    (tmp_path / "bad").mkdir(exist_ok=True)
+    (tmp_path / "bad" / "checkpoint.pth").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="cannot resume from"):
+        Trainer(cfg)
+    assert (tmp_path / "bad" / "checkpoint.pth").read_bytes() == b"garbage"  # nothing overwritten
+
+
+def test_schedule_and_order():
+    assert warmup_lr(5, 1.0, 10) == 0.5 and warmup_lr(10, 1.0, 10) == 1.0 and warmup_lr(40, 1.0, 10) == 0.5
+    epoch0 = [batch_order(8, 4, s, 0) for s in (0, 1)]
+    assert sorted(epoch0[0] + epoch0[1]) == list(range(8))
+    assert batch_order(8, 4, 1, 0) == epoch0[1]
+
+
+def test_train_cli(tmp_path, capsys):
+    from localgp.cli import main
+
+    cfg = config(tmp_path, "cli", max_steps=3)
+    path = tmp_path / "train.yaml"
+    raw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(path), "--steps", "2"]) == 0
+    assert '"step": 2' in capsys.readouterr().out
+    assert (tmp_path / "cli" / "checkpoint.pth").exists()
