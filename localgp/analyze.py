@@ -1,0 +1,60 @@
+"""The localGP paper's analyses: an utterance's log-mel spectrogram above its per-layer temporal
+masks (its Figure), and whether tokens that start a word keep src-attention more often than
+the others (its Table 2: Mann-Whitney U and Welch's t-test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+WORD_START = "\u2581"  # sentencepiece's word-boundary mark
+
+
+def mask_figure(log_mel: np.ndarray, masks: dict[str, np.ndarray], path: str | Path, title: str = "") -> Path:
+    """log_mel (T_in, mels); masks: 'encoder.<layer>.<module>' -> (T_enc,) keep (0/1) of one
+    utterance. Writes a PNG: the spectrogram on top, one mask row per layer and module below,
+    on the same time axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not masks:
+        raise ValueError("mask_figure: no temporal masks (was the encoder gated per frame?)")
+    names = sorted(masks, key=lambda n: (int(n.split(".")[1]), n.split(".")[2]))
+    grid = np.stack([np.asarray(masks[n], dtype=float) for n in names])
+    seconds = log_mel.shape[0] / 100  # 10 ms hop
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 2 + 0.18 * len(names)), sharex=True,
+                                      gridspec_kw={"height_ratios": [1, max(1, len(names) / 12)]})
+    top.imshow(log_mel.T, origin="lower", aspect="auto", extent=(0, seconds, 0, log_mel.shape[1]), cmap="magma")
+    top.set_ylabel("mel bin")
+    top.set_title(title or "log-mel spectrogram and temporal masks (dark = kept)")
+    bottom.imshow(grid, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
+                  extent=(0, seconds, len(names), 0))
+    bottom.set_yticks(np.arange(len(names)) + 0.5, [n.removeprefix("encoder.") for n in names], fontsize=6)
+    bottom.set_xlabel("time (s)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def word_start_test(pieces: list[str], keep_rates: list[float]) -> dict:
+    """src-attention keep rate of tokens starting a word vs the others, with the paper's tests."""
+    from scipy import stats
+
+    if len(pieces) != len(keep_rates):
+        raise ValueError(f"word_start_test: {len(pieces)} tokens but {len(keep_rates)} keep rates")
+    starts = [r for p, r in zip(pieces, keep_rates, strict=True) if p.startswith(WORD_START)]
+    others = [r for p, r in zip(pieces, keep_rates, strict=True) if not p.startswith(WORD_START)]
+    if len(starts) < 2 or len(others) < 2:
+        raise ValueError("word_start_test: needs at least two tokens of each kind")
+    u = stats.mannwhitneyu(starts, others, alternative="two-sided")
+    t = stats.ttest_ind(starts, others, equal_var=False)
+    return {"word_start": {"count": len(starts), "mean_keep": float(np.mean(starts))},
+            "other": {"count": len(others), "mean_keep": float(np.mean(others))},
+            "mann_whitney_u": {"statistic": float(u.statistic), "p_value": float(u.pvalue)},
+            "welch_t": {"statistic": float(t.statistic), "p_value": float(t.pvalue)}}
