@@ -80,6 +80,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from localgp.data.demo_corpus import prepare_demo
+
+    manifest = prepare_demo(args.out, german_sentences=args.german_sentences, augment_share=args.augment_share,
+                            seed=args.seed)
+    print(manifest)
+    return 0
+
+
 def keep_ratio(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
@@ -106,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="temporal: FFN1/attention/FFN2 per frame; utterance: all four modules")
     flops.add_argument("--json", action="store_true", help="print JSON")
     flops.set_defaults(func=cmd_flops)
+
+    prepare = sub.add_parser("prepare", help="build a corpus")
+    prepare.add_argument("corpus", choices=["demo"], help="demo: en/fr/it Asterisk speech + German espeak-ng, from Debian")
+    prepare.add_argument("--out", default="data/demo", help="output directory (git-ignored data/ by default)")
+    prepare.add_argument("--german-sentences", type=int, default=300)
+    prepare.add_argument("--augment-share", type=float, default=0.3, help="share with noise, events or silence")
+    prepare.add_argument("--seed", type=int, default=0)
+    prepare.set_defaults(func=cmd_prepare)
 
     train = sub.add_parser("train", help="train a gated OWSM model from a YAML config (resumes from its out_dir)")
     train.add_argument("config", help="YAML file with the fields of localgp.train.TrainConfig")

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainConfig:
     out_dir: str  # checkpoints, tokenizer, log.jsonl
-    # Corpus: {"kind": "kaldi", "dirs": {"de": "data/de_train", ...}} or
+    # Corpus: {"kind": "manifest", "path": "data/demo/manifest.jsonl", "split": "train"}
+    # (localgp prepare demo), {"kind": "kaldi", "dirs": {"de": "data/de_train", ...}} or
     # {"kind": "europarl", "root": ..., "source": "de", "targets": ["fr", "it"], "split": "train"}
     data: dict = field(default_factory=dict)
     preset: str = "tiny"  # model size when not starting from a snapshot
@@ -76,11 +77,19 @@ class Example:
 
 def load_corpus(data: dict) -> list[Utterance]:
     kind = data.get("kind")
+    if kind == "manifest":
+        from localgp.data.demo_corpus import load_manifest
+
+        splits = load_manifest(data["path"])
+        split = data.get("split", "train")
+        if split not in splits:
+            raise ValueError(f"{data['path']}: no split {split!r}; it has {sorted(splits)}")
+        return splits[split]
     if kind == "kaldi":
         return [u for lang, d in data["dirs"].items() for u in kaldi_dir(d, lang, data.get("audio_root"))]
     if kind == "europarl":
         return europarl_st(data["root"], data["source"], data["targets"], data["split"])
-    raise ValueError(f"TrainConfig.data.kind must be 'kaldi' or 'europarl', got {kind!r}")
+    raise ValueError(f"TrainConfig.data.kind must be 'manifest', 'kaldi' or 'europarl', got {kind!r}")
 
 
 def make_examples(utterances: list[Utterance], tasks) -> list[Example]:

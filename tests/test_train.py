@@ -94,3 +94,24 @@ def test_train_cli(tmp_path, capsys):
     assert main(["train", str(path), "--steps", "2"]) == 0
     assert '"step": 2' in capsys.readouterr().out
     assert (tmp_path / "cli" / "checkpoint.pth").exists()
+
+
+def test_trains_on_a_demo_manifest(tmp_path):
+    import json
+
+    dirs = write_kaldi(tmp_path / "data")
+    lines = []
+    for lang, directory in dirs.items():
+        other = "fr" if lang == "de" else "de"
+        for i, text in enumerate(SENTENCES[lang]):
+            lines.append(json.dumps({"id": f"{lang}{i}", "audio": f"{directory}/{lang}{i}.wav", "language": lang,
+                                     "text": text, "speaker": f"spk_{lang}", "split": "train",
+                                     "translations": {other: SENTENCES[other][i]}}))
+    (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = config(tmp_path, "m", data={"kind": "manifest", "path": str(tmp_path / "manifest.jsonl")},
+                 tasks=("asr", "st"), max_steps=2)
+    trainer = Trainer(cfg)
+    assert len(trainer.examples) == 16  # 8 transcripts + 8 translations
+    assert trainer.train()["step"] == 2
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        Trainer(config(tmp_path, "m2", data={"kind": "manifest", "path": str(tmp_path / "manifest.jsonl"), "split": "dev"}))
