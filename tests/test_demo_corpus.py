@@ -19,11 +19,12 @@ HAS_ESPEAK = shutil.which("espeak-ng") is not None
 
 TRANSCRIPTS = {
     "en": "; Core Asterisk Sounds in English\n\nactivated: Activated.\nadded: Added.\n"
-          "agent-loggedoff: Agent   Logged off.\ndigits/1: one\nvm-empty: Empty in French.\n",
+          "agent-loggedoff: Agent   Logged off.\ndigits/1: one\nvm-empty: Empty in French.\n"
+          "beep: (beep)\n",
     "fr": "; Core Asterisk Sounds in French\n\nactivated: activé\nadded: ajouté\n"
-          "agent-loggedoff: Vous n'êtes plus en ligne.\ndigits/1: un\nvm-empty:\n",
+          "agent-loggedoff: Vous n'êtes plus en ligne.\ndigits/1: un\nvm-empty:\nbeep: (bip)\n",
     "it": "\ufeff; Core Asterisk Sounds in Italian\n; Elenco completo\n\nactivated: Attivato.\nadded: Aggiunto.\n"
-          "agent-loggedoff: operatore disconnesso.\ndigits/1: uno\nvm-empty: Vuoto.\n",
+          "agent-loggedoff: operatore disconnesso.\ndigits/1: uno\nvm-empty: Vuoto.\nbeep: [bip]\n",
 }
 VOICES = {"en": "en_US_f_Allison", "fr": "fr_CA_f_June", "it": "it_IT_m_Carlo"}
 
@@ -102,7 +103,7 @@ def fake_sources(tmp_path_factory) -> dict[str, Path]:
             f.write(TRANSCRIPTS[lang])
         audio_root = root / f"asterisk-core-sounds-{lang}-g722"
         voice = audio_root / "usr/share/asterisk/sounds" / VOICES[lang]
-        for j, name in enumerate(["activated", "added", "agent-loggedoff", "digits/1", "vm-empty"]):
+        for j, name in enumerate(["activated", "added", "agent-loggedoff", "digits/1", "vm-empty", "beep"]):
             if (lang, name) != ("it", "added"):  # a prompt without audio in one language is left out
                 _write_g722(voice / f"{name}.g722", _tone(0.3 + 0.05 * j, 200 + 100 * i))
         sources[text_root.name], sources[audio_root.name] = text_root, audio_root
@@ -127,7 +128,7 @@ def _read_manifest(path: Path) -> list[dict]:
 def test_parse_asterisk_transcripts():
     parsed = parse_asterisk_transcripts(TRANSCRIPTS["en"])
     assert parsed == {"activated": "Activated.", "added": "Added.", "agent-loggedoff": "Agent Logged off.",
-                      "digits/1": "one", "vm-empty": "Empty in French."}
+                      "digits/1": "one", "vm-empty": "Empty in French.", "beep": "(beep)"}
     assert "vm-empty" not in parse_asterisk_transcripts(TRANSCRIPTS["fr"])  # empty transcript dropped
     assert parse_asterisk_transcripts(TRANSCRIPTS["it"])["activated"] == "Attivato."  # BOM, comments
     assert clean_text("  a \t b\n ") == "a b"
@@ -185,7 +186,7 @@ def test_prepare_demo_asterisk_only(fake_sources, tmp_path):
     out = tmp_path / "demo"
     manifest = prepare_demo(out, german_sentences=0, augment_share=0.5, sources=fake_sources)
     entries = _read_manifest(manifest)
-    # vm-empty has no French text, added has no Italian audio: 3 prompts x 3 languages
+    # vm-empty has no French text, added has no Italian audio, beep is an annotation: 3 prompts x 3 languages
     assert {e["id"] for e in entries if e["language"] == "en"} == {
         "en_asterisk_activated", "en_asterisk_agent-loggedoff", "en_asterisk_digits_1"}
     assert len(entries) == 9

@@ -56,6 +56,15 @@ def clean_text(text: str) -> str:
     return " ".join(text.replace("\ufeff", " ").split())
 
 
+_ANNOTATION = re.compile(r"[\[\]<>(){}]")
+
+
+def has_annotation(text: str) -> bool:
+    """Transcripts with editorial notes ('[ascending tones]', '(beep)', 'IAX (note: ...)',
+    'dot [.]') are not verbatim; prompts with one in any language are left out."""
+    return _ANNOTATION.search(text) is not None
+
+
 _PROMPT_NAME = re.compile(r"^[\w.+-]+(/[\w.+-]+)*$")
 
 
@@ -302,6 +311,8 @@ def fetch_packages(work_dir: str | Path, packages: tuple[str, ...] = PACKAGES) -
             shutil.rmtree(root, ignore_errors=True)
             subprocess.run(["dpkg", "-x", str(debs[-1]), str(root)], check=True)
             marker.touch()
+            for deb in debs:  # the extracted tree is what is used
+                deb.unlink()
         roots[package] = root
     return roots
 
@@ -383,7 +394,8 @@ def _plan(sources: dict[str, Path], german_sentences: int, seed: int) -> list[di
             texts[lang] = parse_asterisk_transcripts(f.read())
         voices[lang] = asterisk_voice_dir(_package_dir(sources, f"asterisk-core-sounds-{lang}-g722"))
     names = sorted(name for name in set.intersection(*(set(t) for t in texts.values()))
-                   if all((voices[lang] / f"{name}.g722").is_file() for lang in ASTERISK_LANGS))
+                   if all((voices[lang] / f"{name}.g722").is_file() and not has_annotation(texts[lang][name])
+                          for lang in ASTERISK_LANGS))
     for name in names:
         split = split_of(f"asterisk/{name}", seed)
         for lang in ASTERISK_LANGS:
