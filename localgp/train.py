@@ -34,6 +34,10 @@ class TrainConfig:
     preset: str = "tiny"  # model size when not starting from a snapshot
     init: str | None = None  # an OWSM snapshot directory to start from (brings its tokenizer)
     gates: dict = field(default_factory=lambda: {"encoder": "temporal"})  # GateConfig fields
+    # Context extractors by context name, for the contexts the gates use, e.g.
+    # {"speaker": {"kind": "resemblyzer"}, "lang2vec": {"kind": "lang2vec"}}; "ecapa" and "beats"
+    # take "model_dir" / "checkpoint" or "allow_random": true. Features are cached under out_dir.
+    context_extractors: dict = field(default_factory=dict)
     tasks: tuple[str, ...] = ("asr", "st")  # asr: transcript; st: every translation present
     vocab_size: int = 300  # BPE pieces of a tokenizer trained on the corpus
     batch_size: int = 4
@@ -104,6 +108,57 @@ def make_examples(utterances: list[Utterance], tasks) -> list[Example]:
     return examples
 
 
+def build_extractor(spec: dict):
+    from localgp.context.events import BeatsEvents
+    from localgp.context.language import Lang2Vec
+    from localgp.context.speaker import EcapaSpeaker, ResemblyzerSpeaker
+
+    kinds = {"resemblyzer": ResemblyzerSpeaker, "ecapa": EcapaSpeaker, "beats": BeatsEvents, "lang2vec": Lang2Vec}
+    options = dict(spec)
+    kind = options.pop("kind", None)
+    if kind not in kinds:
+        raise ValueError(f"context extractor kind must be one of {sorted(kinds)}, got {kind!r}")
+    return kinds[kind](**options)
+
+
+class ContextFeeder:
+    """Computes (with the on-disk cache) and sets the external contexts of a batch."""
+
+    def __init__(self, model, extractors: dict, cache_dir: Path):
+        from localgp.context.cache import FeatureCache
+
+        self.model, self.cache = model, FeatureCache(cache_dir)
+        encoder_pruning = getattr(model.encoder, "pruning", None)
+        decoder_pruning = getattr(model.decoder, "pruning", None)
+        encoder_streams = dict(encoder_pruning.config.contexts) if encoder_pruning else {}
+        decoder_streams = dict(decoder_pruning.config.decoder_contexts) if decoder_pruning else {}
+        encoder_streams.pop("front", None)  # the speech itself, taken inside the encoder
+        self.encoder_names, self.decoder_names = list(encoder_streams), list(decoder_streams)
+        sizes = {**encoder_streams, **decoder_streams}
+        missing = [n for n in self.encoder_names + self.decoder_names if n not in extractors]
+        if missing:
+            raise ValueError(f"training: the gates use contexts {missing} but context_extractors names no extractor for them")
+        self.extractors = {n: build_extractor(extractors[n]) for n in self.encoder_names + self.decoder_names}
+        for name, extractor in self.extractors.items():
+            if extractor.size != sizes[name]:
+                raise ValueError(f"training: context {name!r} is configured with size {sizes[name]} but its "
+                                 f"extractor gives {extractor.size}")
+
+    def __call__(self, examples: list[Example]) -> None:
+        if self.encoder_names:
+            streams = {}
+            for name in self.encoder_names:
+                feats = [self.cache.get(name, e.utterance.id, lambda e=e, n=name: self.extractors[n](e.utterance.load()))
+                         for e in examples]
+                longest = max(f.shape[0] for f in feats)  # pad by repeating each one's last frame
+                streams[name] = torch.stack([torch.cat([f, f[-1:].expand(longest - f.shape[0], -1)]) for f in feats])
+            self.model.encoder.set_context(**streams)
+        if self.decoder_names:
+            self.model.decoder.set_context(**{
+                name: torch.cat([self.extractors[name](e.target_language) for e in examples])
+                for name in self.decoder_names})
+
+
 def warmup_lr(step: int, peak: float, warmup: int) -> float:
     """ESPnet's WarmupLR: linear warm-up to `peak`, then inverse square-root decay."""
     step = max(step, 1)
@@ -157,7 +212,12 @@ class Trainer:
                 texts = [e.target_text for e in self.examples] + [e.utterance.text for e in self.examples]
                 self.tokenizer = Tokenizer.train(texts, tokenizer_dir, config.vocab_size)
             self.model, _ = owsm.build_owsm(config.preset, token_list=self.tokenizer.token_list)
-        gate_s2t_model(self.model, GateConfig(**config.gates))
+        gates = dict(config.gates)
+        for key in ("contexts", "decoder_contexts"):  # YAML lists -> the dataclass's tuples
+            if key in gates:
+                gates[key] = tuple(tuple(item) for item in gates[key])
+        gate_s2t_model(self.model, GateConfig(**gates))
+        self.contexts = ContextFeeder(self.model, config.context_extractors, self.out / "context")
         set_execution(self.model, "masked")
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.step = 0
@@ -199,7 +259,13 @@ class Trainer:
         with open(self.out / "log.jsonl", "a") as log_file, tqdm(total=end, initial=self.step, desc="train") as bar:
             while self.step < end:
                 picked = batch_order(len(self.examples), cfg.batch_size, self.step, cfg.seed)
-                batch = collate([self.examples[i] for i in picked], self.tokenizer)
+                examples = [self.examples[i] for i in picked]
+                self.contexts(examples)
+                if getattr(self.model.encoder, "pruning", None) and self.model.encoder.pruning.config.predictor == "global":
+                    # globalGP's discrete context: the <lang> and <task> tokens of each example
+                    self.model.encoder.set_context(prompt=torch.tensor(
+                        [self.tokenizer.prompt(e.utterance.language, e.target_language)[:2] for e in examples]))
+                batch = collate(examples, self.tokenizer)
                 lr = warmup_lr(self.step + 1, cfg.lr, cfg.warmup_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr

@@ -115,3 +115,23 @@ def test_trains_on_a_demo_manifest(tmp_path):
     assert trainer.train()["step"] == 2
     with pytest.raises(ValueError, match="no split 'dev'"):
         Trainer(config(tmp_path, "m2", data={"kind": "manifest", "path": str(tmp_path / "manifest.jsonl"), "split": "dev"}))
+
+
+def test_trains_with_speaker_and_language_context(tmp_path):
+    cfg = config(tmp_path, "ctx", max_steps=2,
+                 gates={"encoder": "temporal", "decoder": "token", "contexts": [["front", 0], ["speaker", 256]],
+                        "decoder_contexts": [["lang2vec", 289]]},
+                 context_extractors={"speaker": {"kind": "resemblyzer"}, "lang2vec": {"kind": "lang2vec"}})
+    trainer = Trainer(cfg)
+    assert trainer.train()["step"] == 2
+    assert len(list((tmp_path / "ctx" / "context" / "speaker").glob("*.npy"))) >= 4  # cached per utterance
+    with pytest.raises(ValueError, match="names no extractor"):
+        Trainer(config(tmp_path, "ctx2", gates={"encoder": "temporal", "contexts": [["front", 0], ["speaker", 192]]}))
+    with pytest.raises(ValueError, match="size 192 but its extractor gives 256"):
+        Trainer(config(tmp_path, "ctx3", gates={"encoder": "temporal", "contexts": [["front", 0], ["speaker", 192]]},
+                       context_extractors={"speaker": {"kind": "resemblyzer"}}))
+
+
+def test_trains_global_gates_from_the_prompt(tmp_path):
+    cfg = config(tmp_path, "glob", max_steps=2, gates={"predictor": "global", "encoder": "utterance", "decoder": "utterance"})
+    assert Trainer(cfg).train()["step"] == 2
