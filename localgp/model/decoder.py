@@ -125,17 +125,29 @@ class GatedTransformerDecoder(TransformerDecoder):
             return (out, hidden), olens
         return out, olens
 
-    def batch_score(self, ys: Tensor, states, xs: Tensor, return_hs: bool = False):
-        """ESPnet's scorer interface, for its beam search: the gated decoder over the whole prefix
-        (no cache), log-probabilities of the next token. localgp's own decoder is the fast path."""
+    def _next_token(self, ys: Tensor, memory: Tensor, memory_mask: Tensor | None = None):
+        """Log-probabilities of the token after each prefix ys (n, L), and the last hidden state:
+        the gated decoder over the whole prefix, without a cache (ESPnet's interfaces below;
+        localgp's own decoder is the fast path)."""
         n, L = ys.shape
-        hlens = torch.full((n,), xs.shape[1], device=xs.device)
-        (logits, hs), _ = self.forward(xs, hlens, ys, torch.full((n,), L, device=ys.device), return_hs=True)
-        logp = torch.log_softmax(logits[:, -1], dim=-1)
-        return (logp, hs[:, -1]) if return_hs else (logp, [None] * n)
+        if memory_mask is None:
+            hlens = torch.full((n,), memory.shape[1], device=memory.device)
+        else:
+            hlens = memory_mask.reshape(memory_mask.shape[0], -1).sum(-1).expand(n)
+        (logits, hs), _ = self.forward(memory, hlens, ys, torch.full((n,), L, device=ys.device), return_hs=True)
+        return torch.log_softmax(logits[:, -1], dim=-1), hs[:, -1]
 
-    def forward_one_step(self, *args, **kwargs):
-        raise NotImplementedError("gated decoder: use batch_score (ESPnet beam search) or localgp's decoder")
+    def batch_score(self, ys: Tensor, states, xs: Tensor, return_hs: bool = False):
+        """ESPnet's batch scorer interface (BatchBeamSearch); no per-hypothesis state is kept."""
+        logp, hs = self._next_token(ys, xs)
+        return (logp, hs) if return_hs else (logp, [None] * ys.shape[0])
+
+    def forward_one_step(self, tgt: Tensor, tgt_mask: Tensor, memory: Tensor, memory_mask: Tensor | None = None,
+                         *, cache=None, return_hs: bool = False):
+        """ESPnet's one-step interface (its non-batch beam search scores through it)."""
+        logp, hs = self._next_token(tgt, memory, memory_mask)
+        new_cache = [None] * len(self.decoders)
+        return ((logp, hs), new_cache) if return_hs else (logp, new_cache)
 
 
 def run_decoder_layer(layer, x, valid, lengths, tgt_mask, memory, memory_mask, logits, cfg, execution,
@@ -145,8 +157,9 @@ def run_decoder_layer(layer, x, valid, lengths, tgt_mask, memory, memory_mask, l
     ffn = lambda h, *_: layer.dropout(layer.feed_forward(layer.norm3(h)))  # noqa: E731
     if cfg.decoder == "token":
         gate = PositionGate(logits, valid, lengths, names, cfg, execution, layer.training, record, prefix)
-        x = _token_self_attention(gate, layer, x, tgt_mask)
-        x = _token_src_attention(gate, layer, x, memory, memory_mask)
+        x = _token_attention(gate, "self_attn", layer.self_attn, layer.norm1, layer.dropout, x, layer.norm1(x),
+                             tgt_mask)
+        x = _token_attention(gate, "src_attn", layer.src_attn, layer.norm2, layer.dropout, x, memory, memory_mask)
         return gate.residual("ffn", x, ffn)
 
     gate = UtteranceGate(logits, names, cfg, execution, layer.training, record, prefix)
@@ -163,34 +176,20 @@ def run_decoder_layer(layer, x, valid, lengths, tgt_mask, memory, memory_mask, l
     return gate.residual("ffn", x, ffn)
 
 
-def _token_self_attention(gate: PositionGate, layer, x, tgt_mask):
-    """Kept tokens query the keys/values of every earlier token, skipped or not."""
+def _token_attention(gate: PositionGate, name: str, attn, norm, dropout, x, source, mask):
+    """x + attention where kept, for self-attention (source = norm(x), mask (B, L, L) causal)
+    and src-attention (source = memory, mask (B, 1, S)). Kept tokens query the keys/values of
+    the whole source, so a token that skips self-attention still serves later tokens."""
     if gate.execution == "masked":
-        n = layer.norm1(x)
-        out = layer.dropout(layer.self_attn(n, n, n, tgt_mask))
-        return x + out * gate.mask("self_attn").to(x.dtype)[..., None]
-    c = gate.compact("self_attn", x)
-    n = layer.norm1(x)
-    attn = layer.self_attn
-    keys, values = attn.k_norm(heads(attn, attn.linear_k, n)), heads(attn, attn.linear_v, n)
+        out = dropout(attn(norm(x), source, source, mask))
+        return x + out * gate.mask(name).to(x.dtype)[..., None]
+    c = gate.compact(name, x)
+    keys, values = attn.k_norm(heads(attn, attn.linear_k, source)), heads(attn, attn.linear_v, source)
     L = x.shape[1]
     batch_of_row, position = c.index // L, c.index % L
-    key_mask = tgt_mask[batch_of_row, position]  # (N, L): causal and within the length
-    out = rows_attention(attn, layer.norm1(c.packed), batch_of_row, keys, values, key_mask)
-    return ops.scatter_pad(layer.dropout(out), c.index, x)
-
-
-def _token_src_attention(gate: PositionGate, layer, x, memory, memory_mask):
-    if gate.execution == "masked":
-        out = layer.dropout(layer.src_attn(layer.norm2(x), memory, memory, memory_mask))
-        return x + out * gate.mask("src_attn").to(x.dtype)[..., None]
-    c = gate.compact("src_attn", x)
-    attn = layer.src_attn
-    keys, values = attn.k_norm(heads(attn, attn.linear_k, memory)), heads(attn, attn.linear_v, memory)
-    batch_of_row = c.index // x.shape[1]
-    key_mask = memory_mask.squeeze(1)[batch_of_row]  # (N, S)
-    out = rows_attention(attn, layer.norm2(c.packed), batch_of_row, keys, values, key_mask)
-    return ops.scatter_pad(layer.dropout(out), c.index, x)
+    key_mask = mask.expand(-1, L, -1)[batch_of_row, position]  # (N, S) of each kept token
+    out = rows_attention(attn, norm(c.packed), batch_of_row, keys, values, key_mask)
+    return ops.scatter_pad(dropout(out), c.index, x)
 
 
 def gate_decoder(decoder: TransformerDecoder, config: GateConfig, global_source=None) -> GatedTransformerDecoder:
