@@ -236,6 +236,22 @@ def test_presets_match_owsm():
     assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 101) < 1
 
 
+def test_unsupported_encoders_are_refused_at_conversion():
+    from espnet2.asr.encoder.e_branchformer_encoder import EBranchformerEncoder
+
+    from localgp.model.encoder import gate_encoder
+
+    def encoder(**conf):
+        return EBranchformerEncoder(80, output_size=32, attention_heads=2, num_blocks=2, linear_units=64,
+                                    cgmlp_linear_units=64, use_ffn=True, macaron_ffn=True, **conf)
+
+    with pytest.raises(ValueError, match="must be plain self-attention .* got RelPositionMultiHeadedAttention"):
+        gate_encoder(encoder(), GateConfig())  # ESPnet's default: relative positions
+    with pytest.raises(ValueError, match="intermediate CTC layers"):
+        gate_encoder(encoder(attention_layer_type="selfattn", pos_enc_layer_type="abs_pos", interctc_layer_idx=[1]),
+                     GateConfig())
+
+
 def test_gating_errors(tiny):
     with pytest.raises(ValueError, match="globalGP is utterance-wise"):
         GateConfig(predictor="global", encoder="temporal")
@@ -277,9 +293,12 @@ def test_flops_cli(capsys):
     assert "total" in capsys.readouterr().out
 
 
-def test_espnet_beam_search_runs_on_the_gated_decoder(tiny):
-    """ESPnet's BatchBeamSearch scores through the gated decoder; all-keep gives its hypotheses."""
+@pytest.mark.parametrize("search_class", ["BatchBeamSearch", "BeamSearch"])
+def test_espnet_beam_search_runs_on_the_gated_decoder(tiny, search_class):
+    """ESPnet's beam searches score through the gated decoder (batch_score, forward_one_step);
+    all-keep gives their hypotheses."""
     from espnet.nets.batch_beam_search import BatchBeamSearch
+    from espnet.nets.beam_search import BeamSearch
 
     model, args = tiny
     token_list = args.token_list
@@ -287,7 +306,8 @@ def test_espnet_beam_search_runs_on_the_gated_decoder(tiny):
     force_keep(gated, 1.0)
 
     def search(m):
-        beam = BatchBeamSearch(scorers=dict(decoder=m.decoder), weights=dict(decoder=1.0), beam_size=3,
+        search = {"BatchBeamSearch": BatchBeamSearch, "BeamSearch": BeamSearch}[search_class]
+        beam = search(scorers=dict(decoder=m.decoder), weights=dict(decoder=1.0), beam_size=3,
                                vocab_size=len(token_list), sos=token_list.index("<sos>"),
                                eos=token_list.index("<eos>"), token_list=token_list, pre_beam_score_key="full")
         with torch.no_grad():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from espnet.nets.pytorch_backend.nets_utils import make_pad_mask
+from espnet.nets.pytorch_backend.transformer.attention import MultiHeadedAttention
 from espnet.nets.pytorch_backend.transformer.subsampling import TooShortUttError, check_short_utt
 from espnet2.asr.encoder.e_branchformer_encoder import EBranchformerEncoder
 from torch import Tensor, nn
@@ -30,8 +31,7 @@ class EncoderPruning(nn.Module):
         self.modules_per_layer = ENCODER_MODULES[config.encoder]
         self.context_proj = nn.ModuleDict()
         self.gates = nn.ModuleList()
-        self.decoder_units = decoder_units  # globalGP also emits the decoder's decisions
-        if config.predictor == "global":
+        if config.predictor == "global":  # it also emits the decisions of `decoder_units` decoder units
             if vocab_size <= 0:
                 raise ValueError("globalGP needs the vocabulary size (its prompt tokens are embedded)")
             units = num_layers * len(self.modules_per_layer) + decoder_units
@@ -79,7 +79,7 @@ class GatedEBranchformerEncoder(EBranchformerEncoder):
             self.external_context[name] = seq
 
     # ------------------------------------------------------------------ gates
-    def _context(self, front: Tensor, frames: int) -> Tensor:
+    def _context(self, front: Tensor) -> Tensor:
         """(B, K, T, D): every context stream projected to d_model and aligned to the frames."""
         streams = []
         for name, _ in self.pruning.config.contexts:
@@ -92,7 +92,7 @@ class GatedEBranchformerEncoder(EBranchformerEncoder):
             if seq.shape[0] != front.shape[0]:
                 raise ValueError(f"encoder: context {name!r} has batch {seq.shape[0]}, speech has {front.shape[0]}")
             proj = self.pruning.context_proj[name]
-            streams.append(align_to_frames(proj(seq.to(front.dtype)), frames))
+            streams.append(align_to_frames(proj(seq.to(front.dtype)), front.shape[1]))
         return torch.stack(streams, dim=1)
 
     def _layer_logits(self, index: int, x: Tensor, context: Tensor | None, valid: Tensor):
@@ -107,16 +107,13 @@ class GatedEBranchformerEncoder(EBranchformerEncoder):
             return self.global_logits[:, index], x, context
         logits, x, context = self.pruning.gates[index](x, context)
         if not temporal:  # utterance-wise: pool the frame logits over the valid frames
-            weights = valid[..., None, None].to(logits.dtype)
-            logits = (logits * weights).sum(1) / weights.sum(1).clamp(min=1)
+            logits = masked_time_mean(logits, valid)
         return logits, x, context
 
     def _run_global_gate(self, x: Tensor, valid: Tensor) -> None:
         if self.prompt is None or self.prompt.shape[0] != x.shape[0]:
             raise ValueError("encoder: globalGP needs the prompt token ids of the batch; call set_context(prompt=...)")
-        weights = valid[..., None].to(x.dtype)
-        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1)
-        logits = self.pruning.global_gate(self.prompt.to(x.device), pooled).to(x.dtype)
+        logits = self.pruning.global_gate(self.prompt.to(x.device), masked_time_mean(x, valid)).to(x.dtype)
         per_layer = len(self.pruning.modules_per_layer)
         encoder_units = len(self.encoders) * per_layer
         self.global_logits = logits[:, :encoder_units].unflatten(1, (len(self.encoders), per_layer))
@@ -129,23 +126,18 @@ class GatedEBranchformerEncoder(EBranchformerEncoder):
             raise ValueError(f"encoder.execution must be one of {EXECUTIONS}, got {self.execution!r}")
         if self.execution == "compact" and self.training and self.forced_keep is None:
             raise RuntimeError("compact execution skips the gates' gradients: train in masked mode, run compact")
-        if self.interctc_layer_idx:
-            raise NotImplementedError("gated encoder: intermediate CTC layers are not supported")
         masks = (~make_pad_mask(ilens)[:, None, :]).to(xs_pad.device) if masks is None else ~masks[:, None, :]
         short, limit = check_short_utt(self.embed, xs_pad.size(1))
         if short:
             raise TooShortUttError(f"has {xs_pad.size(1)} frames, subsampling needs more than {limit}",
                                    xs_pad.size(1), limit)
-        xs_pad, masks = self.embed(xs_pad, masks)
-        if isinstance(xs_pad, tuple):
-            raise NotImplementedError("gated encoder: relative positional encodings are not supported "
-                                      "(OWSM v3.1 uses absolute positions)")
+        xs_pad, masks = self.embed(xs_pad, masks)  # absolute positions: a tensor (gate_encoder checked)
         valid = masks.squeeze(1)
         lengths = valid.sum(-1)
         cfg = self.pruning.config
         context = None
         if cfg.predictor == "local" and self.forced_keep is None:
-            context = self._context(xs_pad, xs_pad.shape[1])
+            context = self._context(xs_pad)
         if cfg.predictor == "global" and self.forced_keep is None:
             self._run_global_gate(xs_pad, valid)
         record = GateRecord()
@@ -156,6 +148,12 @@ class GatedEBranchformerEncoder(EBranchformerEncoder):
             xs_pad = run_layer(layer, xs_pad, masks, lengths, logits, cfg, self.execution, record, f"encoder.{index}")
         self.last_record = record
         return self.after_norm(xs_pad), lengths, None
+
+
+def masked_time_mean(x: Tensor, valid: Tensor) -> Tensor:
+    """Mean of x (B, T, ...) over the valid frames (B, T) of each sequence."""
+    weights = valid.reshape(*valid.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+    return (x * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 def run_layer(layer, x: Tensor, pad_mask: Tensor, lengths: Tensor, logits: Tensor, cfg: GateConfig,
@@ -217,6 +215,13 @@ def gate_encoder(encoder: EBranchformerEncoder, config: GateConfig, vocab_size: 
     first = encoder.encoders[0]
     if first.feed_forward is None or first.feed_forward_macaron is None:
         raise ValueError("gate_encoder: the layers need both FFNs (use_ffn and macaron_ffn, as in OWSM)")
+    # Compact attention runs the module's projections on kept frames with absolute positions
+    # added before the first layer; relative positions would need each kept frame's offsets.
+    if type(first.attn) is not MultiHeadedAttention:
+        raise ValueError(f"gate_encoder: the layers' attention must be plain self-attention (attention_layer_type="
+                         f"selfattn with absolute positions, as in OWSM v3.1), got {type(first.attn).__name__}")
+    if encoder.interctc_layer_idx:
+        raise ValueError("gate_encoder: intermediate CTC layers (interctc_layer_idx) are not supported")
     encoder.__class__ = GatedEBranchformerEncoder
     d_model = encoder.output_size()
     pruning = EncoderPruning(config, d_model, len(encoder.encoders), vocab_size, decoder_units)
