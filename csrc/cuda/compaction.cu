@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "cuda/offsets.cuh"
 
 namespace localgp {
 namespace {
@@ -454,17 +455,7 @@ struct TileRowMap {
   int64_t* index;
 
   __device__ int64_t operator()(int64_t row, bool leader) const {
-    // The last tile e with tile_offset[e] <= row holds the row: empty tiles before it share
-    // its offset and come first, tiles after it start past row.
-    int64_t lo = 0, hi = n_entries;  // tile_offset[lo] <= row < tile_offset[hi]
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) >> 1;
-      if (tile_offset[mid] <= row) {
-        lo = mid;
-      } else {
-        hi = mid;
-      }
-    }
+    const int64_t lo = segment_of(tile_offset, n_entries, row);  // the tile holding the row
     const int64_t b = lo / n_tiles;
     const int64_t tile_frame0 = b * T + (lo - b * n_tiles) * tile_size;
     const int64_t frame = b * T + tile_frames[tile_frame0 + (row - tile_offset[lo])];

@@ -31,6 +31,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cuda/offsets.cuh"
 
 namespace localgp {
 namespace {
@@ -144,16 +145,7 @@ __global__ void __launch_bounds__(kRowThreads)
                            "varlen_attention: a sequence is longer than max_seqlen");
   }
   if (pad_index != nullptr && i < N) {
-    // The sequence holding row i: the last b with cu_seqlens[b] <= i.
-    int64_t lo = 0, hi = B;  // cu_seqlens[lo] <= i < cu_seqlens[hi] for valid offsets
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) >> 1;
-      if (cu_seqlens[mid] <= i) {
-        lo = mid;
-      } else {
-        hi = mid;
-      }
-    }
+    const int64_t lo = segment_of(cu_seqlens, B, i);  // the sequence holding row i
     const int64_t position = i - cu_seqlens[lo];
     // Redundant for valid offsets; keeps the padded scatter in bounds for invalid ones.
     CUDA_KERNEL_ASSERT_MSG(position >= 0 && position < L, "varlen_attention: invalid cu_seqlens");
