@@ -150,6 +150,31 @@ class LocalGatePredictor(nn.Module):
             context = context + attended[:, None]
         return logits, x + self.inject(attended), context
 
+    # Incremental decoding: the context's keys and values once per utterance, then one query
+    # per hypothesis and step. Computes what forward() computes for that token.
+    def project_context(self, context: Tensor, context_pad: Tensor | None = None):
+        """context (B, K, Tc, D) -> keys, values (B, H, K*Tc, Dh) and allowed (B, K*Tc) bool or None."""
+        B, K, Tc, D = context.shape
+        kv = self.key_value(context.reshape(B, K * Tc, D))
+        _, w_k, w_v = self.attention.in_proj_weight.chunk(3)
+        _, b_k, b_v = self.attention.in_proj_bias.chunk(3)
+        heads = self.attention.num_heads
+        keys = nn.functional.linear(kv, w_k, b_k).unflatten(-1, (heads, -1)).transpose(1, 2)
+        values = nn.functional.linear(kv, w_v, b_v).unflatten(-1, (heads, -1)).transpose(1, 2)
+        return keys, values, None if context_pad is None else ~context_pad
+
+    def step(self, x: Tensor, projected, rows_of_utterance) -> tuple[Tensor, Tensor]:
+        """x (n, D) one token per row; projected: project_context()'s output; rows_of_utterance:
+        see attention.memory_attention. Returns logits (n, M, 2) and x with the result injected."""
+        from localgp.model.attention import memory_attention
+
+        w_q = self.attention.in_proj_weight.chunk(3)[0]
+        b_q = self.attention.in_proj_bias.chunk(3)[0]
+        q = nn.functional.linear(self.norm(x), w_q, b_q).unflatten(-1, (self.attention.num_heads, -1))
+        attended = self.attention.out_proj(memory_attention(q, *projected, rows_of_utterance).flatten(-2))
+        logits = self.to_logits(self.logits_norm(x + attended)).view(x.shape[0], self.num_modules, 2)
+        return logits, x + self.inject(attended)
+
 
 class GlobalGatePredictor(nn.Module):
     """globalGP: one predictor for every gated module of encoder and decoder, utterance-wise.

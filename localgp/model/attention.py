@@ -52,3 +52,32 @@ def rows_attention(attn, q_rows: Tensor, batch_of_row: Tensor, keys: Tensor, val
         # A row with no key to attend to contributes zeros, as ESPnet's masked softmax does.
         out[rows] = torch.where(mask.any(-1)[..., None], o, 0.0).transpose(0, 1)
     return attn.linear_out(out.flatten(-2))
+
+
+def memory_attention(q: Tensor, keys: Tensor, values: Tensor, allowed: Tensor | None, rows_of_utterance) -> Tensor:
+    """One query per row against its utterance's memory (incremental decoding).
+
+    q (n, H, Dh); keys, values (A, H, S, Dh) projected once per utterance; allowed (A, S) bool
+    (True = may attend) or None. The rows of q are ordered by utterance; rows_of_utterance is an
+    int R when every utterance has R of them (one batched call), else a list of A counts (a call
+    per utterance that has rows). Returns (n, H, Dh).
+    """
+    scale = 1 / math.sqrt(q.shape[-1])
+    if isinstance(rows_of_utterance, int):
+        A, R = keys.shape[0], rows_of_utterance
+        mask = None if allowed is None else allowed[:, None, None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.view(A, R, *q.shape[1:]).transpose(1, 2), keys, values, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2).reshape(q.shape)
+    out = q.new_empty(q.shape)
+    start = 0
+    for a, count in enumerate(rows_of_utterance):
+        if count == 0:
+            continue
+        mask = None if allowed is None else allowed[a, None, None, :]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[start : start + count].transpose(0, 1)[None], keys[a : a + 1], values[a : a + 1], attn_mask=mask,
+            scale=scale)
+        out[start : start + count] = o[0].transpose(0, 1)
+        start += count
+    return out

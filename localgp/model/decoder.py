@@ -87,7 +87,8 @@ class GatedTransformerDecoder(TransformerDecoder):
                 raise ValueError("decoder: globalGP's decisions come from the encoder's forward pass; run it first")
             units = source.decoder_logits.unflatten(1, (len(self.decoders), per_layer))
             return units[:, index], x, context
-        logits, x, context = self.pruning.gates[index](x, context, context_pad)
+        # The memory context is never aligned to the tokens: it is not updated between layers.
+        logits, x, _ = self.pruning.gates[index](x, context, context_pad)
         if not token:  # utterance-wise: the prompt tokens decide (the first position)
             logits = logits[:, 0]
         return logits, x, context
