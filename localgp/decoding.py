@@ -109,7 +109,7 @@ class DecoderCache:
         self.keep_slab = torch.zeros(self.capacity, layers, modules, dtype=torch.bool, device=like.device)
         self.ancestry = torch.empty(utterances, 0, dtype=torch.long, device=like.device)
         self.src: list[tuple[Tensor, Tensor]] = []  # per layer (A, H, S, Dh) keys and values
-        self.memory_allowed: Tensor | None = None  # (A, S) True = a real frame
+        self.memory_allowed: Tensor | None = None  # (A, S) True = a real frame; None: all are
         self.gate_context: list[tuple] = []  # per layer: LocalGatePredictor.project_context()
         self.utterance_keep: Tensor | None = None  # (rows, layers, modules) utterance-wise decisions
 
@@ -140,7 +140,8 @@ class DecoderCache:
         if utterances is not None and len(utterances) != self.utterances:
             index = torch.tensor(utterances, device=rows.device)
             self.src = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.src]
-            self.memory_allowed = self.memory_allowed.index_select(0, index)
+            if self.memory_allowed is not None:
+                self.memory_allowed = self.memory_allowed.index_select(0, index)
             self.gate_context = [
                 (k.index_select(0, index), v.index_select(0, index), None if a is None else a.index_select(0, index))
                 for k, v, a in self.gate_context
@@ -164,6 +165,7 @@ class IncrementalDecoder:
         if execution not in EXECUTIONS:
             raise ValueError(f"IncrementalDecoder: execution must be one of {EXECUTIONS}, got {execution!r}")
         self.decoder, self.execution = decoder, execution
+        self.macs = 0  # multiply-accumulates executed since the last start() (benchmarks)
         self.gated = isinstance(decoder, GatedTransformerDecoder)
         self.config = decoder.pruning.config if self.gated else None
         if self.gated and self.config.decoder is None:
@@ -176,7 +178,11 @@ class IncrementalDecoder:
         A, S, _ = memory.shape
         attn = dec.decoders[0].self_attn
         cache = DecoderCache(len(dec.decoders), A, attn.h, attn.d_k, len(MODULES), memory)
-        cache.memory_allowed = torch.arange(S, device=memory.device)[None] < memory_lens.to(memory.device)[:, None]
+        allowed = torch.arange(S, device=memory.device)[None] < memory_lens.to(memory.device)[:, None]
+        # OWSM pads every input to 30 s, so usually no frame is padding and attention needs no mask.
+        cache.memory_allowed = None if bool(allowed.all()) else allowed
+        D, L = memory.shape[2], len(dec.decoders)
+        self.macs = 2 * A * S * D * D * L  # src-attention keys and values, once per utterance
         for layer in dec.decoders:
             src = layer.src_attn
             keys = src.k_norm(heads(src, src.linear_k, memory)).transpose(1, 2).contiguous()
@@ -184,8 +190,9 @@ class IncrementalDecoder:
         if self.gated:
             cfg = self.config
             if cfg.predictor == "local" and dec.forced_keep is None:
-                context, pad = dec._context(memory, cache.memory_allowed[:, None, :])
+                context, pad = dec._context(memory, allowed[:, None, :])
                 cache.gate_context = [gate.project_context(context, pad) for gate in dec.pruning.gates]
+                self.macs += 3 * context[:, :, :, 0].numel() * D * D * L
             if cfg.decoder == "utterance":
                 cache.utterance_keep = torch.zeros(A, len(dec.decoders), len(MODULES), dtype=torch.bool,
                                                    device=memory.device)
@@ -223,6 +230,7 @@ class IncrementalDecoder:
             x = self._layer(index, layer, x, cache, slots, keep)
         if not logits:
             return None
+        self.macs += dec.output_layer.weight.numel() * x.shape[0]
         y = dec.after_norm(x)
         return torch.log_softmax(dec.output_layer(y).float(), dim=-1)
 
@@ -235,7 +243,11 @@ class IncrementalDecoder:
             logits = random_keep_logits((x.shape[0], len(MODULES)), dec.forced_keep, dec.forced_generator, x.device)
             return self._decide(logits), x
         if cfg.predictor == "local":
-            logits, x = dec.pruning.gates[index].step(x, cache.gate_context[index], cache.rows_per_utterance)
+            gate = dec.pruning.gates[index]
+            logits, x = gate.step(x, cache.gate_context[index], cache.rows_per_utterance)
+            keys = cache.gate_context[index][0]
+            self.macs += x.shape[0] * (3 * x.shape[1] ** 2 + 2 * keys.shape[2] * x.shape[1]
+                                       + gate.to_logits.weight.numel())
             if cfg.decoder == "token":
                 return self._decide(logits), x
             if position == 0:  # utterance-wise: the first prompt token decides for the whole output
@@ -291,19 +303,23 @@ class IncrementalDecoder:
             return layer.dropout(layer.feed_forward(layer.norm3(x_rows)))
 
         functions = (self_attention, src_attention, ffn)
-        if keep is None:  # dense
-            for fn in functions:
-                x = x + fn(x, None)
-            return x
-        if self.execution == "masked":
+        n, D = x.shape
+        # multiply-accumulates per row of each module, and of the keys/values written for all rows
+        per_row = (2 * D * D + 2 * cache.length * D, 2 * D * D + 2 * cache.src[index][0].shape[2] * D,
+                   2 * layer.feed_forward.w_1.weight.numel())
+        self.macs += n * 2 * D * D
+        if keep is None or self.execution == "masked":  # dense, or the papers' masked execution
             for m, fn in enumerate(functions):
-                x = x + fn(x, None) * keep[:, m, None].to(x.dtype)
+                y = fn(x, None)
+                x = x + (y if keep is None else y * keep[:, m, None].to(x.dtype))
+                self.macs += n * per_row[m]
             return x
-        for rows, fn in zip(self._row_sets(keep, R), functions, strict=True):
+        for m, (rows, fn) in enumerate(zip(self._row_sets(keep, R), functions, strict=True)):
             if rows is None:
                 x = x + fn(x, None)
             elif rows.index.numel():  # no row keeps it: its weights are not touched
                 x = x.index_add(0, rows.index, fn(x.index_select(0, rows.index), rows))
+            self.macs += (n if rows is None else rows.index.numel()) * per_row[m]
         return x
 
 
@@ -359,6 +375,7 @@ class BatchBeamSearch:
         self.suppressed = torch.tensor(timestamp_ids(token_list), dtype=torch.long)
         self.notimestamps = token_list.index("<notimestamps>") if "<notimestamps>" in token_list else None
         self.last_steps = 0
+        self.kept_share: float | None = None
 
     def _limits(self, frames: int) -> tuple[int, int]:
         o = self.options
@@ -460,6 +477,8 @@ class BatchBeamSearch:
             yseq = [yseq[r] for r in keep_rows]
             active = [active[u] for u in going_on]
         self.last_steps = step
+        # share of (token, layer, module) units kept over the whole decode
+        self.kept_share = float(cache.keep_slab[: cache.used].float().mean()) if self.decoder.gated else None
         results = []
         for a, hyps in enumerate(ended):
             best = sorted(hyps, key=lambda h: h.score, reverse=True)[: o.nbest]

@@ -74,7 +74,7 @@ def memory_attention(q: Tensor, keys: Tensor, values: Tensor, allowed: Tensor | 
     for a, count in enumerate(rows_of_utterance):
         if count == 0:
             continue
-        mask = None if allowed is None else allowed[a, None, None, :]
+        mask = None if allowed is None else allowed[a : a + 1, None, None, :]
         o = torch.nn.functional.scaled_dot_product_attention(
             q[start : start + count].transpose(0, 1)[None], keys[a : a + 1], values[a : a + 1], attn_mask=mask,
             scale=scale)
