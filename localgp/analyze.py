@@ -1,6 +1,9 @@
 """The localGP paper's analyses: an utterance's log-mel spectrogram above its per-layer temporal
 masks (its Figure), and whether tokens that start a word keep src-attention more often than
-the others (its Table 2: Mann-Whitney U and Welch's t-test)."""
+the others (its Table 2: Mann-Whitney U and Welch's t-test).
+
+`localgp analyze masks` and `localgp analyze word-start` run them on a trained model and on
+decoded records."""
 
 from __future__ import annotations
 
@@ -58,3 +61,79 @@ def word_start_test(pieces: list[str], keep_rates: list[float]) -> dict:
             "other": {"count": len(others), "mean_keep": float(np.mean(others))},
             "mann_whitney_u": {"statistic": float(u.statistic), "p_value": float(u.pvalue)},
             "welch_t": {"statistic": float(t.statistic), "p_value": float(t.pvalue)}}
+
+
+def encoder_masks(model, speech) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Runs a gated S2T model's encoder on one utterance, speech (samples,) at 16 kHz, in masked
+    execution with the inference decisions; its contexts must be set. Returns the log-mel
+    spectrogram (T_in, mels) exactly as the model's own frontend computed it for this pass
+    (ESPnet's DefaultFrontend: log mel power, 10 ms hop, before global MVN), and
+    'encoder.<layer>.<module>' -> (T_enc,) keep masks (0/1) over the valid frames."""
+    import torch
+
+    from localgp.model.convert import set_execution
+
+    pruning = getattr(model.encoder, "pruning", None)
+    if pruning is None or pruning.config.encoder != "temporal":
+        raise ValueError("encoder_masks: the mask figure needs an encoder gated per frame (gates.encoder: temporal), "
+                         f"this one is gated {pruning.config.encoder if pruning else 'not at all'}")
+    if model.frontend is None:
+        raise ValueError("encoder_masks: the model has no frontend to compute the log-mel spectrogram")
+    speech = torch.as_tensor(speech, dtype=torch.float32)
+    captured = []  # the frontend's own output: the spectrogram the masks were computed on
+    hook = model.frontend.register_forward_hook(lambda _module, _inputs, out: captured.append(out[0]))
+    set_execution(model, "masked")
+    model.eval()
+    try:
+        with torch.no_grad():
+            _, lengths = model.encode(speech[None], torch.tensor([speech.shape[0]]))
+    finally:
+        hook.remove()
+    frames = int(lengths[0])
+    record = model.encoder.last_record
+    masks = {name: mask[0, :frames].float().numpy() for name, mask in record.masks.items()}
+    return captured[0][0].numpy(), masks
+
+
+def masks_from_checkpoint(checkpoint: str | Path, audio: str | Path, language: str, out: str | Path) -> Path:
+    """The mask figure of one audio file (any format PyAV decodes, resampled to 16 kHz by
+    load_audio) under the model `localgp train` left in `checkpoint`, its contexts computed by
+    the run's own extractors as in training. `language` is the speech's (its prompt and the
+    language contexts)."""
+    import tempfile
+
+    import torch
+
+    from localgp.data.corpora import Utterance
+    from localgp.train import ContextFeeder, Example, load_trained
+
+    utterance = Utterance(Path(audio).stem, Path(audio), language, "", "")
+    speech = utterance.load()  # fails on a missing or undecodable file before the model loads
+    model, tokenizer, config = load_trained(checkpoint)
+    tokenizer.prompt(language)  # refuses a language the model has no token for
+    # A throw-away feature cache: the run's cache is keyed by corpus utterance ids, which an
+    # arbitrary file's name could collide with.
+    with tempfile.TemporaryDirectory() as cache:
+        ContextFeeder(model, config.context_extractors, Path(cache))([Example(utterance, language, "")])
+    log_mel, masks = encoder_masks(model, torch.from_numpy(speech))
+    kept = np.mean([m.mean() for m in masks.values()])  # over every gated module and frame
+    return mask_figure(log_mel, masks, out, title=f"{Path(audio).name} ({language}): log-mel and temporal masks, "
+                                                  f"{100 * kept:.0f}% kept (dark = kept)")
+
+
+def word_start_from_records(records, language: str | None = None, task: str = "all") -> dict:
+    """word_start_test over the tokens of decoded records (evaluate.Decoded) that carry per-token
+    src-attention keep rates, optionally only those whose speech is in `language` and of one
+    task ('asr', 'st' or 'all'); the paper's Table 2 is German ASR."""
+    if task not in ("asr", "st", "all"):
+        raise ValueError(f"word_start: task must be 'asr', 'st' or 'all', got {task!r}")
+    chosen = [r for r in records if (language is None or r.language == language)
+              and (task == "all" or (task == "asr") == (r.language == r.target_language))]
+    with_tokens = [r for r in chosen if r.tokens]
+    if not with_tokens:
+        raise ValueError(f"word_start: none of the {len(chosen)} records (language {language or 'any'}, task {task}) "
+                         f"has per-token src-attention keep rates (tokens, src_attn_keep): decode with a decoder "
+                         f"gated per token")
+    result = word_start_test([t for r in with_tokens for t in r.tokens],
+                             [k for r in with_tokens for k in r.src_attn_keep])
+    return {"records": len(with_tokens), "language": language, "task": task, **result}

@@ -3,15 +3,21 @@ BLEU per pair (ST), encoder GFLOPs actually executed, sparsity per module, wall-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import statistics
+import typing
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
 class Decoded:
+    """One decoded utterance: a line of the decoder's JSONL output (to_json / from_json)."""
+
     id: str
     language: str  # of the speech
     target_language: str  # == language for ASR
@@ -20,6 +26,97 @@ class Decoded:
     encoder_gflops: float  # executed, for this utterance
     seconds: float  # wall-clock of this utterance's share of its batch
     sparsity: dict[str, float] = field(default_factory=dict)  # module kind -> skipped share
+    # Token-gated decoders only (else empty): the output pieces and, per piece, the share of
+    # decoder layers that kept src-attention (the mean of the layers' 0/1 decisions).
+    tokens: list[str] = field(default_factory=list)
+    src_attn_keep: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        if len(self.tokens) != len(self.src_attn_keep):
+            raise ValueError(f"Decoded {self.id!r}: {len(self.tokens)} tokens but {len(self.src_attn_keep)} "
+                             f"src_attn_keep values; they must match")
+
+    def to_json(self) -> str:
+        """One line of JSON (no newline inside)."""
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Decoded":
+        """The record of one JSON line; ValueError naming what is missing, unknown or mistyped."""
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        required = [n for n, f in fields.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [n for n in required if n not in raw]
+        unknown = sorted(set(raw) - set(fields))
+        if missing or unknown:
+            raise ValueError(f"missing fields {missing}, unknown fields {unknown}; a record has {list(fields)}")
+        for name, hint in typing.get_type_hints(cls).items():
+            if name in raw and not _has_type(raw[name], hint):
+                raise ValueError(f"field {name!r} must be {hint}, got {raw[name]!r}")
+        return cls(**raw)
+
+
+def _has_type(value, hint) -> bool:
+    """isinstance for the field types of Decoded (str, float, list[...], dict[str, float])."""
+    if hint is float:  # JSON writes 3.0 as 3.0 but a hand-made file may say 3
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    base, args = typing.get_origin(hint) or hint, typing.get_args(hint)
+    if not isinstance(value, base):
+        return False
+    if base is list:
+        return all(_has_type(v, args[0]) for v in value)
+    if base is dict:
+        return all(_has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items())
+    return True
+
+
+def append_decoded(records: Iterable[Decoded], path: str | Path) -> int:
+    """Appends the records to a JSONL file as they come (pass a generator to stream a decode),
+    one line each, flushed at once: an interrupted decode keeps every record it had finished.
+    Refuses to append after a last line cut short, which would merge two records. Returns the
+    number written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                raise ValueError(f"{path}: its last line is cut short (an interrupted write?); delete that line "
+                                 f"before appending")
+    written = 0
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(record.to_json() + "\n")
+            f.flush()
+            written += 1
+    return written
+
+
+def read_decoded(path: str | Path) -> list[Decoded]:
+    """The records of a JSONL file written by append_decoded (an empty file gives []). A
+    malformed line or a repeated utterance id raises ValueError with its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"decoded records {path} do not exist")
+    records, first_line = [], {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = Decoded.from_json(line)
+            except (json.JSONDecodeError, ValueError, TypeError) as err:
+                cut = "" if line.endswith("\n") else " (the last line is cut short: an interrupted write?)"
+                raise ValueError(f"{path}:{line_no}: malformed decoded record{cut}: {err}") from err
+            if record.id in first_line:
+                raise ValueError(f"{path}:{line_no}: utterance {record.id!r} again (first on line "
+                                 f"{first_line[record.id]})")
+            first_line[record.id] = line_no
+            records.append(record)
+    return records
 
 
 def normalise(text: str) -> str:
@@ -35,13 +132,15 @@ def score(records: list[Decoded]) -> dict:
 
     if not records:
         raise ValueError("evaluate: no decoded utterance to score")
+    for r in records:  # WER and BLEU are undefined against nothing
+        if not normalise(r.reference):
+            raise ValueError(f"evaluate: an empty reference transcript in {r.target_language} (utterance {r.id!r}: "
+                             f"{r.reference!r})")
     report: dict = {"wer": {}, "bleu": {}, "utterances": len(records)}
     asr = [r for r in records if r.language == r.target_language]
     for lang in sorted({r.language for r in asr}):
         rows = [r for r in asr if r.language == lang]
         refs = [normalise(r.reference) for r in rows]
-        if not all(refs):
-            raise ValueError(f"evaluate: an empty reference transcript in {lang}")
         report["wer"][lang] = 100 * jiwer.wer(refs, [normalise(r.hypothesis) for r in rows])
     st = [r for r in records if r.language != r.target_language]
     for pair in sorted({(r.language, r.target_language) for r in st}):
@@ -77,8 +176,6 @@ def markdown_table(report: dict, label: str = "this run") -> str:
 
 
 def write_report(report: dict, directory, label: str = "this run") -> None:
-    from pathlib import Path
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))

@@ -49,6 +49,7 @@ class TrainConfig:
     target_sparsity: float = 0.3
     sparsity_weight: float = 1.0  # alpha of the sparsity loss
     seed: int = 0
+    device: str = "cpu"  # cpu, cuda or cuda:N
     log_every: int = 10
     save_every: int = 50
 
@@ -80,6 +81,8 @@ class Example:
 
 
 def load_corpus(data: dict) -> list[Utterance]:
+    """The utterances `data` names (TrainConfig.data); their audio files must exist, so a missing
+    one stops the run before any work, not at the step that first reads it."""
     kind = data.get("kind")
     if kind == "manifest":
         from localgp.data.demo_corpus import load_manifest
@@ -88,12 +91,17 @@ def load_corpus(data: dict) -> list[Utterance]:
         split = data.get("split", "train")
         if split not in splits:
             raise ValueError(f"{data['path']}: no split {split!r}; it has {sorted(splits)}")
-        return splits[split]
-    if kind == "kaldi":
-        return [u for lang, d in data["dirs"].items() for u in kaldi_dir(d, lang, data.get("audio_root"))]
-    if kind == "europarl":
-        return europarl_st(data["root"], data["source"], data["targets"], data["split"])
-    raise ValueError(f"TrainConfig.data.kind must be 'manifest', 'kaldi' or 'europarl', got {kind!r}")
+        utterances = splits[split]
+    elif kind == "kaldi":
+        utterances = [u for lang, d in data["dirs"].items() for u in kaldi_dir(d, lang, data.get("audio_root"))]
+    elif kind == "europarl":
+        utterances = europarl_st(data["root"], data["source"], data["targets"], data["split"])
+    else:
+        raise ValueError(f"TrainConfig.data.kind must be 'manifest', 'kaldi' or 'europarl', got {kind!r}")
+    missing = sorted({str(u.audio) for u in utterances if not u.audio.is_file()})
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} audio files of the corpus do not exist, e.g. {missing[:3]}")
+    return utterances
 
 
 def make_examples(utterances: list[Utterance], tasks) -> list[Example]:
@@ -145,6 +153,7 @@ class ContextFeeder:
                                  f"extractor gives {extractor.size}")
 
     def __call__(self, examples: list[Example]) -> None:
+        device = next(self.model.parameters()).device
         if self.encoder_names:
             streams = {}
             for name in self.encoder_names:
@@ -152,10 +161,10 @@ class ContextFeeder:
                          for e in examples]
                 longest = max(f.shape[0] for f in feats)  # pad by repeating each one's last frame
                 streams[name] = torch.stack([torch.cat([f, f[-1:].expand(longest - f.shape[0], -1)]) for f in feats])
-            self.model.encoder.set_context(**streams)
+            self.model.encoder.set_context(**{name: seq.to(device) for name, seq in streams.items()})
         if self.decoder_names:
             self.model.decoder.set_context(**{
-                name: torch.cat([self.extractors[name](e.target_language) for e in examples])
+                name: torch.cat([self.extractors[name](e.target_language) for e in examples]).to(device)
                 for name in self.decoder_names})
 
 
@@ -192,6 +201,57 @@ def batch_order(num_examples: int, batch_size: int, step: int, seed: int) -> lis
     return picked if picked else order[:batch_size]
 
 
+def build_model(config: TrainConfig, texts=None):
+    """The gated model of `config` and its tokenizer: an OWSM snapshot's (config.init), or a
+    `preset` model with random weights and the BPE tokenizer in out_dir/tokenizer, trained on
+    texts() when it is not there yet (None: it must be there). Returns (model, tokenizer)."""
+    if config.init:
+        model, args = owsm.load_owsm(config.init)
+        if not args.bpemodel:
+            raise ValueError(f"{config.init}: the snapshot names no BPE model")
+        tokenizer = Tokenizer(args.bpemodel, args.token_list)
+    else:
+        tokenizer_dir = Path(config.out_dir) / "tokenizer"
+        if (tokenizer_dir / "tokens.txt").exists():
+            tokenizer = Tokenizer.load(tokenizer_dir)
+        elif texts is None:
+            raise FileNotFoundError(f"{tokenizer_dir / 'tokens.txt'} does not exist (localgp train writes it)")
+        else:
+            tokenizer = Tokenizer.train(texts(), tokenizer_dir, config.vocab_size)
+        model, _ = owsm.build_owsm(config.preset, token_list=tokenizer.token_list)
+    gates = dict(config.gates)
+    for key in ("contexts", "decoder_contexts"):  # YAML lists -> the dataclass's tuples
+        if key in gates:
+            gates[key] = tuple(tuple(item) for item in gates[key])
+    gate_s2t_model(model, GateConfig(**gates))
+    return model, tokenizer
+
+
+def read_checkpoint(path: Path, message: str) -> dict:
+    """torch.load of a training checkpoint; a corrupt file raises RuntimeError(message) with
+    {path} and {err} filled in, never a half-loaded model."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise RuntimeError(message.format(path=path, err=err)) from err
+
+
+def load_trained(out_dir: str | Path):
+    """The model `localgp train` left in out_dir (its checkpoint.pth and tokenizer), in eval
+    mode, masked execution. Returns (model, tokenizer, config); config.out_dir is `out_dir`,
+    so a moved run directory still loads."""
+    out = Path(out_dir)
+    path = out / "checkpoint.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (localgp train CONFIG.yaml writes it into out_dir)")
+    state = read_checkpoint(path, "cannot load the trained model {path}: {err}")
+    config = dataclasses.replace(TrainConfig(**state["config"]), out_dir=str(out))
+    model, tokenizer = build_model(config)
+    model.load_state_dict(state["model"])
+    set_execution(model, "masked")
+    return model.eval(), tokenizer, config
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -199,24 +259,14 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.examples = make_examples(load_corpus(config.data), config.tasks)
         torch.manual_seed(config.seed)
-        if config.init:
-            self.model, args = owsm.load_owsm(config.init)
-            if not args.bpemodel:
-                raise ValueError(f"{config.init}: the snapshot names no BPE model")
-            self.tokenizer = Tokenizer(args.bpemodel, args.token_list)
-        else:
-            tokenizer_dir = self.out / "tokenizer"
-            if (tokenizer_dir / "tokens.txt").exists():
-                self.tokenizer = Tokenizer.load(tokenizer_dir)
-            else:
-                texts = [e.target_text for e in self.examples] + [e.utterance.text for e in self.examples]
-                self.tokenizer = Tokenizer.train(texts, tokenizer_dir, config.vocab_size)
-            self.model, _ = owsm.build_owsm(config.preset, token_list=self.tokenizer.token_list)
-        gates = dict(config.gates)
-        for key in ("contexts", "decoder_contexts"):  # YAML lists -> the dataclass's tuples
-            if key in gates:
-                gates[key] = tuple(tuple(item) for item in gates[key])
-        gate_s2t_model(self.model, GateConfig(**gates))
+        self.model, self.tokenizer = build_model(
+            config, lambda: [e.target_text for e in self.examples] + [e.utterance.text for e in self.examples])
+        for source, target in sorted({(e.utterance.language, e.target_language) for e in self.examples}):
+            self.tokenizer.prompt(source, target)  # a language the model has no token for fails now, not mid-run
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"TrainConfig.device: {config.device!r} but torch {torch.__version__} sees no CUDA GPU")
+        self.model.to(self.device)
         self.contexts = ContextFeeder(self.model, config.context_extractors, self.out / "context")
         set_execution(self.model, "masked")
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
@@ -229,6 +279,8 @@ class Trainer:
     def save(self) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                  "rng": torch.get_rng_state(), "config": dataclasses.asdict(self.config)}
+        if self.device.type == "cuda":  # the Gumbel noise of the gates is drawn there
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         tmp = self._checkpoint_path().with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(self._checkpoint_path())  # never a half-written checkpoint
@@ -237,14 +289,13 @@ class Trainer:
         path = self._checkpoint_path()
         if not path.exists():
             return
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # a corrupt file must not be trained over silently
-            raise RuntimeError(f"cannot resume from {path}: {err}; move it away to start afresh") from err
+        state = read_checkpoint(path, "cannot resume from {path}: {err}; move it away to start afresh")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         torch.set_rng_state(state["rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         log.info("resumed from %s at step %d", path, self.step)
 
     def train(self, steps: int | None = None) -> dict:
@@ -264,8 +315,9 @@ class Trainer:
                 if getattr(self.model.encoder, "pruning", None) and self.model.encoder.pruning.config.predictor == "global":
                     # globalGP's discrete context: the <lang> and <task> tokens of each example
                     self.model.encoder.set_context(prompt=torch.tensor(
-                        [self.tokenizer.prompt(e.utterance.language, e.target_language)[:2] for e in examples]))
-                batch = collate(examples, self.tokenizer)
+                        [self.tokenizer.prompt(e.utterance.language, e.target_language)[:2] for e in examples],
+                        device=self.device))
+                batch = [t.to(self.device) for t in collate(examples, self.tokenizer)]
                 lr = warmup_lr(self.step + 1, cfg.lr, cfg.warmup_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr

@@ -27,3 +27,39 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.requires_cuda)]
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+# ------------------------------------------------------------------ real speech of the demo corpus
+# Two of the demo corpus's voices (en_US_f_Allison, it_IT_m_Carlo), three prompts each, 2-4 s.
+REAL_VOICES = {"en": "asterisk-core-sounds-en-g722", "it": "asterisk-core-sounds-it-g722"}
+REAL_PROMPTS = ("agent-newlocation", "conf-onlyperson", "pbx-invalid")
+OFFLINE = ("Failed to fetch", "Could not resolve", "Temporary failure resolving")
+
+
+@pytest.fixture(scope="session")
+def real_speech(request) -> list[dict]:
+    """Real read speech from the demo corpus's own sources: the Debian packages fetched with
+    the corpus builder's fetch_packages (21 MB, once: kept in $LOCALGP_TEST_CACHE, else pytest's
+    cache directory) and decoded as prepare_demo decodes them. Skips only where the packages
+    cannot be had: offline, or no apt-get/dpkg. Items: id, language, speaker, wav (16 kHz)."""
+    import os
+    from pathlib import Path
+
+    from localgp.data.audio import load_audio
+    from localgp.data.demo_corpus import asterisk_voice_dir, fetch_packages
+
+    cache = os.environ.get("LOCALGP_TEST_CACHE")
+    work = Path(cache) / "debs" if cache else request.config.cache.mkdir("localgp-debs")
+    try:
+        roots = fetch_packages(work, tuple(REAL_VOICES.values()))
+    except RuntimeError as err:
+        if "a Debian-based system is needed" in str(err) or any(mark in str(err) for mark in OFFLINE):
+            pytest.skip(f"the demo corpus's real speech cannot be fetched here: {err}")
+        raise
+    items = []
+    for language, package in REAL_VOICES.items():
+        voice = asterisk_voice_dir(roots[package])
+        for prompt in REAL_PROMPTS:
+            wav = load_audio(voice / f"{prompt}.g722", format="g722")
+            items.append({"id": f"{language}_{prompt}", "language": language, "speaker": voice.name, "wav": wav})
+    return items

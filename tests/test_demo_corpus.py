@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import subprocess
 import wave
 from pathlib import Path
 
@@ -257,3 +258,48 @@ def test_errors(fake_sources, tmp_path, monkeypatch):
     assert not (tmp_path / "b" / "manifest.jsonl").exists()
     with pytest.raises(FileNotFoundError):
         load_manifest(tmp_path / "nope.jsonl")
+
+
+ENSURE_ESPEAK = Path(__file__).resolve().parent.parent / "tools" / "ensure_espeak.sh"
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None or shutil.which("dpkg") is None,
+                    reason="not a Debian-based system: tools/ensure_espeak.sh has nothing to unpack")
+def test_ensure_espeak_unpacks_a_copy_without_root(tmp_path, fake_sources):
+    # A PATH with every command of this system but espeak-ng, and --no-install: step 3 of the script
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for folder in ("/usr/bin", "/bin", "/usr/sbin", "/sbin"):
+        for tool in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+            if tool.name != "espeak-ng" and not (bin_dir / tool.name).exists():
+                (bin_dir / tool.name).symlink_to(tool)
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path)}
+    prefix = tmp_path / "espeak"
+    run = subprocess.run(["bash", str(ENSURE_ESPEAK), "--no-install", "--prefix", str(prefix)], env=env,
+                         capture_output=True, text=True)
+    if run.returncode and ("Failed to fetch" in run.stderr or "Could not resolve" in run.stderr):
+        pytest.skip(f"offline: {run.stderr.strip()[-300:]}")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == f"{prefix}/bin\n"  # stdout: the directory to put in front of PATH, nothing else
+    version = subprocess.run([prefix / "bin" / "espeak-ng", "--version"], env=env, capture_output=True, text=True)
+    assert f"Data at: {prefix}/root/" in version.stdout  # its own voice data, not the system's
+    again = subprocess.run(["bash", str(ENSURE_ESPEAK), "--no-install", "--prefix", str(prefix)], env=env,
+                           capture_output=True, text=True)
+    assert again.stdout == run.stdout and "using the unpacked copy" in again.stderr
+    manifest = prepare_demo(tmp_path / "demo", german_sentences=1, augment_share=0.0, sources=fake_sources,
+                            espeak=str(prefix / "bin" / "espeak-ng"))
+    german = [e for e in _read_manifest(manifest) if e["language"] == "de"]
+    assert len(german) == 1 and german[0]["duration"] > 0.5
+
+
+def test_ensure_espeak_says_what_to_run(tmp_path):
+    bin_dir = tmp_path / "bin"  # bash and the few commands the script needs, no apt-get or espeak-ng
+    bin_dir.mkdir()
+    for tool in ("bash", "realpath", "dirname", "mktemp", "rm", "sed"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    run = subprocess.run([str(bin_dir / "bash"), str(ENSURE_ESPEAK), "--prefix", str(tmp_path / "e")],
+                         env={"PATH": str(bin_dir)}, capture_output=True, text=True)
+    assert run.returncode == 1 and run.stdout == ""
+    assert "not a Debian-based system" in run.stderr and "sudo apt-get install -y espeak-ng" in run.stderr
+    bad = subprocess.run(["bash", str(ENSURE_ESPEAK), "--prefixx"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown argument '--prefixx'" in bad.stderr

@@ -135,3 +135,28 @@ def test_trains_with_speaker_and_language_context(tmp_path):
 def test_trains_global_gates_from_the_prompt(tmp_path):
     cfg = config(tmp_path, "glob", max_steps=2, gates={"predictor": "global", "encoder": "utterance", "decoder": "utterance"})
     assert Trainer(cfg).train()["step"] == 2
+
+
+def test_bad_corpus_is_refused_before_training(tmp_path):
+    import json
+
+    from localgp.train import load_trained
+
+    cfg = config(tmp_path, "missing")
+    (tmp_path / "data_missing" / "fr" / "fr2.wav").unlink()
+    with pytest.raises(FileNotFoundError, match="1 audio files of the corpus do not exist, e.g. .*fr2.wav"):
+        Trainer(cfg)
+    assert not (tmp_path / "missing" / "tokenizer").exists()  # refused before any work
+
+    dirs = write_kaldi(tmp_path / "data")
+    entry = {"id": "x0", "audio": f"{dirs['de']}/de0.wav", "language": "xx", "text": "hallo", "speaker": "s",
+             "split": "train"}
+    (tmp_path / "m.jsonl").write_text(json.dumps(entry) + "\n")
+    with pytest.raises(ValueError, match=r"\['<xx>'\] not in the token list"):
+        Trainer(config(tmp_path, "lang", data={"kind": "manifest", "path": str(tmp_path / "m.jsonl")}))
+    (tmp_path / "m.jsonl").write_text(json.dumps({**entry, "language": "de"}) + "\n"
+                                      + json.dumps({**entry, "id": "x1", "text": "  "}) + "\n")
+    with pytest.raises(ValueError, match="m.jsonl:2: utterance 'x1' has an empty transcript"):
+        Trainer(config(tmp_path, "empty", data={"kind": "manifest", "path": str(tmp_path / "m.jsonl")}))
+    with pytest.raises(FileNotFoundError, match="checkpoint .*nowhere/checkpoint.pth does not exist"):
+        load_trained(tmp_path / "nowhere")

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 def as_waveform(wav, sample_rate: int, who: str) -> torch.Tensor:
     """A 1-D float32 16 kHz tensor, or a clear error."""
     if sample_rate != SAMPLE_RATE:
-        raise ValueError(f"{who}: audio must be 16 kHz (resample first), got {sample_rate} Hz")
+        raise ValueError(f"{who}: sample_rate must be 16000 Hz (resample first, as localgp.data.audio.load_audio "
+                         f"does), got {sample_rate}")
     wav = torch.as_tensor(np.asarray(wav), dtype=torch.float32)
     if wav.dim() != 1:
         raise ValueError(f"{who}: expected mono audio (samples,), got shape {tuple(wav.shape)}")

@@ -27,6 +27,9 @@ class FeatureCache:
         features = compute()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, features.detach().cpu().numpy())
-        os.replace(tmp, path)
+        try:
+            np.save(tmp, features.detach().cpu().numpy())
+            os.replace(tmp, path)
+        finally:  # a failed write leaves no temporary behind (after os.replace there is none)
+            tmp.unlink(missing_ok=True)
         return features

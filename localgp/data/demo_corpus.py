@@ -515,5 +515,7 @@ def load_manifest(path: str | Path) -> dict[str, list[Utterance]]:
                 split = e["split"]
             except (json.JSONDecodeError, KeyError) as err:
                 raise ValueError(f"{path}:{line_no}: bad manifest entry: {err}") from err
+            if not utt.text.strip():  # nothing to train or score against
+                raise ValueError(f"{path}:{line_no}: utterance {utt.id!r} has an empty transcript")
             splits.setdefault(split, []).append(utt)
     return splits
