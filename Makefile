@@ -20,10 +20,12 @@ test: build
 # The main job. Until `localgp demo` exists it is the fused-ops benchmark.
 demo: bench
 
+# pytest-benchmark suites (not part of `make test`): the fused ops, then the encoder.
 bench: build
 	mkdir -p $(OUT)
 	$(PY) -m pytest -q benchmarks/bench_ops.py --benchmark-json=$(OUT)/bench_ops.json
 	$(PY) benchmarks/report_ops.py $(OUT)/bench_ops.json
+	$(PY) -m pytest -q benchmarks/bench_encoder.py --benchmark-json=$(OUT)/bench_encoder.json
 
 # Compile-checks every csrc/**/*.cu with nvcc for sm_80 and sm_90; needs no GPU.
 cuda-check: setup

@@ -78,6 +78,26 @@ def merge_macs(s: EncoderShape, n: int) -> int:
     return n * 2 * s.d_model * s.conv_kernel + n * 2 * s.d_model * s.d_model
 
 
+LAYER_MODULES = ("ffn1", "attn", "cgmlp", "merge", "ffn2", "norms")
+
+
+def layer_macs(s: EncoderShape, t: int, kept: dict[str, int] | None = None) -> dict[str, int]:
+    """MACs per module of one E-Branchformer layer on one utterance of `t` encoder frames.
+
+    kept: module ('ffn1', 'attn', 'cgmlp', 'ffn2') -> frames it ran on (compact execution);
+    missing modules run on every frame. 'norms' is the layer's norm_final.
+    """
+    kept = kept or {}
+    return {
+        "ffn1": ffn_macs(s, kept.get("ffn1", t)),
+        "attn": attention_macs(s, kept.get("attn", t)),
+        "cgmlp": cgmlp_macs(s, kept.get("cgmlp", t)),
+        "merge": merge_macs(s, t),
+        "ffn2": ffn_macs(s, kept.get("ffn2", t)),
+        "norms": LN_OPS * t * s.d_model,
+    }
+
+
 def encoder_macs(s: EncoderShape, frames: int, kept: dict[str, list[int]] | None = None) -> dict[str, int]:
     """MACs per module of one utterance of `frames` fbank frames.
 
@@ -86,45 +106,60 @@ def encoder_macs(s: EncoderShape, frames: int, kept: dict[str, list[int]] | None
     """
     t = subsampled_frames(frames)
     kept = kept or {}
-    per_layer = lambda name: kept.get(name, [t] * s.layers)  # noqa: E731
     for name, counts in kept.items():
         if len(counts) != s.layers or any(not 0 <= c <= t for c in counts):
             raise ValueError(f"encoder_macs: kept[{name!r}] must hold {s.layers} counts in [0, {t}], got {counts}")
-    out = {
-        "subsampling": subsampling_macs(s, frames),
-        "ffn1": sum(ffn_macs(s, n) for n in per_layer("ffn1")),
-        "attn": sum(attention_macs(s, n) for n in per_layer("attn")),
-        "cgmlp": sum(cgmlp_macs(s, n) for n in per_layer("cgmlp")),
-        "merge": s.layers * merge_macs(s, t),
-        "ffn2": sum(ffn_macs(s, n) for n in per_layer("ffn2")),
-        # norm_final of every layer and the encoder's after_norm
-        "norms": (s.layers + 1) * LN_OPS * t * s.d_model,
-    }
+    out = dict.fromkeys(MODULES, 0)
+    out["subsampling"] = subsampling_macs(s, frames)
+    for index in range(s.layers):
+        for module, value in layer_macs(s, t, {m: counts[index] for m, counts in kept.items()}).items():
+            out[module] += value
+    out["norms"] += LN_OPS * t * s.d_model  # the encoder's after_norm
     out["total"] = sum(out[m] for m in MODULES)
     return out
 
 
-def executed_encoder_macs(encoder, input_lengths, execution: str | None = None) -> dict[str, int]:
-    """MACs a gated encoder's last forward pass executed, summed over its utterances.
+def kept_frames(record, b: int, t: int, layers: int) -> dict[str, list[int]]:
+    """Frames each gated module of each layer ran on for utterance b (of t encoder frames), read
+    from a forward pass's GateRecord (names 'encoder.<layer>.<module>')."""
+    kept: dict[str, list[int]] = {}
+    for name, mask in record.masks.items():
+        _, layer, module = name.split(".")
+        m = mask[b]
+        count = int(m.sum()) if m.dim() else int(m) * t  # per frame, or the whole utterance
+        kept.setdefault(module, [0] * layers)[int(layer)] = count
+    return kept
 
-    input_lengths: fbank frames of each utterance. Masked execution computes every module on
-    every frame; compact only what its masks kept.
+
+def executed_layer_macs(s: EncoderShape, record, encoder_lengths, execution: str) -> dict[str, int]:
+    """MACs the `s.layers` layers of a gated forward pass executed, per module, summed over its
+    utterances (encoder_lengths: encoder frames of each). Masked and dense execution compute every
+    module on every frame; compact only what its masks (record) kept."""
+    total = dict.fromkeys(LAYER_MODULES, 0)
+    for b, t in enumerate(int(n) for n in encoder_lengths):
+        kept = kept_frames(record, b, t, s.layers) if execution == "compact" else {}
+        for index in range(s.layers):
+            for module, value in layer_macs(s, t, {m: counts[index] for m, counts in kept.items()}).items():
+                total[module] += value
+    total["total"] = sum(total[m] for m in LAYER_MODULES)
+    return total
+
+
+def executed_encoder_macs(encoder, input_lengths, execution: str | None = None, record=None) -> dict[str, int]:
+    """MACs a gated encoder's last forward pass (or the one `record` holds the masks of)
+    executed, summed over its utterances.
+
+    input_lengths: fbank frames of each utterance. Masked (and dense) execution computes every
+    module on every frame; compact only what its masks kept.
     """
-    record = encoder.last_record
-    execution = execution or encoder.execution
     s = EncoderShape.of_encoder(encoder)
-    total: dict[str, int] = {}
-    for b, frames in enumerate(int(f) for f in input_lengths):
-        kept = None
-        if execution == "compact":
-            kept = {}
-            for name, mask in record.masks.items():
-                _, layer, module = name.split(".")
-                m = mask[b]
-                count = int(m.sum()) if m.dim() else int(m) * subsampled_frames(frames)
-                kept.setdefault(module, [0] * s.layers)[int(layer)] = count
-        for key, value in encoder_macs(s, frames, kept).items():
-            total[key] = total.get(key, 0) + value
+    frames = [int(f) for f in input_lengths]
+    t = [subsampled_frames(f) for f in frames]
+    record = encoder.last_record if record is None else record
+    total = executed_layer_macs(s, record, t, execution or encoder.execution)
+    total["subsampling"] = sum(subsampling_macs(s, f) for f in frames)
+    total["norms"] += sum(LN_OPS * n * s.d_model for n in t)  # the encoder's after_norm
+    total["total"] = sum(total[m] for m in MODULES)
     return total
 
 

@@ -14,6 +14,9 @@ DECODER_MODULES = {
     "utterance": ("self_attn", "src_attn", "ffn"),
 }
 EXECUTIONS = ("masked", "compact")
+# No gate at all, every module on every position: what benchmarks measure pruning against. Not a
+# pruning execution (set_execution refuses it); a gated part that supports it says so.
+DENSE = "dense"
 
 
 @dataclass(frozen=True)

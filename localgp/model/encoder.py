@@ -1,8 +1,10 @@
 """A gated E-Branchformer encoder: ESPnet's EBranchformerEncoder whose layers run with pruning
 masks, either `masked` (every module computed, output multiplied by the mask: the papers'
 implementation, kept as the reference) or `compact` (only the kept frames / utterances are
-computed, with the fused ops). The layers' own modules and state-dict keys are untouched; the
-gate predictors live under `encoder.pruning`.
+computed, with the fused ops). A third execution, `dense`, runs no gate at all: ESPnet's
+computation through this code, the baseline benchmarks measure pruning against. The layers' own
+modules and state-dict keys are untouched; the gate predictors live under `encoder.pruning`.
+Profiler labels (`localgp.subsampling`, `.gate`, `.ffn1`, ...) are described in gating.py.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from torch import Tensor, nn
 from localgp import ops
 from localgp.gates import GateRecord, GlobalGatePredictor, LocalGatePredictor, align_to_frames, random_keep_logits
 from localgp.model.attention import packed_self_attention
-from localgp.model.config import ENCODER_MODULES, EXECUTIONS, GateConfig
-from localgp.model.gating import PositionGate, UtteranceGate
+from localgp.model.config import DENSE, ENCODER_MODULES, EXECUTIONS, GateConfig
+from localgp.model.gating import NoGate, PositionGate, UtteranceGate, profiled
+
+ENCODER_EXECUTIONS = (*EXECUTIONS, DENSE)
 
 
 class EncoderPruning(nn.Module):
@@ -48,7 +52,7 @@ class GatedEBranchformerEncoder(EBranchformerEncoder):
     """Made by `gate_encoder()` from an EBranchformerEncoder; not constructed directly."""
 
     pruning: EncoderPruning
-    execution: str  # "masked" or "compact"
+    execution: str  # "masked", "compact", or "dense" (no gates: the benchmarks' baseline)
     forced_keep: float | None  # random masks keeping this share, instead of the gates
     forced_generator: torch.Generator
     external_context: dict[str, Tensor]  # name -> (B, Tc, size), set by set_context()
@@ -122,8 +126,8 @@ class GatedEBranchformerEncoder(EBranchformerEncoder):
     # ------------------------------------------------------------------ forward
     def forward(self, xs_pad: Tensor, ilens: Tensor, prev_states=None, masks=None, ctc=None,
                 max_layer=None, return_all_hs=False):
-        if self.execution not in EXECUTIONS:
-            raise ValueError(f"encoder.execution must be one of {EXECUTIONS}, got {self.execution!r}")
+        if self.execution not in ENCODER_EXECUTIONS:
+            raise ValueError(f"encoder.execution must be one of {ENCODER_EXECUTIONS}, got {self.execution!r}")
         if self.execution == "compact" and self.training and self.forced_keep is None:
             raise RuntimeError("compact execution skips the gates' gradients: train in masked mode, run compact")
         masks = (~make_pad_mask(ilens)[:, None, :]).to(xs_pad.device) if masks is None else ~masks[:, None, :]
@@ -131,20 +135,27 @@ class GatedEBranchformerEncoder(EBranchformerEncoder):
         if short:
             raise TooShortUttError(f"has {xs_pad.size(1)} frames, subsampling needs more than {limit}",
                                    xs_pad.size(1), limit)
-        xs_pad, masks = self.embed(xs_pad, masks)  # absolute positions: a tensor (gate_encoder checked)
+        with profiled("subsampling"):
+            xs_pad, masks = self.embed(xs_pad, masks)  # absolute positions: a tensor (gate_encoder checked)
         valid = masks.squeeze(1)
         lengths = valid.sum(-1)
         cfg = self.pruning.config
+        gated = self.execution != DENSE
         context = None
-        if cfg.predictor == "local" and self.forced_keep is None:
-            context = self._context(xs_pad)
-        if cfg.predictor == "global" and self.forced_keep is None:
-            self._run_global_gate(xs_pad, valid)
+        if gated and self.forced_keep is None:
+            with profiled("gate"):
+                if cfg.predictor == "local":
+                    context = self._context(xs_pad)
+                else:
+                    self._run_global_gate(xs_pad, valid)
         record = GateRecord()
         for index, layer in enumerate(self.encoders):
             if max_layer is not None and index >= max_layer:
                 break
-            logits, xs_pad, context = self._layer_logits(index, xs_pad, context, valid)
+            logits = None
+            if gated:
+                with profiled("gate"):
+                    logits, xs_pad, context = self._layer_logits(index, xs_pad, context, valid)
             xs_pad = run_layer(layer, xs_pad, masks, lengths, logits, cfg, self.execution, record, f"encoder.{index}")
         self.last_record = record
         return self.after_norm(xs_pad), lengths, None
@@ -156,26 +167,36 @@ def masked_time_mean(x: Tensor, valid: Tensor) -> Tensor:
     return (x * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
-def run_layer(layer, x: Tensor, pad_mask: Tensor, lengths: Tensor, logits: Tensor, cfg: GateConfig,
+def run_layer(layer, x: Tensor, pad_mask: Tensor, lengths: Tensor, logits: Tensor | None, cfg: GateConfig,
               execution: str, record: GateRecord, prefix: str) -> Tensor:
-    """One E-Branchformer layer under its gates. x (B, T, D); pad_mask (B, 1, T)."""
+    """One E-Branchformer layer under its gates. x (B, T, D); pad_mask (B, 1, T).
+    execution "dense" takes no logits and runs every module on every frame."""
     names = ENCODER_MODULES[cfg.encoder]
     valid = pad_mask.squeeze(1)
     ffn1 = lambda h, *_: layer.dropout(layer.feed_forward_macaron(layer.norm_ff_macaron(h)))  # noqa: E731
     ffn2 = lambda h, *_: layer.dropout(layer.feed_forward(layer.norm_ff(h)))  # noqa: E731
-    if cfg.encoder == "temporal":
+    if execution == DENSE:
+        gate = NoGate()
+        x = gate.residual("ffn1", x, ffn1, layer.ff_scale)
+        with profiled("attention"):
+            x_attn = _attention(layer, x, pad_mask)
+        with profiled("cgmlp"):
+            x_mlp = _cgmlp(layer, x, pad_mask)
+    elif cfg.encoder == "temporal":
         gate = PositionGate(logits, valid, lengths, names, cfg, execution, layer.training, record, prefix)
         x = gate.residual("ffn1", x, ffn1, layer.ff_scale)
         x_attn = _temporal_attention(gate, layer, x, pad_mask)
-        x_mlp = _cgmlp(layer, x, pad_mask)
+        with profiled("cgmlp"):
+            x_mlp = _cgmlp(layer, x, pad_mask)
     else:
         gate = UtteranceGate(logits, names, cfg, execution, layer.training, record, prefix)
         x = gate.residual("ffn1", x, ffn1, layer.ff_scale)
         x_attn = gate.branch("attn", x, lambda h, m: _attention(layer, h, m), (pad_mask,))
         x_mlp = gate.branch("cgmlp", x, lambda h, m: _cgmlp(layer, h, m), (pad_mask,))
-    merged = torch.cat([x_attn, layer.dropout(x_mlp)], dim=-1)
-    fused = layer.depthwise_conv_fusion(merged.transpose(1, 2)).transpose(1, 2)
-    x = x + layer.dropout(layer.merge_proj(merged + fused))
+    with profiled("merge"):
+        merged = torch.cat([x_attn, layer.dropout(x_mlp)], dim=-1)
+        fused = layer.depthwise_conv_fusion(merged.transpose(1, 2)).transpose(1, 2)
+        x = x + layer.dropout(layer.merge_proj(merged + fused))
     x = gate.residual("ffn2", x, ffn2, layer.ff_scale)
     return layer.norm_final(x)
 
@@ -194,10 +215,16 @@ def _temporal_attention(gate: PositionGate, layer, x: Tensor, pad_mask: Tensor) 
     """The attention branch: queries and keys are the kept frames only; zeros elsewhere."""
     if gate.execution == "compact":
         c = gate.compact("attn", x)
-        out = packed_self_attention(layer.attn, layer.norm_mha(c.packed), c.cu_seqlens, x.shape[1])
-        return ops.scatter_pad(layer.dropout(out), c.index, torch.zeros_like(x))
+        with profiled("attention"):
+            out = packed_self_attention(layer.attn, layer.norm_mha(c.packed), c.cu_seqlens, x.shape[1])
+            out = layer.dropout(out)
+        with profiled("scatter"):
+            return ops.scatter_pad(out, c.index, torch.zeros_like(x))
     mask = gate.mask("attn")
-    return _attention(layer, x, pad_mask & (mask > 0)[:, None, :]) * mask.to(x.dtype)[..., None]
+    with profiled("attention"):
+        out = _attention(layer, x, pad_mask & (mask > 0)[:, None, :])
+    with profiled("scatter"):
+        return out * mask.to(x.dtype)[..., None]
 
 
 def gate_encoder(encoder: EBranchformerEncoder, config: GateConfig, vocab_size: int = 0,

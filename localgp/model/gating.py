@@ -4,9 +4,17 @@
   implementation; gradients reach the gates through the straight-through estimator);
 - compact: the module runs only where it is kept (fused compaction for frames/tokens, row
   selection for utterances); a module that no row keeps is not run at all.
+
+Under a profiler, every step carries one `localgp.<name>` label (`profiled()`), mutually
+exclusive so that a per-module breakdown adds up: `gate` (deciding: predictors, thresholds),
+`compaction` (selecting the rows a module runs on), the module itself (`ffn1`, `attention`, ...:
+its own compute only), `scatter` (putting its output back: scatter_pad, or in masked execution
+the multiply by the mask with the residual add).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
@@ -14,6 +22,32 @@ from torch import Tensor
 from localgp import ops
 from localgp.gates import GateRecord, gate_mask
 from localgp.model.config import GateConfig
+
+LABEL_PREFIX = "localgp."
+# A gated unit's profiler label where it differs from its gate name.
+MODULE_LABELS = {"attn": "attention"}
+_NO_LABEL = contextlib.nullcontext()
+
+
+def profiled(name: str):
+    """record_function('localgp.<name>') while a torch profiler runs, else nothing: a forward
+    pass has hundreds of these, and each costs microseconds of host time when recorded."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.profiler.record_function(LABEL_PREFIX + name)
+    return _NO_LABEL
+
+
+def module_label(name: str) -> str:
+    return MODULE_LABELS.get(name, name)
+
+
+class NoGate:
+    """No gate at all: every module on every position, no mask (the dense baseline)."""
+
+    def residual(self, name: str, x: Tensor, fn, scale: float = 1.0) -> Tensor:
+        with profiled(module_label(name)):
+            y = fn(x)
+        return x + scale * y
 
 
 class PositionGate:
@@ -33,23 +67,32 @@ class PositionGate:
 
     def mask(self, name: str) -> Tensor:
         """Masked execution: (B, T) float mask, padding counted as skipped."""
-        mask = gate_mask(self.logits_of(name), training=self.training, threshold=self.cfg.threshold,
-                         tau=self.cfg.tau) * self.valid
-        self.record.add(f"{self.prefix}.{name}", mask, self.valid)
+        with profiled("gate"):
+            mask = gate_mask(self.logits_of(name), training=self.training, threshold=self.cfg.threshold,
+                             tau=self.cfg.tau) * self.valid
+            self.record.add(f"{self.prefix}.{name}", mask, self.valid)
         return mask
 
     def compact(self, name: str, x: Tensor) -> ops.Compacted:
         """Compact execution: the kept positions of x packed."""
-        c = ops.gate_compact(x, self.logits_of(name), self.lengths, self.cfg.threshold)
-        self.record.add(f"{self.prefix}.{name}", c.keep.to(x.dtype), self.valid)
+        with profiled("compaction"):
+            c = ops.gate_compact(x, self.logits_of(name), self.lengths, self.cfg.threshold)
+            self.record.add(f"{self.prefix}.{name}", c.keep.to(x.dtype), self.valid)
         return c
 
     def residual(self, name: str, x: Tensor, fn, scale: float = 1.0) -> Tensor:
         """x + scale * fn(x) where the module is kept, x elsewhere."""
         if self.execution == "compact":
             c = self.compact(name, x)
-            return ops.scatter_pad(fn(c.packed), c.index, x, scale)
-        return x + scale * fn(x) * self.mask(name).to(x.dtype)[..., None]
+            with profiled(module_label(name)):
+                y = fn(c.packed)
+            with profiled("scatter"):
+                return ops.scatter_pad(y, c.index, x, scale)
+        with profiled(module_label(name)):
+            y = fn(x)
+        mask = self.mask(name)
+        with profiled("scatter"):
+            return x + scale * y * mask.to(x.dtype)[..., None]
 
 
 class UtteranceGate:
@@ -63,40 +106,54 @@ class UtteranceGate:
 
     def mask(self, name: str) -> Tensor:
         """(B,) float mask; with gradients in masked training."""
-        logits = self.logits[:, self.names.index(name)]
-        mask = gate_mask(logits, training=self.training and self.execution == "masked",
-                         threshold=self.cfg.threshold, tau=self.cfg.tau)
-        self.record.add(f"{self.prefix}.{name}", mask)
+        with profiled("gate"):
+            logits = self.logits[:, self.names.index(name)]
+            mask = gate_mask(logits, training=self.training and self.execution == "masked",
+                             threshold=self.cfg.threshold, tau=self.cfg.tau)
+            self.record.add(f"{self.prefix}.{name}", mask)
         return mask
 
     @staticmethod
-    def _on_kept_rows(mask: Tensor, x: Tensor, fn, row_args):
+    def _on_kept_rows(name: str, mask: Tensor, x: Tensor, fn, row_args):
         """(kept rows, fn on those rows), or None when no utterance keeps the module."""
-        rows = mask.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return None
-        if rows.numel() == x.shape[0]:
+        with profiled("compaction"):
+            rows = mask.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                return None
+            every_row = rows.numel() == x.shape[0]
+            if not every_row:
+                x, row_args = x[rows], tuple(a[rows] for a in row_args)
+        with profiled(module_label(name)):
             return rows, fn(x, *row_args)
-        return rows, fn(x[rows], *(a[rows] for a in row_args))
+
+    def _masked(self, name: str, x: Tensor, fn, row_args) -> Tensor:
+        with profiled(module_label(name)):
+            return fn(x, *row_args)
 
     def residual(self, name: str, x: Tensor, fn, scale: float = 1.0, row_args=()) -> Tensor:
         mask = self.mask(name)
         if self.execution == "masked":
-            return x + scale * fn(x, *row_args) * mask.to(x.dtype)[:, None, None]
-        done = self._on_kept_rows(mask, x, fn, row_args)
+            y = self._masked(name, x, fn, row_args)
+            with profiled("scatter"):
+                return x + scale * y * mask.to(x.dtype)[:, None, None]
+        done = self._on_kept_rows(name, mask, x, fn, row_args)
         if done is None:
             return x
         rows, y = done
-        return x.index_add(0, rows, y, alpha=scale)
+        with profiled("scatter"):
+            return x.index_add(0, rows, y, alpha=scale)
 
     def branch(self, name: str, x: Tensor, fn, row_args=()) -> Tensor:
         """A parallel branch's output, zeros for utterances that skip it."""
         mask = self.mask(name)
         if self.execution == "masked":
-            return fn(x, *row_args) * mask.to(x.dtype)[:, None, None]
-        out = torch.zeros_like(x)
-        done = self._on_kept_rows(mask, x, fn, row_args)
-        if done is not None:
-            rows, y = done
-            out = out.index_copy(0, rows, y)
+            y = self._masked(name, x, fn, row_args)
+            with profiled("scatter"):
+                return y * mask.to(x.dtype)[:, None, None]
+        done = self._on_kept_rows(name, mask, x, fn, row_args)
+        with profiled("scatter"):
+            out = torch.zeros_like(x)
+            if done is not None:
+                rows, y = done
+                out = out.index_copy(0, rows, y)
         return out

@@ -1,0 +1,555 @@
+"""`localgp bench`: wall-clock of a model part under each execution ("provider"), with the
+compute it executed, in one run.
+
+Providers:
+- `espnet`: ESPnet's own module (no gating code at all) on the same weights;
+- `dense`: the gated module with no gate: every module on every frame, through our code;
+- `masked`: the papers' execution: every module computed, output multiplied by the mask;
+- `compact`: compaction -> module on the kept frames only -> scatter.
+
+Masks are forced at random, keeping a `keep` share of the gated units (the same masks for masked
+and compact, and in every repeat), or come from the trained gates of a `localgp train` run
+(`checkpoint`), which then decide the share kept.
+
+Timing: `warmup` calls of every provider, then `repeats` rounds in each of which every provider
+runs once in turn, so that slow drift of the machine moves all providers alike instead of
+biasing their ratios. One call is timed with CUDA events on a GPU (after a synchronisation, so
+it starts on an idle device), with the host clock on the CPU. Rows give the median and the 20th
+and 80th percentiles.
+
+Baselines: the speedups need `dense` and `masked` of the same keep ratio and run, so those two
+are measured (and reported) whatever `providers` asks for. speedup_vs_X = X's median / this
+row's median; efficiency = speedup_vs_dense / (dense GFLOPs / this row's GFLOPs), the share of
+the FLOP reduction that became time (1.0 for dense itself).
+
+GFLOPs are GMACs as `localgp.flops` counts them (the papers' "GFLOPs"), of what the timed call
+executed: masked and dense count every module on every frame, compact only the kept frames.
+
+Parts are registered in PARTS: name -> function(Setting) -> Workload (see Workload).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from localgp import flops
+from localgp.gates import GateRecord, random_keep_logits
+from localgp.model import owsm
+from localgp.model.config import DENSE, ENCODER_MODULES, GateConfig
+
+PROVIDERS = ("espnet", "dense", "masked", "compact")
+BASELINES = ("dense", "masked")
+GATED = ("masked", "compact")  # providers whose work depends on the masks
+DEFAULT_KEEPS = (1.0, 0.7, 0.5, 0.3)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
+GATES = "gates"  # the keep "ratio" of a run whose masks come from trained gates
+
+
+class BenchError(ValueError):
+    """A bad setting, named by its command-line flag."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    preset: str = "medium"  # model size (owsm.PRESETS); ignored with a checkpoint, which has its own
+    batch: int = 1  # utterances per call
+    seconds: float = 30.0  # audio per utterance (OWSM pads to 30 s)
+    dtype: str = "float32"  # float32 or bfloat16
+    device: str = "cpu"  # cpu, cuda, cuda:N
+    beam: int = 5  # hypotheses per utterance (decoder parts)
+    checkpoint: str | None = None  # a `localgp train` out_dir: its trained gates decide the masks
+    granularity: str = "temporal"  # encoder gates: temporal (FFN1/attention/FFN2 per frame) or utterance
+    seed: int = 0  # weights, inputs and forced masks
+
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class Case:
+    """One provider at one keep ratio, ready to time."""
+
+    run: Callable[[], object]  # the timed work, no arguments
+    gflops: Callable[[], float]  # GMACs the last run() executed
+    kept_share: Callable[[], float | None] = lambda: None  # share of gated units the last run() kept
+
+
+class Workload(Protocol):
+    """A part built for one Setting. Its attributes become columns of every row."""
+
+    providers: tuple[str, ...]  # the providers it supports
+    shapes: dict  # what ran: preset, d_model, layers, frames, ... (beam for decoder parts)
+    pruned: str  # what is gated, e.g. "ffn1,attn,ffn2 (temporal)"
+    masks: str  # "random" (forced, `keep` share) or "gates" (trained, from the checkpoint)
+
+    def case(self, provider: str, keep: float | None) -> Case:
+        """keep: the share forced at random, or None with trained gates."""
+
+
+# ---------------------------------------------------------------------------- models
+
+
+@dataclass
+class Models:
+    model: torch.nn.Module  # the gated ESPnet S2T model
+    espnet_encoder: torch.nn.Module  # ESPnet's own encoder class, same weights
+    masks: str
+    preset: str  # the preset, or what a checkpoint was trained from
+    prompt: list[int] | None = None  # globalGP's prompt token ids of a trained model
+
+
+def ungated_copy(encoder) -> torch.nn.Module:
+    """ESPnet's EBranchformerEncoder with the weights of a gated one (gating only re-classed it
+    and added the `pruning` module and a few attributes)."""
+    from espnet2.asr.encoder.e_branchformer_encoder import EBranchformerEncoder
+
+    plain = copy.deepcopy(encoder)
+    plain.__class__ = EBranchformerEncoder
+    del plain.pruning
+    return plain
+
+
+def load_models(setting: Setting) -> Models:
+    from localgp.model.convert import gate_s2t_model
+
+    torch.manual_seed(setting.seed)
+    prompt = None
+    if setting.checkpoint:
+        from localgp.train import load_trained
+
+        model, tokenizer, config = load_trained(setting.checkpoint)
+        preset = f"init:{Path(config.init).name}" if config.init else config.preset
+        cfg = model.encoder.pruning.config if hasattr(model.encoder, "pruning") else None
+        if cfg is None:
+            raise BenchError(f"--checkpoint {setting.checkpoint}: its encoder is not gated")
+        external = [name for name, _ in cfg.contexts if name != "front"] if cfg.predictor == "local" else []
+        if external:
+            # The bench feeds random speech features; it has no speaker/event/language input to
+            # compute these contexts from, and random ones would not be the gates' real decisions.
+            raise BenchError(f"--checkpoint {setting.checkpoint}: its gates read the contexts {external}, which "
+                             "the benchmark cannot provide (it supports gates on the speech alone, or globalGP)")
+        if cfg.predictor == "global":
+            prompt = tokenizer.prompt("en")[:2]  # <en><asr>: globalGP's context for an English ASR call
+        masks = GATES
+    else:
+        model, _ = owsm.build_owsm(setting.preset)
+        gate_s2t_model(model, GateConfig(encoder=setting.granularity))
+        masks, preset = "random", setting.preset
+    model = model.to(setting.torch_device(), setting.torch_dtype()).eval()
+    return Models(model, ungated_copy(model.encoder).eval(), masks, preset, prompt)
+
+
+def speech_features(setting: Setting):
+    """Random fbank features (B, frames, 80) of `seconds` of audio, and their lengths."""
+    frames = flops.input_frames(setting.seconds)
+    gen = torch.Generator().manual_seed(setting.seed)
+    feats = torch.randn(setting.batch, frames, flops.N_MELS, generator=gen)
+    lengths = torch.full((setting.batch,), frames)
+    return feats.to(setting.torch_device(), setting.torch_dtype()), lengths.to(setting.torch_device())
+
+
+def _prepare(encoder, provider: str, keep: float | None, seed: int) -> None:
+    """Puts the gated encoder in `provider`'s execution with forced masks (or its gates)."""
+    from localgp.model.convert import force_keep
+
+    encoder.execution = provider  # "dense" is an encoder execution that set_execution refuses
+    force_keep(encoder, keep, seed=seed)  # reseeded: the same masks in every call and execution
+
+
+def _kept(record) -> float | None:
+    return 1.0 - float(record.sparsity()) if record is not None and record.masks else None
+
+
+def _pruned(encoder) -> str:
+    cfg = encoder.pruning.config
+    return f"{','.join(ENCODER_MODULES[cfg.encoder])} ({cfg.encoder})"
+
+
+class EncoderWorkload:
+    """The whole encoder (conv2d subsampling + every layer) on fbank features."""
+
+    providers = PROVIDERS
+
+    def __init__(self, setting: Setting):
+        self.setting = setting
+        self.models = load_models(setting)
+        self.encoder = self.models.model.encoder
+        self.feats, self.lengths = speech_features(setting)
+        if self.models.prompt is not None:
+            self.encoder.set_context(prompt=torch.tensor([self.models.prompt] * setting.batch,
+                                                         device=setting.torch_device()))
+        self.shape = flops.EncoderShape.of_encoder(self.encoder)
+        self.masks = self.models.masks
+        self.pruned = _pruned(self.encoder)
+        frames = flops.input_frames(setting.seconds)
+        self.shapes = dict(preset=self.models.preset, d_model=self.shape.d_model, layers=self.shape.layers,
+                           heads=self.encoder.encoders[0].attn.h, input_frames=frames,
+                           frames=flops.subsampled_frames(frames))
+        self.dense_gflops = setting.batch * flops.encoder_macs(self.shape, frames)["total"] / 1e9
+
+    def case(self, provider: str, keep: float | None) -> Case:
+        if provider == "espnet":
+            return Case(lambda: self.models.espnet_encoder(self.feats, self.lengths), lambda: self.dense_gflops)
+        last = {}
+
+        def run():
+            _prepare(self.encoder, provider, keep, self.setting.seed)
+            out = self.encoder(self.feats, self.lengths)
+            last["record"] = self.encoder.last_record
+            return out
+
+        def gflops():
+            macs = flops.executed_encoder_macs(self.encoder, self.lengths.tolist(), provider, last["record"])
+            return macs["total"] / 1e9
+
+        return Case(run, gflops, lambda: _kept(last["record"]))
+
+
+class LayerWorkload:
+    """One E-Branchformer layer (the first) on subsampled features, given its gate logits: the
+    gate predictor's own cost is in the `encoder` part."""
+
+    providers = PROVIDERS
+
+    def __init__(self, setting: Setting):
+        from espnet.nets.pytorch_backend.nets_utils import make_pad_mask
+
+        self.setting = setting
+        self.models = load_models(setting)
+        encoder = self.models.model.encoder
+        self.cfg = encoder.pruning.config
+        self.layer, self.espnet_layer = encoder.encoders[0], self.models.espnet_encoder.encoders[0]
+        feats, lengths = speech_features(setting)
+        with torch.inference_mode():
+            pad_mask = (~make_pad_mask(lengths)[:, None, :]).to(feats.device)
+            self.x, self.pad_mask = encoder.embed(feats, pad_mask)
+            self.valid = self.pad_mask.squeeze(1)
+            self.lengths = self.valid.sum(-1)
+            self.gate_logits = None
+            if self.models.masks == GATES:  # the trained predictor of layer 0, run once
+                if self.models.prompt is not None:
+                    encoder.set_context(prompt=torch.tensor([self.models.prompt] * setting.batch, device=feats.device))
+                    encoder._run_global_gate(self.x, self.valid)
+                    context = None
+                else:
+                    context = encoder._context(self.x)
+                encoder.forced_keep = None
+                self.gate_logits, self.x, _ = encoder._layer_logits(0, self.x, context, self.valid)
+        shape = flops.EncoderShape.of_encoder(encoder)
+        self.shape = dataclasses.replace(shape, layers=1)
+        self.masks = self.models.masks
+        self.pruned = _pruned(encoder)
+        t = self.x.shape[1]
+        self.shapes = dict(preset=self.models.preset, d_model=shape.d_model, layers=1, heads=self.layer.attn.h,
+                           input_frames=flops.input_frames(setting.seconds), frames=t)
+
+    def _logits(self, keep: float | None):
+        if keep is None:
+            return self.gate_logits
+        B, T = self.x.shape[:2]
+        units = len(ENCODER_MODULES[self.cfg.encoder])
+        shape = (B, T, units) if self.cfg.encoder == "temporal" else (B, units)
+        gen = torch.Generator().manual_seed(self.setting.seed)
+        return random_keep_logits(shape, keep, gen, self.x.device).to(self.x.dtype)
+
+    def case(self, provider: str, keep: float | None) -> Case:
+        from localgp.model.encoder import run_layer
+
+        frames = [self.x.shape[1]] * self.x.shape[0]
+        if provider == "espnet":
+            dense = flops.executed_layer_macs(self.shape, GateRecord(), frames, DENSE)["total"] / 1e9
+            return Case(lambda: self.espnet_layer(self.x, self.pad_mask), lambda: dense)
+        logits = None if provider == DENSE else self._logits(keep)
+        last = {}
+
+        def run():
+            last["record"] = record = GateRecord()
+            return run_layer(self.layer, self.x, self.pad_mask, self.lengths, logits, self.cfg, provider, record,
+                             "encoder.0")
+
+        def gflops():
+            return flops.executed_layer_macs(self.shape, last["record"], frames, provider)["total"] / 1e9
+
+        return Case(run, gflops, lambda: _kept(last["record"]))
+
+
+def _decoder_part(setting: Setting) -> Workload:
+    raise NotImplementedError("the decoder parts of `localgp bench` (decoder-step, decode) are added by the "
+                              "decoder issue")
+
+
+PARTS: dict[str, Callable[[Setting], Workload]] = {
+    "layer": LayerWorkload,
+    "encoder": EncoderWorkload,
+    "decoder-step": _decoder_part,  # one decoding step of batch x beam hypotheses
+    "decode": _decoder_part,  # a full beam search
+}
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def parse_keeps(text: str) -> list[float]:
+    """'1.0,0.5' -> [1.0, 0.5]; every value in [0, 1]."""
+    keeps = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise BenchError(f"--keep: {item!r} is not a number (a comma list of shares in [0, 1])") from None
+        if not 0 <= value <= 1:
+            raise BenchError(f"--keep: {value:g} lies outside [0, 1]")
+        keeps.append(value)
+    return keeps
+
+
+def parse_providers(text: str) -> list[str]:
+    providers = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown or not providers:
+        raise BenchError(f"--providers: unknown {unknown or text!r}; choose from {','.join(PROVIDERS)}")
+    return providers
+
+
+def parse_dtype(text: str) -> str:
+    name = DTYPE_ALIASES.get(text, text)
+    if name not in DTYPES:
+        raise BenchError(f"--dtype: {text!r} is not one of {', '.join([*DTYPES, *DTYPE_ALIASES])}")
+    return name
+
+
+def check(setting: Setting, part: str, providers=(), repeats: int = 1, warmup: int = 0) -> None:
+    """Refuses a bad setting with the flag that set it, before any model is built."""
+    if part not in PARTS:
+        raise BenchError(f"--part: unknown part {part!r}; choose from {', '.join(PARTS)}")
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        raise BenchError(f"--providers: unknown {unknown}; choose from {','.join(PROVIDERS)}")
+    if not setting.checkpoint and setting.preset not in owsm.PRESETS:
+        raise BenchError(f"--preset: unknown preset {setting.preset!r}; choose from {', '.join(owsm.PRESETS)}")
+    if setting.dtype not in DTYPES:
+        raise BenchError(f"--dtype: {setting.dtype!r} is not one of {', '.join(DTYPES)}")
+    if setting.granularity not in ENCODER_MODULES:
+        raise BenchError(f"--granularity: {setting.granularity!r} is not one of {', '.join(ENCODER_MODULES)}")
+    for flag, value, least in (("--batch", setting.batch, 1), ("--beam", setting.beam, 1),
+                               ("--repeats", repeats, 1), ("--warmup", warmup, 0)):
+        if value < least:
+            raise BenchError(f"{flag} must be at least {least}, got {value}")
+    if setting.seconds <= 0 or flops.subsampled_frames(flops.input_frames(setting.seconds)) < 1:
+        raise BenchError(f"--seconds: {setting.seconds:g} s is too short for the conv2d subsampling")
+    try:
+        device = setting.torch_device()
+    except RuntimeError as err:
+        raise BenchError(f"--device: {setting.device!r} is not a device ({err})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise BenchError(f"--device: {setting.device!r}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BenchError(f"--device {setting.device}: torch {torch.__version__} sees no CUDA GPU "
+                             f"(torch built with CUDA {torch.version.cuda})")
+        from localgp import ops
+
+        if not ops.has_cuda_kernels():
+            raise BenchError(f"--device {setting.device}: localgp was built without its CUDA kernels; rebuild with "
+                             "LOCALGP_CUDA=1 pip install --no-build-isolation --no-deps -e .")
+    if setting.checkpoint and not Path(setting.checkpoint).is_dir():
+        raise BenchError(f"--checkpoint: {setting.checkpoint} is not a directory (a `localgp train` out_dir)")
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                      device: torch.device) -> dict[str, list[float]]:
+    """Milliseconds of each call. Every repeat runs every function once, in turn: slow drift of
+    the machine (other load, clocks) then shifts all of them alike instead of biasing ratios."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    synchronize(device)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                begin = time.perf_counter()
+                fn()
+                times[name].append(1e3 * (time.perf_counter() - begin))
+    return times
+
+
+# ---------------------------------------------------------------------------- environment
+
+
+def git_revision() -> str:
+    """LOCALGP_REVISION if set (a copy of the tree without .git, e.g. on a GPU machine), else the
+    checkout's commit (+'-dirty' with uncommitted changes to tracked files), else 'unknown'."""
+    if os.environ.get("LOCALGP_REVISION"):
+        return os.environ["LOCALGP_REVISION"]
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(setting: Setting) -> dict:
+    """The columns every row shares: what ran where."""
+    from localgp import __version__
+
+    device = setting.torch_device()
+    return dict(device=setting.device, device_name=device_name(device), threads=torch.get_num_threads(),
+                torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+                localgp=__version__, revision=git_revision(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def run_bench(part: str, setting: Setting, providers=PROVIDERS, keeps=DEFAULT_KEEPS, repeats: int = 5,
+              warmup: int = 1) -> list[dict]:
+    """Rows of one part: for each keep ratio, every provider asked for plus the baselines."""
+    check(setting, part, providers, repeats, warmup)
+    if setting.checkpoint and keeps:
+        raise BenchError("--keep and --checkpoint exclude each other: the trained gates decide what is kept")
+    if not setting.checkpoint and not keeps:
+        raise BenchError("--keep: give at least one keep ratio")
+    workload = PARTS[part](setting)
+    missing = [p for p in providers if p not in workload.providers]
+    if missing:
+        raise BenchError(f"--providers: part {part} has no provider {missing}; it has {','.join(workload.providers)}")
+    measured = [p for p in PROVIDERS if p in providers or p in BASELINES]
+    device = setting.torch_device()
+    common = dict(preset=setting.preset, batch=setting.batch, seconds=setting.seconds, dtype=setting.dtype,
+                  device=setting.device)
+    common.update(workload.shapes)
+    common.update(pruned=workload.pruned, masks=workload.masks, repeats=repeats, warmup=warmup)
+    env = environment(setting)
+    rows = []
+    with torch.inference_mode():
+        for keep in keeps or [None]:
+            cases = {p: workload.case(p, keep) for p in measured}
+            times = timed_interleaved({p: c.run for p, c in cases.items()}, repeats, warmup, device)
+            group = []
+            for provider, case in cases.items():
+                p20, median, p80 = np.percentile(times[provider], [20, 50, 80])
+                group.append(dict(part=part, provider=provider, keep=keep, **common, median_ms=float(median),
+                                  p20_ms=float(p20), p80_ms=float(p80), gflops=case.gflops(),
+                                  kept_share=case.kept_share()))
+            if keep is None:  # trained gates: the share they kept is the row's keep ratio
+                share = next(r["kept_share"] for r in group if r["provider"] == "masked")
+                for r in group:
+                    r["keep"] = share
+            rows += [dict(r, **env) for r in with_speedups(group)]
+    return rows
+
+
+def with_speedups(group: list[dict]) -> list[dict]:
+    """Adds speedup_vs_dense, speedup_vs_masked and efficiency to rows of one keep ratio."""
+    by = {r["provider"]: r for r in group}
+    dense, masked = by["dense"], by["masked"]
+    for r in group:
+        r["speedup_vs_dense"] = dense["median_ms"] / r["median_ms"]
+        r["speedup_vs_masked"] = masked["median_ms"] / r["median_ms"]
+        r["efficiency"] = r["speedup_vs_dense"] / (dense["gflops"] / r["gflops"])
+    return group
+
+
+# ---------------------------------------------------------------------------- output
+
+COLUMNS = ("part", "provider", "keep", "median_ms", "p20_ms", "p80_ms", "gflops", "speedup_vs_dense",
+           "speedup_vs_masked", "efficiency")
+
+
+def title(rows: list[dict]) -> str:
+    r = rows[0]
+    seconds = f"{r['seconds']:g} s ({r['frames']} frames)" if "frames" in r else f"{r['seconds']:g} s"
+    masks = "forced random masks" if r["masks"] == "random" else "trained gates"
+    return (f"{r['part']}, {r['preset']}, batch {r['batch']}, {seconds}, {r['dtype']} on {r['device_name']} "
+            f"({r['device']}, {r['threads']} threads), torch {r['torch']}, revision {r['revision']}; "
+            f"{masks} on {r['pruned']}; median of {r['repeats']} after {r['warmup']} warm-up")
+
+
+def table(rows: list[dict]) -> str:
+    lines = [title(rows),
+             f"{'provider':9s} {'keep':>5s} {'median ms':>10s} {'p20-p80 ms':>19s} {'GFLOPs':>9s} "
+             f"{'vs dense':>9s} {'vs masked':>10s} {'efficiency':>11s}"]
+    for r in rows:
+        lines.append(f"{r['provider']:9s} {r['keep']:5.2f} {r['median_ms']:10.2f} "
+                     f"{r['p20_ms']:9.2f}-{r['p80_ms']:<9.2f} {r['gflops']:9.4g} {r['speedup_vs_dense']:9.3f} "
+                     f"{r['speedup_vs_masked']:10.3f} {r['efficiency']:11.3f}")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict]) -> str:
+    """A Markdown table of rows from one or several runs (RESULTS.md)."""
+    out = ["| part | preset | batch | s | dtype | provider | keep | median ms | p20-p80 ms | GFLOPs | vs dense "
+           "| vs masked | efficiency |", "|" + " --- |" * 13]
+    for r in rows:
+        out.append(f"| {r['part']} | {r['preset']} | {r['batch']} | {r['seconds']:g} | {r['dtype']} | {r['provider']} "
+                   f"| {r['keep']:.2f} | {r['median_ms']:.2f} | {r['p20_ms']:.2f}-{r['p80_ms']:.2f} "
+                   f"| {r['gflops']:.4g} | {r['speedup_vs_dense']:.3f} | {r['speedup_vs_masked']:.3f} "
+                   f"| {r['efficiency']:.3f} |")
+    return "\n".join(out) + "\n"
+
+
+def write_json(rows: list[dict], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=names)
+        writer.writeheader()
+        writer.writerows(rows)

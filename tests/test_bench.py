@@ -1,0 +1,163 @@
+"""`localgp bench` and `localgp profile` on the tiny model: the JSON/CSV contract, the derived
+numbers, the per-module labels, and the errors."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from localgp import bench, profile
+from localgp.cli import main
+from tests.conftest import requires_cuda
+
+CONTRACT = ("part", "provider", "keep", "preset", "batch", "seconds", "dtype", "device", "median_ms", "p20_ms",
+            "p80_ms", "gflops", "speedup_vs_dense", "speedup_vs_masked", "efficiency")
+TINY = ["--preset", "tiny", "--seconds", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The smoke runs are tiny: one thread keeps them quick when other jobs share the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("part", ["layer", "encoder"])
+def test_bench_rows_carry_the_contract(part, tmp_path, capsys):
+    out_json, out_csv = tmp_path / "rows.json", tmp_path / "rows.csv"
+    main(["bench", "--part", part, *TINY, "--keep", "1.0,0.5", "--providers", "espnet,compact", "--repeats", "2",
+          "--warmup", "0", "--json", str(out_json), "--csv", str(out_csv)])
+    assert "efficiency" in capsys.readouterr().out
+    rows = json.loads(out_json.read_text())
+    # dense and masked come along as the baselines of the speedups
+    assert [(r["provider"], r["keep"]) for r in rows] == [
+        (p, k) for k in (1.0, 0.5) for p in ("espnet", "dense", "masked", "compact")]
+    for r in rows:
+        assert all(r[k] is not None for k in CONTRACT), r
+        assert r["part"] == part and r["preset"] == "tiny" and r["dtype"] == "float32" and r["device"] == "cpu"
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["revision"] and r["torch"] == torch.__version__ and r["frames"] == 49
+        by = {x["provider"]: x for x in rows if x["keep"] == r["keep"]}
+        assert r["speedup_vs_dense"] == pytest.approx(by["dense"]["median_ms"] / r["median_ms"])
+        assert r["speedup_vs_masked"] == pytest.approx(by["masked"]["median_ms"] / r["median_ms"])
+        assert r["efficiency"] == pytest.approx(r["speedup_vs_dense"] * r["gflops"] / by["dense"]["gflops"])
+    half = {r["provider"]: r for r in rows if r["keep"] == 0.5}
+    # masked computes everything; compact only the kept frames of FFN1/attention/FFN2
+    assert half["masked"]["gflops"] == half["dense"]["gflops"] == half["espnet"]["gflops"]
+    assert half["compact"]["gflops"] < half["dense"]["gflops"]
+    full = {r["provider"]: r for r in rows if r["keep"] == 1.0}
+    assert full["compact"]["gflops"] == full["dense"]["gflops"] and full["compact"]["kept_share"] == 1.0
+    assert half["compact"]["kept_share"] == pytest.approx(0.5, abs=0.1)
+    with open(out_csv) as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and float(table[3]["median_ms"]) == pytest.approx(rows[3]["median_ms"])
+
+
+@pytest.mark.parametrize("part", ["layer", "encoder"])
+def test_espnet_and_dense_compute_the_same(part):
+    """dense is ESPnet's computation through our code: the baseline must not differ in what it computes."""
+    workload = bench.PARTS[part](bench.Setting(preset="tiny", seconds=2))
+    with torch.inference_mode():
+        espnet = workload.case("espnet", 1.0).run()[0]
+        dense = workload.case("dense", 1.0).run()
+        masked = workload.case("masked", 1.0).run()
+    dense, masked = (dense[0], masked[0]) if part == "encoder" else (dense, masked)
+    assert torch.equal(espnet, dense) and torch.equal(espnet, masked)
+
+
+def test_profile_labels_add_up(tmp_path, capsys):
+    out = tmp_path / "prof"
+    main(["profile", *TINY, "--keep", "0.5", "--repeats", "1", "--out", str(out)])
+    assert "gate+c+s" in capsys.readouterr().out
+    report = json.loads((out / "profile.json").read_text())
+    by = {r["mode"]: r for r in report["results"]}
+    assert set(by) == {"dense", "masked", "compact"}
+    layer_modules = {"subsampling", "ffn1", "attention", "cgmlp", "merge", "ffn2"}
+    assert layer_modules | {"gate", "compaction", "scatter"} <= set(by["compact"]["modules_ms"])
+    assert layer_modules | {"gate", "scatter"} <= set(by["masked"]["modules_ms"])
+    assert not {"gate", "compaction", "scatter"} & set(by["dense"]["modules_ms"])
+    for r in report["results"]:
+        assert sum(r["modules_ms"].values()) == pytest.approx(r["total_ms"])
+        assert r["syncs"] is None  # counted on CUDA only
+        trace = json.loads((out / r["trace"]).read_text())
+        assert any(e.get("name") == "localgp.ffn1" for e in trace["traceEvents"])
+    for mode in ("dense", "masked", "compact"):
+        assert (out / f"profile_{mode}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "compaction" in (out / "profile.txt").read_text()
+
+
+@pytest.mark.parametrize("part", ["layer", "encoder"])
+def test_bench_with_trained_gates(part, trained_run, tmp_path):
+    out = tmp_path / "rows.json"
+    main(["bench", "--part", part, "--checkpoint", str(trained_run), "--seconds", "2", "--repeats", "1",
+          "--warmup", "0", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert {r["masks"] for r in rows} == {"gates"} and {r["preset"] for r in rows} == {"tiny"}
+    by = {r["provider"]: r for r in rows}
+    # the gates decide: the same masks in masked and compact, and their share is the row's keep
+    assert by["compact"]["kept_share"] == by["masked"]["kept_share"]
+    assert all(r["keep"] == by["masked"]["kept_share"] for r in rows)
+    with pytest.raises(SystemExit, match="--preset and --checkpoint"):
+        main(["bench", "--part", part, "--checkpoint", str(trained_run), "--preset", "tiny"])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A `localgp train` run directory: tiny model, temporal gates on the speech, one step."""
+    from localgp.train import Trainer
+    from tests.test_train import config
+
+    root = tmp_path_factory.mktemp("bench")
+    Trainer(config(root, "run", max_steps=1, gates={"encoder": "temporal"})).train()
+    return root / "run"
+
+
+def test_attribution_gives_each_moment_to_the_innermost_label():
+    spans = [(0, 10, "ffn1"), (2, 4, "compaction"), (12, 20, "attention"), (14, 16, "scatter")]
+    times = profile.attribute(spans, 0, 25)
+    assert times == {"ffn1": 8, "compaction": 2, "other": 7, "attention": 6, "scatter": 2}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--providers", "dense,fast"], "--providers"),
+    (["bench", "--keep", "1.0,1.5"], "--keep"),
+    (["bench", "--keep", "half"], "--keep"),
+    (["bench", "--seconds", "0.01"], "--seconds"),
+    (["bench", "--dtype", "float16"], "--dtype"),
+    (["bench", "--repeats", "0"], "--repeats"),
+    (["bench", "--device", "tpu"], "--device"),
+    (["bench", "--checkpoint", "somewhere", "--keep", "0.5"], "--keep and --checkpoint"),
+    (["profile", "--keep", "-0.1"], "--keep"),
+    (["profile", "--checkpoint", "/nonexistent/run"], "--checkpoint"),
+])
+def test_bad_settings_name_their_flag(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main([*argv, "--preset", "tiny"] if "--checkpoint" not in argv else argv)
+
+
+def test_unknown_part_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--part", "everything"])
+    assert "--part" in capsys.readouterr().err
+    with pytest.raises(bench.BenchError, match="--part"):
+        bench.run_bench("everything", bench.Setting(preset="tiny"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_without_a_gpu_is_refused():
+    with pytest.raises(SystemExit, match="--device cuda"):
+        main(["bench", *TINY, "--device", "cuda"])
+
+
+@requires_cuda
+def test_bench_and_profile_on_cuda(tmp_path):
+    rows = bench.run_bench("encoder", bench.Setting(preset="tiny", seconds=2, device="cuda", dtype="bfloat16"),
+                           keeps=[0.5], repeats=2, warmup=1)
+    assert {r["provider"] for r in rows} == set(bench.PROVIDERS) and rows[0]["cuda"] == torch.version.cuda
+    report = profile.run_profile("encoder", bench.Setting(preset="tiny", seconds=2, device="cuda"), keeps=[0.5],
+                                 repeats=1, out=tmp_path)
+    compact = next(r for r in report["results"] if r["mode"] == "compact")
+    assert compact["syncs"] >= 1 and {"compaction", "ffn1", "scatter"} <= set(compact["modules_ms"])
