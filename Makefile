@@ -17,15 +17,19 @@ build: setup
 test: build
 	$(PY) -m pytest -q tests
 
-# The main job. Until `localgp demo` exists it is the fused-ops benchmark.
-demo: bench
+# The main job: demo corpus -> ~8 min of training (localGP + speaker context) -> beam-search decode of
+# the test split -> $(OUT)/demo/report.md, report.json, masks.png. espeak-ng (German synthesis) is
+# installed (root) or unpacked without root by tools/ensure_espeak.sh, which prints its directory.
+demo: build
+	PATH="$$(bash tools/ensure_espeak.sh):$$PATH" $(PY) -m localgp demo --out $(OUT)/demo
 
-# pytest-benchmark suites (not part of `make test`): the fused ops, then the encoder.
+# pytest-benchmark suites (not part of `make test`): the fused ops, the encoder, the decoder.
 bench: build
 	mkdir -p $(OUT)
 	$(PY) -m pytest -q benchmarks/bench_ops.py --benchmark-json=$(OUT)/bench_ops.json
 	$(PY) benchmarks/report_ops.py $(OUT)/bench_ops.json
 	$(PY) -m pytest -q benchmarks/bench_encoder.py --benchmark-json=$(OUT)/bench_encoder.json
+	$(PY) -m pytest -q benchmarks/bench_decoder.py --benchmark-json=$(OUT)/bench_decoder.json
 
 # Compile-checks every csrc/**/*.cu with nvcc for sm_80 and sm_90; needs no GPU.
 cuda-check: setup

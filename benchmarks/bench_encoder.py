@@ -23,20 +23,6 @@ KEEPS = [1.0, 0.7, 0.5, 0.3] if CUDA else [1.0, 0.5]
 ROUNDS, WARMUP = (30, 3) if CUDA else (3, 1)
 
 
-def time_case(benchmark, case: bench.Case, setting: bench.Setting, **info) -> None:
-    """pytest-benchmark rounds of one case, each ended by a device synchronisation."""
-    device = setting.torch_device()
-
-    def timed():
-        case.run()
-        bench.synchronize(device)
-
-    with torch.inference_mode():
-        benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-    benchmark.extra_info.update(gflops=case.gflops(), kept_share=case.kept_share(), batch=setting.batch,
-                                seconds=setting.seconds, dtype=setting.dtype, **info, **bench.environment(setting))
-
-
 @pytest.fixture(scope="module", params=["layer", "encoder"])
 def workload(request):
     return request.param, bench.PARTS[request.param](SETTING)
@@ -47,5 +33,5 @@ def workload(request):
 def test_encoder(benchmark, workload, provider, keep):
     part, w = workload
     benchmark.group = f"{part} keep={keep}"
-    time_case(benchmark, w.case(provider, keep), SETTING, part=part, provider=provider, keep=keep, **w.shapes,
+    bench.time_case(benchmark, w.case(provider, keep), SETTING, ROUNDS, WARMUP, part=part, provider=provider, keep=keep, **w.shapes,
               pruned=w.pruned)

@@ -9,9 +9,10 @@
 # 2. builds the op library with its CUDA kernels (LOCALGP_CUDA=1: fails loudly if it cannot);
 # 3. runs the CUDA tests (pytest -m requires_cuda, on the test files that have them);
 # 4. the matrix: presets base/small/medium, bf16, batch 1 and 8, keep 1.0/0.7/0.5/0.3, 30 s,
-#    parts encoder and decode: `localgp bench` -> OUTDIR/bench_<part>_<preset>_b<batch>.json/.csv;
-# 5. `localgp profile` of the medium encoder, batch 8, keep 1.0 and 0.5 -> OUTDIR/profile/
-#    (profile.txt/json, profile_<mode>.png, trace_<mode>_keep<k>.json);
+#    part encoder (batch 1 and 8), part decode (batch 1 and 32, 50 steps of beam 5):
+#    `localgp bench` -> OUTDIR/bench_<part>_<preset>_b<batch>.json/.csv;
+# 5. `localgp profile` of the medium encoder, batch 8, keep 1.0 and 0.5 -> OUTDIR/profile/, and of the
+#    medium decode, batch 32 -> OUTDIR/profile_decode/ (profile.txt/json, profile_<mode>.png, traces);
 # 6. OUTDIR/results.md: every row in one Markdown table, headed by date, device and revision
 #    (for benchmarks/RESULTS.md); OUTDIR/log.txt: everything printed.
 #
@@ -109,19 +110,24 @@ mapfile -t CUDA_TESTS < <(grep -lE 'requires_cuda|DEVICES' tests/test_*.py)
 step "CUDA tests (${CUDA_TESTS[*]})" "$TESTS_S" "$PY" -m pytest -q -m requires_cuda -p no:cacheprovider "${CUDA_TESTS[@]}"
 
 # ---- 4. + 5. the matrix, the profile
-bench() {  # PART PRESET BATCH
+bench() {  # PART PRESET BATCH [more flags]
   local name="bench_$1_$2_b$3"
   step "$name" 240 "$PY" -m localgp bench --part "$1" --preset "$2" --batch "$3" --dtype bfloat16 --device cuda \
-    --seconds 30 --keep 1.0,0.7,0.5,0.3 --json "$OUT/$name.json" --csv "$OUT/$name.csv"
+    --seconds 30 --keep 1.0,0.7,0.5,0.3 --json "$OUT/$name.json" --csv "$OUT/$name.csv" "${@:4}"
 }
 for preset in base small medium; do
   for batch in 1 8; do bench encoder "$preset" "$batch"; done
 done
 step "profile encoder medium b8" 120 "$PY" -m localgp profile --part encoder --preset medium --batch 8 --dtype bfloat16 \
   --device cuda --keep 1.0,0.5 --out "$OUT/profile"
+# decode: 50 steps of beam 5; ESPnet's search (one utterance after another) only at batch 1, where it
+# takes seconds a call; at batch 32 the rows are this decoder's alone.
 for preset in base small medium; do
-  for batch in 1 8; do bench decode "$preset" "$batch"; done
+  bench decode "$preset" 1 --keep 1.0,0.5 --tokens 50 --repeats 3
+  bench decode "$preset" 32 --keep 1.0,0.7,0.5,0.3 --tokens 50 --repeats 3 --providers dense,masked,compact
 done
+step "profile decode medium b32" 120 "$PY" -m localgp profile --part decode --preset medium --batch 32 --dtype bfloat16 \
+  --device cuda --keep 0.5 --tokens 50 --out "$OUT/profile_decode"
 
 # ---- 6. one table
 "$PY" - "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"

@@ -72,6 +72,7 @@ class Setting:
     dtype: str = "float32"  # float32 or bfloat16
     device: str = "cpu"  # cpu, cuda, cuda:N
     beam: int = 5  # hypotheses per utterance (decoder parts)
+    tokens: int = 50  # decoder parts: decode steps (decode), prefix length (decoder-step)
     checkpoint: str | None = None  # a `localgp train` out_dir: its trained gates decide the masks
     granularity: str = "temporal"  # encoder gates: temporal (FFN1/attention/FFN2 per frame) or utterance
     seed: int = 0  # weights, inputs and forced masks
@@ -291,16 +292,20 @@ class LayerWorkload:
         return Case(run, gflops, lambda: _kept(last["record"]))
 
 
-def _decoder_part(setting: Setting) -> Workload:
-    raise NotImplementedError("the decoder parts of `localgp bench` (decoder-step, decode) are added by the "
-                              "decoder issue")
+def _decoder_part(name: str) -> Callable[[Setting], Workload]:
+    def build(setting: Setting) -> Workload:
+        from localgp import bench_decoder  # it imports this module
+
+        return {"decoder-step": bench_decoder.DecoderStepWorkload, "decode": bench_decoder.DecodeWorkload}[name](setting)
+
+    return build
 
 
 PARTS: dict[str, Callable[[Setting], Workload]] = {
     "layer": LayerWorkload,
     "encoder": EncoderWorkload,
-    "decoder-step": _decoder_part,  # one decoding step of batch x beam hypotheses
-    "decode": _decoder_part,  # a full beam search
+    "decoder-step": _decoder_part("decoder-step"),  # one decoding step of batch x beam hypotheses
+    "decode": _decoder_part("decode"),  # a full beam search
 }
 
 
@@ -350,6 +355,7 @@ def check(setting: Setting, part: str, providers=(), repeats: int = 1, warmup: i
     if setting.granularity not in ENCODER_MODULES:
         raise BenchError(f"--granularity: {setting.granularity!r} is not one of {', '.join(ENCODER_MODULES)}")
     for flag, value, least in (("--batch", setting.batch, 1), ("--beam", setting.beam, 1),
+                               ("--tokens", setting.tokens, 2 if part == "decoder-step" else 1),
                                ("--repeats", repeats, 1), ("--warmup", warmup, 0)):
         if value < least:
             raise BenchError(f"{flag} must be at least {least}, got {value}")
@@ -405,6 +411,21 @@ def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup
                 fn()
                 times[name].append(1e3 * (time.perf_counter() - begin))
     return times
+
+
+def time_case(benchmark, case: Case, setting: Setting, rounds: int, warmup: int, **info) -> None:
+    """pytest-benchmark rounds of one case (the suites in benchmarks/), each ended by a device
+    synchronisation; extra_info holds the executed GFLOPs and what ran where."""
+    device = setting.torch_device()
+
+    def timed():
+        case.run()
+        synchronize(device)
+
+    with torch.inference_mode():
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    benchmark.extra_info.update(gflops=case.gflops(), kept_share=case.kept_share(), batch=setting.batch,
+                                seconds=setting.seconds, dtype=setting.dtype, **info, **environment(setting))
 
 
 # ---------------------------------------------------------------------------- environment

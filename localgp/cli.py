@@ -89,6 +89,123 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_decode(args: argparse.Namespace) -> int:
+    import logging
+
+    from localgp.decoding import DecodeOptions
+    from localgp.transcribe import decode_run
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.beam < 1:
+        raise SystemExit(f"decode: --beam must be at least 1, got {args.beam}")
+    if args.batch < 1:
+        raise SystemExit(f"decode: --batch must be at least 1, got {args.batch}")
+    options = DecodeOptions(beam_size=args.beam, ctc_weight=args.ctc_weight, penalty=args.penalty,
+                            maxlenratio=args.maxlenratio, execution=args.execution)
+    records = decode_run(args.run, args.out, split=args.split, options=options, batch_size=args.batch,
+                         tasks=tuple(args.tasks.split(",")), device=args.device, limit=args.limit)
+    print(f"{len(records)} decoded records in {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import logging
+
+    from localgp.demo import run_demo
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"demo: --steps must be at least 1, got {args.steps}")
+    if args.minutes <= 0:
+        raise SystemExit(f"demo: --minutes must be positive, got {args.minutes}")
+    run_demo(out=args.out, data=args.data, steps=args.steps, minutes=args.minutes, device=args.device,
+             beam=args.beam, batch=args.batch, limit=args.limit)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from localgp.evaluate import markdown_table, read_decoded, score, write_report
+
+    records = read_decoded(args.decoded)
+    if not records:
+        raise ValueError(f"evaluate: {args.decoded} is empty: no decoded record to score")
+    report = score(records)
+    print(markdown_table(report, args.label), end="")
+    write_report(report, args.out, args.label)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from localgp import analyze
+
+    if args.analysis == "masks":
+        print(analyze.masks_from_checkpoint(args.checkpoint, args.audio, args.language, args.out))
+        return 0
+    from localgp.evaluate import read_decoded
+
+    result = analyze.word_start_from_records(read_decoded(args.decoded), args.language, args.task)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def bench_setting(args: argparse.Namespace):
+    """The benchmark Setting of `bench` and `profile` flags (bench.BenchError names a bad flag)."""
+    from localgp import bench
+
+    if args.checkpoint and args.preset:
+        raise bench.BenchError("--preset and --checkpoint exclude each other: the checkpoint has its own model")
+    if args.checkpoint and args.keep:
+        raise bench.BenchError("--keep and --checkpoint exclude each other: the trained gates decide what is kept")
+    return bench.Setting(preset=args.preset or "medium", batch=args.batch, seconds=args.seconds,
+                         dtype=bench.parse_dtype(args.dtype), device=args.device, beam=args.beam, tokens=args.tokens,
+                         checkpoint=args.checkpoint, granularity=args.granularity, seed=args.seed)
+
+
+def bench_keeps(args: argparse.Namespace, default: str) -> list[float]:
+    from localgp import bench
+
+    return [] if args.checkpoint else bench.parse_keeps(args.keep or default)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from localgp import bench
+
+    try:
+        setting = bench_setting(args)
+        cuda = setting.device.startswith("cuda")
+        rows = bench.run_bench(args.part, setting, bench.parse_providers(args.providers),
+                               bench_keeps(args, ",".join(map(str, bench.DEFAULT_KEEPS))),
+                               repeats=(20 if cuda else 5) if args.repeats is None else args.repeats,
+                               warmup=(3 if cuda else 1) if args.warmup is None else args.warmup)
+    except (bench.BenchError, NotImplementedError) as err:
+        raise SystemExit(f"localgp bench: {err}") from None
+    print(bench.table(rows))
+    if args.json:
+        bench.write_json(rows, args.json)
+    if args.csv:
+        bench.write_csv(rows, args.csv)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from localgp import bench, profile
+
+    try:
+        report = profile.run_profile(args.part, bench_setting(args), bench.parse_providers(args.providers),
+                                     bench_keeps(args, "0.5"), repeats=args.repeats, warmup=args.warmup, out=args.out)
+    except (bench.BenchError, NotImplementedError) as err:
+        raise SystemExit(f"localgp profile: {err}") from None
+    print(profile.table(report))
+    print(f"wrote {args.out}/profile.json, profile.txt, profile_<mode>.png, trace_<mode>_keep<k>.json")
+    return 0
+
+
 def keep_ratio(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
@@ -128,6 +245,91 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML file with the fields of localgp.train.TrainConfig")
     train.add_argument("--steps", type=int, help="override max_steps")
     train.set_defaults(func=cmd_train)
+
+    decode = sub.add_parser("decode", help="beam search of a trained run over a corpus split (JSONL, resumable)")
+    decode.add_argument("run", help="a `localgp train` out_dir")
+    decode.add_argument("--out", required=True, help="JSONL of decoded records (appended; a rerun resumes)")
+    decode.add_argument("--split", default="test", help="corpus split (manifest and Europarl-ST data)")
+    decode.add_argument("--tasks", default="asr,st", help="asr, st or both (every translation present)")
+    decode.add_argument("--beam", type=int, default=5, help="hypotheses per utterance")
+    decode.add_argument("--batch", type=int, default=8, help="utterances decoded together")
+    decode.add_argument("--ctc-weight", type=float, default=0.0, help="CTC prefix score weight (decoder: 1 - it)")
+    decode.add_argument("--penalty", type=float, default=0.0, help="length bonus per token")
+    decode.add_argument("--maxlenratio", type=float, default=0.0,
+                        help="0: up to one token per encoder frame with end detection; <0: at most -N tokens")
+    decode.add_argument("--execution", choices=["compact", "masked"], default="compact")
+    decode.add_argument("--device", default="cpu")
+    decode.add_argument("--limit", type=int, help="decode only the first N examples")
+    decode.set_defaults(func=cmd_decode)
+
+    demo = sub.add_parser("demo", help="the main job: prepare the demo corpus, train, decode, report")
+    demo.add_argument("--out", default="out/demo", help="run, decoded records, report.json/.md, masks.png")
+    demo.add_argument("--data", default="data/demo", help="the demo corpus (prepared here when missing)")
+    demo.add_argument("--steps", type=int, help="training steps (default: as many as --minutes allow)")
+    demo.add_argument("--minutes", type=float, default=8.0, help="training time when --steps is not given")
+    demo.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
+    demo.add_argument("--beam", type=int, default=5)
+    demo.add_argument("--batch", type=int, default=8, help="utterances decoded together")
+    demo.add_argument("--limit", type=int, help="decode only the first N test examples")
+    demo.set_defaults(func=cmd_demo)
+
+    evaluate = sub.add_parser("evaluate", help="WER, BLEU, GFLOPs, sparsity of decoded records: report.md, report.json")
+    evaluate.add_argument("decoded", help="JSONL of decoded records (localgp.evaluate.Decoded, as the decoder writes)")
+    evaluate.add_argument("--out", required=True, help="directory for report.json and report.md")
+    evaluate.add_argument("--label", default="this run", help="the model's name in the table's row")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    analyze = sub.add_parser("analyze", help="the paper's analyses: the temporal-mask figure, the word-start test")
+    analyses = analyze.add_subparsers(dest="analysis", required=True)
+    masks = analyses.add_parser("masks", help="log-mel spectrogram above the per-layer temporal masks of one file (PNG)")
+    masks.add_argument("--checkpoint", required=True, help="a training run's out_dir (checkpoint.pth, tokenizer/)")
+    masks.add_argument("--audio", required=True, help="audio file (any PyAV format, resampled to 16 kHz)")
+    masks.add_argument("--language", default="en", help="ISO 639-1 code of the speech")
+    masks.add_argument("--out", required=True, help="PNG file to write")
+    masks.set_defaults(func=cmd_analyze)
+    word_start = analyses.add_parser("word-start", help="src-attention keep rate: word-start tokens vs the others")
+    word_start.add_argument("decoded", help="JSONL of decoded records with tokens and src_attn_keep")
+    word_start.add_argument("--language", help="only records whose speech is in this language (the paper: de)")
+    word_start.add_argument("--task", choices=["asr", "st", "all"], default="all")
+    word_start.add_argument("--out", help="also write the result to this JSON file")
+    word_start.set_defaults(func=cmd_analyze)
+
+    from localgp.bench import PARTS, PROVIDERS
+
+    def bench_flags(p, repeats_default, repeats_help):
+        p.add_argument("--part", choices=list(PARTS), default="encoder",
+                       help="layer: one encoder layer; encoder; decoder-step; decode: a full beam search")
+        p.add_argument("--preset", choices=sorted(PRESETS), help="model size, random weights (default medium)")
+        p.add_argument("--checkpoint", help="a `localgp train` out_dir: its model and trained gates decide the masks")
+        p.add_argument("--batch", type=int, default=1, help="utterances per call")
+        p.add_argument("--seconds", type=float, default=30.0, help="audio per utterance (OWSM pads to 30 s)")
+        p.add_argument("--dtype", default="float32", help="float32 (fp32) or bfloat16 (bf16)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+        p.add_argument("--granularity", choices=["temporal", "utterance"], default="temporal",
+                       help="temporal: FFN1/attention/FFN2 per frame; utterance: all four modules per utterance")
+        p.add_argument("--repeats", type=int, default=repeats_default, help=repeats_help)
+        p.add_argument("--beam", type=int, default=5, help="hypotheses per utterance (decoder parts)")
+        p.add_argument("--tokens", type=int, default=50,
+                       help="decoder parts: decode steps (decode) or prefix length (decoder-step)")
+        p.add_argument("--seed", type=int, default=0, help="weights, inputs and forced masks")
+
+    bench = sub.add_parser("bench", help="wall-clock of a model part: espnet, dense, masked, compact, per keep ratio")
+    bench_flags(bench, None, "timed calls per provider (default 20 on cuda, 5 on cpu)")
+    bench.add_argument("--providers", default=",".join(PROVIDERS),
+                       help="comma list; dense and masked are always measured (the speedups need them)")
+    bench.add_argument("--keep", help="comma list of kept shares, masks forced at random (default 1.0,0.7,0.5,0.3)")
+    bench.add_argument("--warmup", type=int, help="untimed calls per provider first (default 3 on cuda, 1 on cpu)")
+    bench.add_argument("--json", help="write the rows to this JSON file")
+    bench.add_argument("--csv", help="write the rows to this CSV file")
+    bench.set_defaults(func=cmd_bench)
+
+    prof = sub.add_parser("profile", help="per-module latency of one call (table, stacked bars, Chrome traces)")
+    bench_flags(prof, 3, "profiled calls per mode, averaged")
+    prof.add_argument("--providers", default="dense,masked,compact", help="comma list of the modes profiled")
+    prof.add_argument("--keep", help="comma list of kept shares, masks forced at random (default 0.5)")
+    prof.add_argument("--warmup", type=int, default=1, help="unprofiled calls first")
+    prof.add_argument("--out", default="out/profile", help="directory for profile.json, the PNGs and the traces")
+    prof.set_defaults(func=cmd_profile)
     return parser
 
 

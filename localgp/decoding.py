@@ -31,6 +31,7 @@ from localgp.gates import gate_mask, random_keep_logits
 from localgp.model.attention import heads, memory_attention
 from localgp.model.config import EXECUTIONS
 from localgp.model.decoder import GatedTransformerDecoder
+from localgp.model.gating import profiled
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +176,16 @@ class IncrementalDecoder:
     def start(self, memory: Tensor, memory_lens: Tensor) -> DecoderCache:
         """memory (A, S, D) encoder output; memory_lens (A,). One row per utterance to begin with."""
         dec = self.decoder
-        A, S, _ = memory.shape
         attn = dec.decoders[0].self_attn
-        cache = DecoderCache(len(dec.decoders), A, attn.h, attn.d_k, len(MODULES), memory)
+        cache = DecoderCache(len(dec.decoders), memory.shape[0], attn.h, attn.d_k, len(MODULES), memory)
+        with profiled("memory_kv"):
+            self._project_memory(cache, memory, memory_lens)
+        dec.embed[1].extend_pe(memory.new_empty(1, 1))  # moves the positional table to memory's dtype/device
+        return cache
+
+    def _project_memory(self, cache: DecoderCache, memory: Tensor, memory_lens: Tensor) -> None:
+        dec = self.decoder
+        A, S, _ = memory.shape
         allowed = torch.arange(S, device=memory.device)[None] < memory_lens.to(memory.device)[:, None]
         # OWSM pads every input to 30 s, so usually no frame is padding and attention needs no mask.
         cache.memory_allowed = None if bool(allowed.all()) else allowed
@@ -202,8 +210,6 @@ class IncrementalDecoder:
                     raise ValueError("decode: globalGP's decoder decisions come from the encoder's forward pass "
                                      "on the same utterances; run the encoder first")
                 cache.utterance_keep = self._decide(logits.unflatten(1, (len(dec.decoders), len(MODULES))))
-        dec.embed[1].extend_pe(memory.new_empty(1, 1))  # moves the positional table to memory's dtype/device
-        return cache
 
     def _decide(self, logits: Tensor) -> Tensor:
         """Keep decisions (bool) from gate logits (..., 2): the threshold the gated decoder uses."""
@@ -224,15 +230,16 @@ class IncrementalDecoder:
         x = embedding(tokens) * positional.xscale + positional.pe[0, position]
         slots = cache.new_slots()
         for index, layer in enumerate(dec.decoders):
-            keep, x = self._layer_keep(index, x, cache, position)
-            if keep is not None:
-                cache.keep_slab[slots, index] = keep
+            with profiled("gate"):
+                keep, x = self._layer_keep(index, x, cache, position)
+                if keep is not None:
+                    cache.keep_slab[slots, index] = keep
             x = self._layer(index, layer, x, cache, slots, keep)
         if not logits:
             return None
         self.macs += dec.output_layer.weight.numel() * x.shape[0]
-        y = dec.after_norm(x)
-        return torch.log_softmax(dec.output_layer(y).float(), dim=-1)
+        with profiled("output"):
+            return torch.log_softmax(dec.output_layer(dec.after_norm(x)).float(), dim=-1)
 
     def _layer_keep(self, index: int, x: Tensor, cache: DecoderCache, position: int):
         """(rows, modules) bool decisions of this layer (None: ungated), and x after the predictor."""
@@ -277,11 +284,11 @@ class IncrementalDecoder:
 
     def _layer(self, index, layer, x, cache: DecoderCache, slots: Tensor, keep: Tensor | None) -> Tensor:
         attn, src = layer.self_attn, layer.src_attn
-        h = layer.norm1(x)
-        # Every row's keys/values are written, kept or not: later tokens attend to them.
         kv = cache.kv[index]
-        kv[slots, 0] = attn.k_norm(heads(attn, attn.linear_k, h))
-        kv[slots, 1] = heads(attn, attn.linear_v, h)
+        with profiled("self_attn"):  # every row's keys/values are written, kept or not: later tokens attend to them
+            h = layer.norm1(x)
+            kv[slots, 0] = attn.k_norm(heads(attn, attn.linear_k, h))
+            kv[slots, 1] = heads(attn, attn.linear_v, h)
         R = cache.rows_per_utterance
 
         def self_attention(x_rows, rows: RowSet | None):
@@ -310,15 +317,21 @@ class IncrementalDecoder:
         self.macs += n * 2 * D * D
         if keep is None or self.execution == "masked":  # dense, or the papers' masked execution
             for m, fn in enumerate(functions):
-                y = fn(x, None)
-                x = x + (y if keep is None else y * keep[:, m, None].to(x.dtype))
+                with profiled(MODULES[m]):
+                    y = fn(x, None)
+                with profiled("scatter"):
+                    x = x + (y if keep is None else y * keep[:, m, None].to(x.dtype))
                 self.macs += n * per_row[m]
             return x
-        for m, (rows, fn) in enumerate(zip(self._row_sets(keep, R), functions, strict=True)):
-            if rows is None:
-                x = x + fn(x, None)
-            elif rows.index.numel():  # no row keeps it: its weights are not touched
-                x = x.index_add(0, rows.index, fn(x.index_select(0, rows.index), rows))
+        with profiled("compaction"):
+            row_sets = self._row_sets(keep, R)
+        for m, (rows, fn) in enumerate(zip(row_sets, functions, strict=True)):
+            if rows is not None and not rows.index.numel():
+                continue  # no row keeps it: its weights are not touched
+            with profiled(MODULES[m]):
+                y = fn(x if rows is None else x.index_select(0, rows.index), rows)
+            with profiled("scatter"):
+                x = x + y if rows is None else x.index_add(0, rows.index, y)
             self.macs += (n if rows is None else rows.index.numel()) * per_row[m]
         return x
 
@@ -424,58 +437,59 @@ class BatchBeamSearch:
         step = 0
         while active:
             logp = self.decoder.step(cache, tokens)
-            weighted = logp * (1 - o.ctc_weight) if ctc is not None else logp
-            if suppressed.numel():
-                weighted.index_fill_(1, suppressed, -math.inf)
-            if o.penalty:
-                weighted += o.penalty
-            if o.fixed_length is not None:
-                weighted[:, self.eos] = -math.inf
-            if ctc is not None:
-                pre_beam = int(o.pre_beam_ratio * K)
-                ids = torch.topk(weighted, pre_beam, dim=-1)[1] if pre_beam < V else None
-                weighted = weighted + o.ctc_weight * ctc(yseq, ids)
-            weighted += score[:, None]
-            R = cache.rows_per_utterance
-            top_scores, top_ids = weighted.view(len(active), R * V).topk(K, dim=-1)
-            base = (torch.arange(len(active), device=device) * R)[:, None]
-            parents = (top_ids // V + base).flatten()
-            new_tokens = (top_ids % V).flatten()
-            score = top_scores.flatten()
-            host_parents, host_tokens = torch.stack([parents, new_tokens]).tolist()
-            host_scores = score.tolist()
-            if ctc is not None:
-                ctc.select(parents, new_tokens)
-            yseq = [yseq[p] + [t] for p, t in zip(host_parents, host_tokens, strict=True)]
-            dead, going_on = [], []
-            for u, a in enumerate(active):
-                maxlen, minlen = limits[a]
-                for r in range(u * K, (u + 1) * K):
-                    if step == maxlen - 1:  # the length limit: every hypothesis ends here
-                        yseq[r].append(self.eos)
-                    if yseq[r][-1] != self.eos:
-                        continue
-                    dead.append(r)
-                    if step >= minlen and math.isfinite(host_scores[r]):
-                        ended[a].append(Hypothesis(yseq[r], host_scores[r], P, slots=cache.ancestry[host_parents[r]]))
-                finished = step == maxlen - 1 or all(r in dead for r in range(u * K, (u + 1) * K))
-                if not finished and o.maxlenratio == 0 and o.fixed_length is None:
-                    finished = end_detect([{"yseq": h.yseq, "score": h.score} for h in ended[a]], step)
-                if not finished:
-                    going_on.append(u)
-            if dead:
-                score[torch.tensor(dead, device=device)] = -math.inf  # ended: never extended again
-            step += 1
-            if not going_on:
-                break
-            keep_rows = [r for u in going_on for r in range(u * K, (u + 1) * K)]
-            rows = torch.tensor(keep_rows, device=device)
-            cache.reorder(parents.index_select(0, rows), going_on)
-            if ctc is not None:
-                ctc.keep(rows, going_on)
-            tokens, score = new_tokens.index_select(0, rows), score.index_select(0, rows)
-            yseq = [yseq[r] for r in keep_rows]
-            active = [active[u] for u in going_on]
+            with profiled("beam"):  # scores, top-k, hypotheses, <eos>, limits
+                weighted = logp * (1 - o.ctc_weight) if ctc is not None else logp
+                if suppressed.numel():
+                    weighted.index_fill_(1, suppressed, -math.inf)
+                if o.penalty:
+                    weighted += o.penalty
+                if o.fixed_length is not None:
+                    weighted[:, self.eos] = -math.inf
+                if ctc is not None:
+                    pre_beam = int(o.pre_beam_ratio * K)
+                    ids = torch.topk(weighted, pre_beam, dim=-1)[1] if pre_beam < V else None
+                    weighted = weighted + o.ctc_weight * ctc(yseq, ids)
+                weighted += score[:, None]
+                R = cache.rows_per_utterance
+                top_scores, top_ids = weighted.view(len(active), R * V).topk(K, dim=-1)
+                base = (torch.arange(len(active), device=device) * R)[:, None]
+                parents = (top_ids // V + base).flatten()
+                new_tokens = (top_ids % V).flatten()
+                score = top_scores.flatten()
+                host_parents, host_tokens = torch.stack([parents, new_tokens]).tolist()
+                host_scores = score.tolist()
+                if ctc is not None:
+                    ctc.select(parents, new_tokens)
+                yseq = [yseq[p] + [t] for p, t in zip(host_parents, host_tokens, strict=True)]
+                dead, going_on = [], []
+                for u, a in enumerate(active):
+                    maxlen, minlen = limits[a]
+                    for r in range(u * K, (u + 1) * K):
+                        if step == maxlen - 1:  # the length limit: every hypothesis ends here
+                            yseq[r].append(self.eos)
+                        if yseq[r][-1] != self.eos:
+                            continue
+                        dead.append(r)
+                        if step >= minlen and math.isfinite(host_scores[r]):
+                            ended[a].append(Hypothesis(yseq[r], host_scores[r], P, slots=cache.ancestry[host_parents[r]]))
+                    finished = step == maxlen - 1 or all(r in dead for r in range(u * K, (u + 1) * K))
+                    if not finished and o.maxlenratio == 0 and o.fixed_length is None:
+                        finished = end_detect([{"yseq": h.yseq, "score": h.score} for h in ended[a]], step)
+                    if not finished:
+                        going_on.append(u)
+                if dead:
+                    score[torch.tensor(dead, device=device)] = -math.inf  # ended: never extended again
+                step += 1
+                if not going_on:
+                    break
+                keep_rows = [r for u in going_on for r in range(u * K, (u + 1) * K)]
+                rows = torch.tensor(keep_rows, device=device)
+                cache.reorder(parents.index_select(0, rows), going_on)
+                if ctc is not None:
+                    ctc.keep(rows, going_on)
+                tokens, score = new_tokens.index_select(0, rows), score.index_select(0, rows)
+                yseq = [yseq[r] for r in keep_rows]
+                active = [active[u] for u in going_on]
         self.last_steps = step
         # share of (token, layer, module) units kept over the whole decode
         self.kept_share = float(cache.keep_slab[: cache.used].float().mean()) if self.decoder.gated else None

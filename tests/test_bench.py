@@ -161,3 +161,44 @@ def test_bench_and_profile_on_cuda(tmp_path):
                                  repeats=1, out=tmp_path)
     compact = next(r for r in report["results"] if r["mode"] == "compact")
     assert compact["syncs"] >= 1 and {"compaction", "ffn1", "scatter"} <= set(compact["modules_ms"])
+
+
+DECODER = [*TINY, "--tokens", "4", "--batch", "2", "--beam", "2"]
+
+
+@pytest.mark.parametrize("part", ["decoder-step", "decode"])
+def test_decoder_bench_rows(part, tmp_path):
+    out = tmp_path / "rows.json"
+    main(["bench", "--part", part, *DECODER, "--keep", "1.0,0.5", "--providers", "espnet,compact", "--repeats", "1",
+          "--warmup", "0", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["provider"], r["keep"]) for r in rows] == [
+        (p, k) for k in (1.0, 0.5) for p in ("espnet", "dense", "masked", "compact")]
+    for r in rows:
+        assert all(r[k] is not None for k in CONTRACT if k != "kept_share"), r
+        assert r["part"] == part and r["beam"] == 2 and r["tokens"] == 4
+    half = {r["provider"]: r for r in rows if r["keep"] == 0.5}
+    full = {r["provider"]: r for r in rows if r["keep"] == 1.0}
+    # ESPnet re-projects prefix and memory for every hypothesis at every step
+    assert half["espnet"]["gflops"] > half["dense"]["gflops"] == half["masked"]["gflops"] > half["compact"]["gflops"]
+    assert full["compact"]["gflops"] == full["dense"]["gflops"] and full["compact"]["kept_share"] == 1.0
+    assert 0.2 < half["compact"]["kept_share"] < 0.8 and half["masked"]["kept_share"] == half["compact"]["kept_share"]
+
+
+def test_decode_providers_find_the_same_hypotheses():
+    """dense is ESPnet's search through localgp's decoder; masked and compact at keep 1.0 too."""
+    workload = bench.PARTS["decode"](bench.Setting(preset="tiny", seconds=2, batch=2, beam=2, tokens=5))
+    with torch.inference_mode():
+        espnet = [[h.yseq.tolist() for h in nbest] for nbest in workload.case("espnet", 1.0).run()]
+        for provider in ("dense", "masked", "compact"):
+            got = [[h.yseq for h in nbest] for nbest in workload.case(provider, 1.0).run()]
+            assert [g[0] for g in got] == [e[0] for e in espnet], provider
+
+
+def test_profile_decode_labels(tmp_path):
+    out = tmp_path / "prof"
+    main(["profile", "--part", "decode", *DECODER, "--keep", "0.5", "--repeats", "1", "--out", str(out)])
+    by = {r["mode"]: r for r in json.loads((out / "profile.json").read_text())["results"]}
+    decoder = {"self_attn", "src_attn", "ffn", "output", "beam", "memory_kv"}
+    assert decoder | {"gate", "compaction", "scatter"} <= set(by["compact"]["modules_ms"])
+    assert decoder <= set(by["dense"]["modules_ms"]) and "compaction" not in by["dense"]["modules_ms"]

@@ -1,0 +1,216 @@
+"""The decoder parts of `localgp bench` (see bench.py for providers, timing and rows).
+
+- `decode`: a whole beam search of `batch` utterances x `beam` hypotheses for `tokens` steps
+  (<eos> forbidden until then, so every provider decodes the same number of steps), on an
+  encoder output of `seconds` of audio (random values of the encoder's shape: the encoder is
+  its own part).
+- `decoder-step`: one step of the batch x beam rows after a prefix of `tokens` tokens.
+
+Providers: `espnet` is ESPnet's BatchBeamSearch / TransformerDecoder.batch_score on the plain
+decoder, one utterance after another (as its S2T inference runs); `dense` is localgp's decoder on
+the same plain decoder; `masked` and `compact` run the gated decoder with token-level masks
+forced at random per token and module, or with the trained gates of a checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from espnet.nets.scorer_interface import BatchScorerInterface
+
+from localgp import flops
+from localgp.bench import GATES, PROVIDERS, BenchError, Case, Setting
+from localgp.decoding import MODULES, BatchBeamSearch, DecodeOptions, IncrementalDecoder
+from localgp.model import owsm
+from localgp.model.config import GateConfig
+
+
+class NoEos(BatchScorerInterface, torch.nn.Module):
+    """An ESPnet batch scorer that forbids <eos>, so ESPnet decodes exactly its length limit."""
+
+    def __init__(self, eos: int, vocab: int):
+        super().__init__()
+        self.eos, self.vocab = eos, vocab
+        self.param = torch.nn.Parameter(torch.zeros(()))  # for ESPnet's dtype/device moves
+
+    def _scores(self, rows: int) -> torch.Tensor:
+        scores = torch.zeros(rows, self.vocab, dtype=self.param.dtype, device=self.param.device)
+        scores[:, self.eos] = float("-inf")
+        return scores
+
+    def init_state(self, x):
+        return None
+
+    def batch_init_state(self, x):
+        return None
+
+    def select_state(self, state, i, new_id=None):
+        return None
+
+    def score(self, y, state, x):
+        return self._scores(1)[0], None
+
+    def batch_score(self, ys, states, xs):
+        return self._scores(ys.shape[0]), [None] * ys.shape[0]
+
+
+def espnet_step_macs(D: int, layers: int, rows: int, prefix: int, frames: int, ffn_units: int, vocab: int) -> int:
+    """ESPnet's cached decoder step: every hypothesis re-projects the whole prefix into
+    self-attention keys/values and the memory into src-attention keys/values."""
+    layer = (4 * D * D + 2 * (prefix - 1) * D * D + 2 * prefix * D  # self-attn: q,k,v,out + prefix k,v + core
+             + 2 * D * D + 2 * frames * D * D + 2 * frames * D  # src-attn: q,out + memory k,v + core
+             + 2 * D * ffn_units)
+    return rows * (layers * layer + D * vocab)
+
+
+class DecoderModels:
+    """The plain model (espnet, dense) and its gated copy (masked, compact) on the same weights."""
+
+    def __init__(self, setting: Setting):
+        from localgp.model.convert import gate_s2t_model
+
+        torch.manual_seed(setting.seed)
+        device, dtype = setting.torch_device(), setting.torch_dtype()
+        if setting.checkpoint:
+            from localgp.train import load_trained
+
+            gated, _, config = load_trained(setting.checkpoint)
+            cfg = getattr(gated.decoder, "pruning", None)
+            if cfg is None or cfg.config.decoder != "token" or cfg.config.predictor != "local" \
+                    or cfg.config.decoder_contexts:
+                raise BenchError(f"--checkpoint {setting.checkpoint}: the decoder parts need token-level localGP "
+                                 "decoder gates on the encoder output (no external decoder context)")
+            plain = copy.deepcopy(gated)
+            plain.decoder.__class__ = type(plain.decoder).__mro__[1]  # ESPnet's TransformerDecoder
+            del plain.decoder.pruning
+            self.masks, self.token_list = GATES, list(gated.token_list)
+            self.preset = f"init:{Path(config.init).name}" if config.init else config.preset
+        else:
+            plain, args = owsm.build_owsm(setting.preset)
+            gated = gate_s2t_model(copy.deepcopy(plain), GateConfig(encoder=None, decoder="token"))
+            self.masks, self.token_list, self.preset = "random", args.token_list, setting.preset
+        self.plain = plain.to(device, dtype).eval()
+        self.gated = gated.to(device, dtype).eval()
+        tl = self.token_list
+        self.primer = [plain.sos, tl.index("<en>"), tl.index("<asr>"), tl.index("<notimestamps>")]
+        d_model = plain.decoder.decoders[0].size
+        self.frames = flops.subsampled_frames(flops.input_frames(setting.seconds))
+        gen = torch.Generator().manual_seed(setting.seed)
+        self.memory = torch.randn(setting.batch, self.frames, d_model, generator=gen).to(device, dtype)
+        self.lengths = torch.full((setting.batch,), self.frames, device=device)
+        self.d_model, self.vocab = d_model, plain.vocab_size
+        self.ffn_units = plain.decoder.decoders[0].feed_forward.w_1.out_features
+        self.shapes = dict(preset=self.preset, d_model=d_model, layers=len(plain.decoder.decoders), heads=plain.decoder.decoders[0].self_attn.h,
+                           vocab=self.vocab, frames=self.frames, beam=setting.beam, tokens=setting.tokens)
+
+    def prepare(self, provider: str, keep: float | None, seed: int):
+        """The model for `provider`, its masks set (reseeded: the same masks in every call)."""
+        from localgp.model.convert import force_keep
+
+        if provider in ("espnet", "dense"):
+            return self.plain
+        force_keep(self.gated, keep, seed=seed)
+        return self.gated
+
+
+class DecodeWorkload:
+    providers = PROVIDERS
+    pruned = f"{','.join(MODULES)} (token)"
+
+    def __init__(self, setting: Setting):
+        self.setting = setting
+        self.models = DecoderModels(setting)
+        self.masks, self.shapes = self.models.masks, self.models.shapes
+
+    def case(self, provider: str, keep: float | None) -> Case:
+        s, m = self.setting, self.models
+        if provider == "espnet":
+            return self._espnet()
+        options = DecodeOptions(beam_size=s.beam, fixed_length=s.tokens,
+                                execution="compact" if provider == "dense" else provider)
+        last = {}
+
+        def run():
+            model = m.prepare(provider, keep, s.seed)
+            search = BatchBeamSearch(model, options)
+            last["search"] = search
+            return search(m.memory, m.lengths, torch.tensor([m.primer] * s.batch, device=m.memory.device))
+
+        return Case(run, lambda: last["search"].decoder.macs / 1e9, lambda: last["search"].kept_share)
+
+    def _espnet(self) -> Case:
+        from espnet.nets.batch_beam_search import BatchBeamSearch as EspnetBatchBeamSearch
+
+        s, m = self.setting, self.models
+        search = EspnetBatchBeamSearch(
+            scorers=dict(decoder=m.plain.decoder, no_eos=NoEos(m.plain.eos, m.vocab)),
+            weights=dict(decoder=1.0, no_eos=1.0), beam_size=s.beam, vocab_size=m.vocab, sos=m.plain.sos,
+            eos=m.plain.eos, pre_beam_score_key="full").to(m.memory.device, m.memory.dtype).eval()
+        search.set_hyp_primer(m.primer)
+
+        def run():
+            return [search(m.memory[b], maxlenratio=-s.tokens, minlenratio=0.0) for b in range(s.batch)]
+
+        def gflops():
+            P, layers = len(m.primer), self.shapes["layers"]
+            per_utterance = sum(  # 1 hypothesis at the first step, then the beam
+                espnet_step_macs(m.d_model, layers, 1 if i == 0 else s.beam, P + i, m.frames, m.ffn_units, m.vocab)
+                for i in range(s.tokens))
+            return s.batch * per_utterance / 1e9
+
+        return Case(run, gflops)
+
+
+class DecoderStepWorkload:
+    """One step of batch x beam rows after a prefix of `tokens` tokens (the cache is rewound
+    after each call, so every call does the same step)."""
+
+    providers = PROVIDERS
+    pruned = DecodeWorkload.pruned
+
+    def __init__(self, setting: Setting):
+        self.setting = setting
+        self.models = DecoderModels(setting)
+        self.masks, self.shapes = self.models.masks, self.models.shapes
+
+    def case(self, provider: str, keep: float | None) -> Case:
+        s, m = self.setting, self.models
+        rows = s.batch * s.beam
+        gen = torch.Generator().manual_seed(s.seed)
+        prefix = torch.randint(0, m.primer[-1], (s.batch, s.beam, s.tokens), generator=gen).to(m.memory.device)
+        prefix[:, :, : len(m.primer)] = torch.tensor(m.primer)
+        model = m.prepare(provider, keep, s.seed)
+        if provider == "espnet":
+            decoder = model.decoder
+            ys = prefix.flatten(0, 1)
+            xs = m.memory.repeat_interleave(s.beam, dim=0)
+            _, states = decoder.batch_score(ys[:, :-1], [None] * rows, xs)
+
+            def gflops():
+                return espnet_step_macs(m.d_model, self.shapes["layers"], rows, s.tokens, m.frames, m.ffn_units,
+                                        m.vocab) / 1e9
+
+            return Case(lambda: decoder.batch_score(ys, states, xs), gflops)
+        incremental = IncrementalDecoder(model.decoder, "compact" if provider == "dense" else provider)
+        cache = incremental.start(m.memory, m.lengths)
+        for t in range(s.tokens - 1):  # the prefix, one row per hypothesis
+            if t == 1:
+                cache.reorder(torch.arange(s.batch, device=m.memory.device).repeat_interleave(s.beam))
+            incremental.step(cache, prefix[:, :, t].flatten() if t else prefix[:, 0, 0], logits=False)
+        saved = (cache.ancestry, cache.length, cache.used)
+        last = prefix[:, :, -1].flatten()
+
+        kept = {}
+
+        def run():
+            m.prepare(provider, keep, s.seed)  # reseeds the forced masks: the same ones every call
+            incremental.macs = 0
+            out = incremental.step(cache, last)
+            if incremental.gated:
+                kept["share"] = float(cache.keep_slab[saved[2] : cache.used].float().mean())
+            cache.ancestry, cache.length, cache.used = saved
+            return out
+
+        return Case(run, lambda: incremental.macs / 1e9, lambda: kept.get("share"))
