@@ -115,7 +115,9 @@ class DecoderModels:
         return self.gated
 
 
-class DecodeWorkload:
+class DecoderWorkload:
+    """What both decoder parts share: the models, the providers, the row columns."""
+
     providers = PROVIDERS
     pruned = f"{','.join(MODULES)} (token)"
 
@@ -123,6 +125,10 @@ class DecodeWorkload:
         self.setting = setting
         self.models = DecoderModels(setting)
         self.masks, self.shapes = self.models.masks, self.models.shapes
+
+
+class DecodeWorkload(DecoderWorkload):
+    """A whole beam search of `tokens` steps."""
 
     def case(self, provider: str, keep: float | None) -> Case:
         s, m = self.setting, self.models
@@ -163,17 +169,9 @@ class DecodeWorkload:
         return Case(run, gflops)
 
 
-class DecoderStepWorkload:
+class DecoderStepWorkload(DecoderWorkload):
     """One step of batch x beam rows after a prefix of `tokens` tokens (the cache is rewound
     after each call, so every call does the same step)."""
-
-    providers = PROVIDERS
-    pruned = DecodeWorkload.pruned
-
-    def __init__(self, setting: Setting):
-        self.setting = setting
-        self.models = DecoderModels(setting)
-        self.masks, self.shapes = self.models.masks, self.models.shapes
 
     def case(self, provider: str, keep: float | None) -> Case:
         s, m = self.setting, self.models
