@@ -167,7 +167,7 @@ def markdown_table(report: dict, label: str = "this run") -> str:
     fmt = lambda d, k: f"{d[k]:.1f}" if k in d else "-"  # noqa: E731
     row = [label, *(fmt(report["wer"], k) for k in wer), fmt(report["wer"], "average"),
            *(fmt(report["bleu"], k) for k in bleu), fmt(report["bleu"], "average"),
-           f"{report['encoder_gflops']:.1f}", f"{report['seconds_per_utterance']:.3f}"]
+           f"{report['encoder_gflops']:.3g}", f"{report['seconds_per_utterance']:.3f}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |"]
     if report["sparsity"]:
         lines += ["", "| module | skipped |", "|---|---|"]
