@@ -403,13 +403,64 @@ class BatchBeamSearch:
         minlen = -int(o.minlenratio) if o.minlenratio < 0 else int(o.minlenratio * frames)
         return maxlen, minlen
 
+    def _weighted_scores(self, logp: Tensor, score: Tensor, yseq: list[list[int]], ctc) -> Tensor:
+        """ESPnet's weighted sum for every next token of every row (rows, V), running score included."""
+        o = self.options
+        weighted = logp * (1 - o.ctc_weight) if ctc is not None else logp
+        if self.suppressed.numel():  # OWSM's score filter without timestamps
+            weighted.index_fill_(1, self.suppressed.to(logp.device), -math.inf)
+        if o.penalty:
+            weighted += o.penalty
+        if o.fixed_length is not None:
+            weighted[:, self.eos] = -math.inf
+        if ctc is not None:  # CTC scores only the best pre-beam tokens of each row
+            pre_beam = int(o.pre_beam_ratio * o.beam_size)
+            ids = torch.topk(weighted, pre_beam, dim=-1)[1] if pre_beam < self.vocab else None
+            weighted = weighted + o.ctc_weight * ctc(yseq, ids)
+        return weighted + score[:, None]
+
+    def _top_k(self, weighted: Tensor, utterances: int, rows_per_utterance: int):
+        """The beam's best (parent row, token) of each utterance over all its rows: parents,
+        tokens and scores (utterances * beam,)."""
+        K, V = self.options.beam_size, self.vocab
+        top_scores, top_ids = weighted.view(utterances, rows_per_utterance * V).topk(K, dim=-1)
+        base = (torch.arange(utterances, device=weighted.device) * rows_per_utterance)[:, None]
+        return (top_ids // V + base).flatten(), (top_ids % V).flatten(), top_scores.flatten()
+
+    def _end_hypotheses(self, step, yseq, score, host_parents, active, limits, ended, cache, primer_length):
+        """ESPnet's post-processing: <eos> appended at the length limit, hypotheses ending in
+        <eos> moved to `ended` (their score set to -inf, so they are never extended), end
+        detection. Returns the indices (into `active`) of the utterances that go on."""
+        from espnet.nets.e2e_asr_common import end_detect
+
+        o, K = self.options, self.options.beam_size
+        host_scores = score.tolist()
+        dead, going_on = set(), []
+        for u, a in enumerate(active):
+            maxlen, minlen = limits[a]
+            for r in range(u * K, (u + 1) * K):
+                if step == maxlen - 1:  # the length limit: every hypothesis ends here
+                    yseq[r].append(self.eos)
+                if yseq[r][-1] != self.eos:
+                    continue
+                dead.add(r)
+                if step >= minlen and math.isfinite(host_scores[r]):
+                    ended[a].append(Hypothesis(yseq[r], host_scores[r], primer_length,
+                                               slots=cache.ancestry[host_parents[r]]))
+            finished = step == maxlen - 1 or all(r in dead for r in range(u * K, (u + 1) * K))
+            if not finished and o.maxlenratio == 0 and o.fixed_length is None:
+                finished = end_detect([{"yseq": h.yseq, "score": h.score} for h in ended[a]], step)
+            if not finished:
+                going_on.append(u)
+        if dead:
+            score[torch.tensor(sorted(dead), device=score.device)] = -math.inf
+        return going_on
+
     @torch.no_grad()
     def __call__(self, memory: Tensor, memory_lens: Tensor, primers: Tensor) -> list[list[Hypothesis]]:
         """memory (A, S, D) encoder output, memory_lens (A,), primers (A, P) int64 prompts
         (<sos> <lang> <task> <notimestamps>). Returns each utterance's n-best, best first."""
-        from espnet.nets.e2e_asr_common import end_detect
-
-        o, K, V = self.options, self.options.beam_size, self.vocab
+        o, K = self.options, self.options.beam_size
         A = memory.shape[0]
         if memory.dim() != 3 or memory_lens.shape != (A,):
             raise ValueError(f"decode: memory must be (A, S, D) with memory_lens (A,), got {tuple(memory.shape)} "
@@ -433,52 +484,17 @@ class BatchBeamSearch:
         score = torch.zeros(A, device=device)
         active = list(range(A))  # original index of each utterance still decoding
         ended: list[list[Hypothesis]] = [[] for _ in range(A)]
-        suppressed = self.suppressed.to(device)
         step = 0
         while active:
             logp = self.decoder.step(cache, tokens)
             with profiled("beam"):  # scores, top-k, hypotheses, <eos>, limits
-                weighted = logp * (1 - o.ctc_weight) if ctc is not None else logp
-                if suppressed.numel():
-                    weighted.index_fill_(1, suppressed, -math.inf)
-                if o.penalty:
-                    weighted += o.penalty
-                if o.fixed_length is not None:
-                    weighted[:, self.eos] = -math.inf
-                if ctc is not None:
-                    pre_beam = int(o.pre_beam_ratio * K)
-                    ids = torch.topk(weighted, pre_beam, dim=-1)[1] if pre_beam < V else None
-                    weighted = weighted + o.ctc_weight * ctc(yseq, ids)
-                weighted += score[:, None]
-                R = cache.rows_per_utterance
-                top_scores, top_ids = weighted.view(len(active), R * V).topk(K, dim=-1)
-                base = (torch.arange(len(active), device=device) * R)[:, None]
-                parents = (top_ids // V + base).flatten()
-                new_tokens = (top_ids % V).flatten()
-                score = top_scores.flatten()
+                weighted = self._weighted_scores(logp, score, yseq, ctc)
+                parents, new_tokens, score = self._top_k(weighted, len(active), cache.rows_per_utterance)
                 host_parents, host_tokens = torch.stack([parents, new_tokens]).tolist()
-                host_scores = score.tolist()
                 if ctc is not None:
                     ctc.select(parents, new_tokens)
                 yseq = [yseq[p] + [t] for p, t in zip(host_parents, host_tokens, strict=True)]
-                dead, going_on = [], []
-                for u, a in enumerate(active):
-                    maxlen, minlen = limits[a]
-                    for r in range(u * K, (u + 1) * K):
-                        if step == maxlen - 1:  # the length limit: every hypothesis ends here
-                            yseq[r].append(self.eos)
-                        if yseq[r][-1] != self.eos:
-                            continue
-                        dead.append(r)
-                        if step >= minlen and math.isfinite(host_scores[r]):
-                            ended[a].append(Hypothesis(yseq[r], host_scores[r], P, slots=cache.ancestry[host_parents[r]]))
-                    finished = step == maxlen - 1 or all(r in dead for r in range(u * K, (u + 1) * K))
-                    if not finished and o.maxlenratio == 0 and o.fixed_length is None:
-                        finished = end_detect([{"yseq": h.yseq, "score": h.score} for h in ended[a]], step)
-                    if not finished:
-                        going_on.append(u)
-                if dead:
-                    score[torch.tensor(dead, device=device)] = -math.inf  # ended: never extended again
+                going_on = self._end_hypotheses(step, yseq, score, host_parents, active, limits, ended, cache, P)
                 step += 1
                 if not going_on:
                     break
