@@ -307,7 +307,9 @@ class Trainer:
         started = time.monotonic()
         self.model.train()
         row = {}
-        with open(self.out / "log.jsonl", "a") as log_file, tqdm(total=end, initial=self.step, desc="train") as bar:
+        with open(self.out / "log.jsonl", "a") as log_file, tqdm(
+                total=None if cfg.max_minutes is not None else end,  # a time limit: no step count to aim at
+                initial=self.step, desc="train") as bar:
             while self.step < end:
                 picked = batch_order(len(self.examples), cfg.batch_size, self.step, cfg.seed)
                 examples = [self.examples[i] for i in picked]
