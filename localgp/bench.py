@@ -117,13 +117,11 @@ class Models:
     prompt: list[int] | None = None  # globalGP's prompt token ids of a trained model
 
 
-def ungated_copy(encoder) -> torch.nn.Module:
-    """ESPnet's EBranchformerEncoder with the weights of a gated one (gating only re-classed it
-    and added the `pruning` module and a few attributes)."""
-    from espnet2.asr.encoder.e_branchformer_encoder import EBranchformerEncoder
-
-    plain = copy.deepcopy(encoder)
-    plain.__class__ = EBranchformerEncoder
+def ungated_copy(part) -> torch.nn.Module:
+    """ESPnet's own encoder or decoder with the weights of a gated one: gating only re-classed it
+    to a subclass of ESPnet's class and added the `pruning` module and a few attributes."""
+    plain = copy.deepcopy(part)
+    plain.__class__ = type(part).__bases__[0]  # EBranchformerEncoder / TransformerDecoder
     del plain.pruning
     return plain
 

@@ -102,7 +102,7 @@ class DecoderCache:
     """
 
     def __init__(self, layers: int, utterances: int, heads_: int, head_dim: int, modules: int, like: Tensor):
-        self.layers, self.utterances, self.rows_per_utterance = layers, utterances, 1
+        self.utterances, self.rows_per_utterance = utterances, 1
         self.length = 0  # positions fed so far
         self.used = 0  # slots written so far
         self.capacity = max(64, 8 * utterances)
@@ -167,10 +167,8 @@ class IncrementalDecoder:
             raise ValueError(f"IncrementalDecoder: execution must be one of {EXECUTIONS}, got {execution!r}")
         self.decoder, self.execution = decoder, execution
         self.macs = 0  # multiply-accumulates executed since the last start() (benchmarks)
-        self.gated = isinstance(decoder, GatedTransformerDecoder)
+        self.gated = isinstance(decoder, GatedTransformerDecoder)  # gate_decoder() refuses an ungated config
         self.config = decoder.pruning.config if self.gated else None
-        if self.gated and self.config.decoder is None:
-            self.gated = False
 
     # ------------------------------------------------------------------ set-up
     def start(self, memory: Tensor, memory_lens: Tensor) -> DecoderCache:
@@ -387,7 +385,6 @@ class BatchBeamSearch:
         token_list = list(model.token_list)
         self.suppressed = torch.tensor(timestamp_ids(token_list), dtype=torch.long)
         self.notimestamps = token_list.index("<notimestamps>") if "<notimestamps>" in token_list else None
-        self.last_steps = 0
         self.kept_share: float | None = None
 
     def _limits(self, frames: int) -> tuple[int, int]:
@@ -408,7 +405,7 @@ class BatchBeamSearch:
         o = self.options
         weighted = logp * (1 - o.ctc_weight) if ctc is not None else logp
         if self.suppressed.numel():  # OWSM's score filter without timestamps
-            weighted.index_fill_(1, self.suppressed.to(logp.device), -math.inf)
+            weighted.index_fill_(1, self.suppressed, -math.inf)
         if o.penalty:
             weighted += o.penalty
         if o.fixed_length is not None:
@@ -473,7 +470,7 @@ class BatchBeamSearch:
         if self.suppressed.numel() and any(self.notimestamps not in p for p in primer_list):
             raise ValueError("decode: timestamp prediction is not supported; the primers must contain <notimestamps>")
         device = memory.device
-        primers = primers.to(device)
+        primers, self.suppressed = primers.to(device), self.suppressed.to(device)  # once, not every step
         limits = [self._limits(int(n)) for n in memory_lens.tolist()]
         cache = self.decoder.start(memory, memory_lens)
         ctc = CTCPrefixScores(self.ctc, memory, memory_lens.to(device), self.eos) if self.ctc is not None else None
@@ -506,7 +503,6 @@ class BatchBeamSearch:
                 tokens, score = new_tokens.index_select(0, rows), score.index_select(0, rows)
                 yseq = [yseq[r] for r in keep_rows]
                 active = [active[u] for u in going_on]
-        self.last_steps = step
         # share of (token, layer, module) units kept over the whole decode
         self.kept_share = float(cache.keep_slab[: cache.used].float().mean()) if self.decoder.gated else None
         results = []
