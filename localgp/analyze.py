@@ -114,7 +114,7 @@ def masks_from_checkpoint(checkpoint: str | Path, audio: str | Path, language: s
     # A throw-away feature cache: the run's cache is keyed by corpus utterance ids, which an
     # arbitrary file's name could collide with.
     with tempfile.TemporaryDirectory() as cache:
-        ContextFeeder(model, config.context_extractors, Path(cache))([Example(utterance, language, "")])
+        ContextFeeder(model, config.context_extractors, Path(cache), tokenizer)([Example(utterance, language, "")])
     log_mel, masks = encoder_masks(model, torch.from_numpy(speech))
     kept = np.mean([m.mean() for m in masks.values()])  # over every gated module and frame
     return mask_figure(log_mel, masks, out, title=f"{Path(audio).name} ({language}): log-mel and temporal masks, "

@@ -130,13 +130,15 @@ def build_extractor(spec: dict):
 
 
 class ContextFeeder:
-    """Computes (with the on-disk cache) and sets the external contexts of a batch."""
+    """Computes (with the on-disk cache) and sets the external contexts of a batch, and globalGP's
+    discrete context: the <lang> and <task> tokens of each example's prompt."""
 
-    def __init__(self, model, extractors: dict, cache_dir: Path):
+    def __init__(self, model, extractors: dict, cache_dir: Path, tokenizer: Tokenizer):
         from localgp.context.cache import FeatureCache
 
-        self.model, self.cache = model, FeatureCache(cache_dir)
+        self.model, self.cache, self.tokenizer = model, FeatureCache(cache_dir), tokenizer
         encoder_pruning = getattr(model.encoder, "pruning", None)
+        self.global_prompt = encoder_pruning is not None and encoder_pruning.config.predictor == "global"
         decoder_pruning = getattr(model.decoder, "pruning", None)
         encoder_streams = dict(encoder_pruning.config.contexts) if encoder_pruning else {}
         decoder_streams = dict(decoder_pruning.config.decoder_contexts) if decoder_pruning else {}
@@ -154,6 +156,9 @@ class ContextFeeder:
 
     def __call__(self, examples: list[Example]) -> None:
         device = next(self.model.parameters()).device
+        if self.global_prompt:
+            self.model.encoder.set_context(prompt=torch.tensor(
+                [self.tokenizer.prompt(e.utterance.language, e.target_language)[:2] for e in examples], device=device))
         if self.encoder_names:
             streams = {}
             for name in self.encoder_names:
@@ -267,7 +272,7 @@ class Trainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"TrainConfig.device: {config.device!r} but torch {torch.__version__} sees no CUDA GPU")
         self.model.to(self.device)
-        self.contexts = ContextFeeder(self.model, config.context_extractors, self.out / "context")
+        self.contexts = ContextFeeder(self.model, config.context_extractors, self.out / "context", self.tokenizer)
         set_execution(self.model, "masked")
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.step = 0
@@ -314,11 +319,6 @@ class Trainer:
                 picked = batch_order(len(self.examples), cfg.batch_size, self.step, cfg.seed)
                 examples = [self.examples[i] for i in picked]
                 self.contexts(examples)
-                if getattr(self.model.encoder, "pruning", None) and self.model.encoder.pruning.config.predictor == "global":
-                    # globalGP's discrete context: the <lang> and <task> tokens of each example
-                    self.model.encoder.set_context(prompt=torch.tensor(
-                        [self.tokenizer.prompt(e.utterance.language, e.target_language)[:2] for e in examples],
-                        device=self.device))
                 batch = [t.to(self.device) for t in collate(examples, self.tokenizer)]
                 lr = warmup_lr(self.step + 1, cfg.lr, cfg.warmup_steps)
                 for group in self.optimizer.param_groups:

@@ -29,17 +29,12 @@ def utterance_record(record: GateRecord, b: int) -> GateRecord:
                       {k: v[b : b + 1] for k, v in record.valid.items()})
 
 
-def encoder_gflops(encoder, record: GateRecord | None, b: int, input_frames: int) -> float:
-    """GMACs the encoder executed for utterance b of its last batch (every module for an ungated encoder)."""
-    if record is None or not hasattr(encoder, "pruning"):
-        shape = flops.EncoderShape.of_encoder(encoder)
-        return flops.encoder_macs(shape, input_frames)["total"] / 1e9
-    saved = encoder.last_record
-    encoder.last_record = utterance_record(record, b)
-    try:
-        return flops.executed_encoder_macs(encoder, [input_frames])["total"] / 1e9
-    finally:
-        encoder.last_record = saved
+def encoder_gflops(encoder, record: GateRecord | None, input_frames: int) -> float:
+    """GMACs the encoder executed for one utterance under its masks `record` (None: an ungated
+    encoder, every module)."""
+    if record is None:
+        return flops.encoder_macs(flops.EncoderShape.of_encoder(encoder), input_frames)["total"] / 1e9
+    return flops.executed_encoder_macs(encoder, [input_frames], record=record)["total"] / 1e9
 
 
 def decoder_keep(hypothesis, primer_length: int) -> tuple[dict[str, float], list[float]]:
@@ -69,20 +64,16 @@ class CorpusDecoder:
 
     @torch.no_grad()
     def batch(self, examples) -> list[Decoded]:
-        from localgp.model.convert import last_record
-
         started = time.perf_counter()
         self.contexts(examples)
         tok = self.tokenizer
         prompts = [tok.prompt(e.utterance.language, e.target_language) for e in examples]
         encoder = self.model.encoder
-        if getattr(encoder, "pruning", None) is not None and encoder.pruning.config.predictor == "global":
-            encoder.set_context(prompt=torch.tensor([p[:2] for p in prompts], device=self.device))
         waves = [torch.from_numpy(e.utterance.load()) for e in examples]
         lengths = torch.tensor([len(w) for w in waves])
         speech = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(self.device)
         memory, memory_lens = self.model.encode(speech, lengths.to(self.device))
-        record = last_record(self.model) if getattr(encoder, "pruning", None) is not None else None
+        record = encoder.last_record if getattr(encoder, "pruning", None) is not None else None
         primers = torch.tensor([[self.model.sos, *p] for p in prompts], device=self.device)
         hyps = self.search(memory, memory_lens, primers)
         seconds = (time.perf_counter() - started) / len(examples)
@@ -91,17 +82,14 @@ class CorpusDecoder:
             best = nbest[0] if nbest else None
             ids = best.token_ids if best else []
             sparsity, src_keep = decoder_keep(best, primers.shape[1]) if best else ({}, [])
-            if record is not None:
-                enc_record = utterance_record(record, b)
-                enc_record.masks = {k: m for k, m in enc_record.masks.items() if k.startswith("encoder.")}
-                enc_record.valid = {k: v for k, v in enc_record.valid.items() if k in enc_record.masks}
-                if enc_record.masks:
-                    sparsity = {**enc_record.sparsity_per_module(), **sparsity}
+            enc_record = None if record is None else utterance_record(record, b)
+            if enc_record is not None and enc_record.masks:
+                sparsity = {**enc_record.sparsity_per_module(), **sparsity}
             input_frames = flops.input_frames(int(lengths[b]) / flops.SAMPLE_RATE)
             records.append(Decoded(
                 id=record_id(example), language=example.utterance.language, target_language=example.target_language,
                 reference=example.target_text, hypothesis=tok.decode(ids),
-                encoder_gflops=encoder_gflops(encoder, record, b, input_frames), seconds=seconds, sparsity=sparsity,
+                encoder_gflops=encoder_gflops(encoder, enc_record, input_frames), seconds=seconds, sparsity=sparsity,
                 tokens=[tok.token_list[i] for i in ids] if src_keep else [], src_attn_keep=src_keep))
         return records
 
@@ -128,7 +116,7 @@ def decode_run(run_dir: str | Path, out_path: str | Path, split: str = "test", o
     todo = [e for e in examples if record_id(e) not in done]
     if done:
         log.info("decode: %d records already in %s, %d to go", len(done), out_path, len(todo))
-    contexts = ContextFeeder(model, config.context_extractors, Path(run_dir) / "context")
+    contexts = ContextFeeder(model, config.context_extractors, Path(run_dir) / "context", tokenizer)
     decoder = CorpusDecoder(model, tokenizer, contexts, options, device)
     with tqdm(total=len(todo), desc="decode") as bar:
         for start in range(0, len(todo), batch_size):

@@ -69,3 +69,12 @@ def test_decode_cli_then_evaluate_cli(run_dir, tmp_path, capsys):
     report_dir = tmp_path / "report"
     assert main(["evaluate", str(out), "--out", str(report_dir)]) == 0
     assert json.loads((report_dir / "report.json").read_text())["utterances"] == 8
+
+
+def test_decode_a_global_gate_run(tmp_path):
+    """globalGP decides from each example's prompt: the contexts feeder sets it for decoding too."""
+    Trainer(config(tmp_path, "glob", max_steps=2, save_every=2,
+                   gates={"predictor": "global", "encoder": "utterance", "decoder": "utterance"})).train()
+    records = decode_run(tmp_path / "glob", tmp_path / "d.jsonl", options=DecodeOptions(beam_size=2, maxlenratio=-3),
+                         batch_size=3, limit=4)
+    assert len(records) == 4 and all({"encoder.ffn1", "decoder.ffn"} <= set(r.sparsity) for r in records)
