@@ -18,11 +18,12 @@ import copy
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from espnet.nets.scorer_interface import BatchScorerInterface
 
 from localgp import flops
 from localgp.bench import GATES, PROVIDERS, BenchError, Case, Setting, ungated_copy
-from localgp.decoding import MODULES, BatchBeamSearch, DecodeOptions, IncrementalDecoder
+from localgp.decoding import MODULES, BatchBeamSearch, DecodeOptions, DecoderCache, IncrementalDecoder, RowSet
 from localgp.model import owsm
 from localgp.model.config import GateConfig
 
@@ -172,12 +173,28 @@ class DecoderStepWorkload(DecoderWorkload):
     """One step of batch x beam rows after a prefix of `tokens` tokens (the cache is rewound
     after each call, so every call does the same step)."""
 
-    def case(self, provider: str, keep: float | None) -> Case:
+    def prefix(self) -> Tensor:
+        """(batch, beam, tokens) token ids: the primer, then random text tokens."""
         s, m = self.setting, self.models
-        rows = s.batch * s.beam
         gen = torch.Generator().manual_seed(s.seed)
         prefix = torch.randint(0, m.primer[-1], (s.batch, s.beam, s.tokens), generator=gen).to(m.memory.device)
         prefix[:, :, : len(m.primer)] = torch.tensor(m.primer)
+        return prefix
+
+    def prefixed_cache(self, incremental: IncrementalDecoder, prefix: Tensor) -> DecoderCache:
+        """A cache of batch x beam rows holding all but the last token of `prefix`."""
+        s, m = self.setting, self.models
+        cache = incremental.start(m.memory, m.lengths)
+        for t in range(s.tokens - 1):  # one row per utterance for the first token, as the search
+            if t == 1:
+                cache.reorder(torch.arange(s.batch, device=m.memory.device).repeat_interleave(s.beam))
+            incremental.step(cache, prefix[:, :, t].flatten() if t else prefix[:, 0, 0], logits=False)
+        return cache
+
+    def case(self, provider: str, keep: float | None) -> Case:
+        s, m = self.setting, self.models
+        rows = s.batch * s.beam
+        prefix = self.prefix()
         model = m.prepare(provider, keep, s.seed)
         if provider == "espnet":
             decoder = model.decoder
@@ -191,11 +208,7 @@ class DecoderStepWorkload(DecoderWorkload):
 
             return Case(lambda: decoder.batch_score(ys, states, xs), gflops)
         incremental = IncrementalDecoder(model.decoder, "compact" if provider == "dense" else provider)
-        cache = incremental.start(m.memory, m.lengths)
-        for t in range(s.tokens - 1):  # the prefix, one row per hypothesis
-            if t == 1:
-                cache.reorder(torch.arange(s.batch, device=m.memory.device).repeat_interleave(s.beam))
-            incremental.step(cache, prefix[:, :, t].flatten() if t else prefix[:, 0, 0], logits=False)
+        cache = self.prefixed_cache(incremental, prefix)
         saved = (cache.ancestry, cache.length, cache.used)
         last = prefix[:, :, -1].flatten()
 
@@ -211,3 +224,72 @@ class DecoderStepWorkload(DecoderWorkload):
             return out
 
         return Case(run, lambda: incremental.macs / 1e9, lambda: kept.get("share"))
+
+
+def module_costs(setting: Setting, keep: float, repeats: int, warmup: int = 2) -> dict:
+    """The most that skipping can save in one decoder step on this machine.
+
+    After a prefix of `tokens` tokens, each gated module of every layer is timed on all
+    batch x beam rows and on a random `keep` share of them by the compact path (gather, module,
+    scatter-add); the whole dense and compact steps are timed beside them. Skipping saves at
+    most the sum of the modules' differences, so `best_speedup` = dense / (dense - saving) is
+    what no implementation of token-level skipping beats here: on a CPU a module's cost falls
+    less than its rows (its weights are read whatever the rows; src-attention reads each
+    utterance's memory keys/values whatever its rows).
+    """
+    from localgp.bench import check, timed_interleaved
+
+    check(setting, "decoder-step", ("dense", "compact"), repeats, warmup)
+    if not 0.0 < keep < 1.0:
+        raise BenchError(f"--keep must be in (0, 1) for the module costs, got {keep}")
+    workload = DecoderStepWorkload(setting)
+    m = workload.models
+    incremental = IncrementalDecoder(m.plain.decoder)
+    cache = workload.prefixed_cache(incremental, workload.prefix())
+    rows, R = cache.rows, cache.rows_per_utterance
+    gen = torch.Generator().manual_seed(setting.seed)
+    x = torch.randn(rows, m.d_model, generator=gen).to(m.memory.device, m.memory.dtype)
+
+    def kept_rows() -> RowSet:
+        index = torch.nonzero(torch.rand(rows, generator=gen) < keep).flatten()
+        counts = torch.bincount(index // R, minlength=rows // R).tolist()
+        return RowSet(index.to(x.device), counts)
+
+    def module_call(index: int, module: str, rows_: RowSet | None):
+        """The compact path of one module on its rows, scatter-added (IncrementalDecoder._layer)."""
+        h = m.plain.decoder.decoders[index].norm1(x)  # every row's, untimed: the keys/values need it
+
+        def call():
+            y = incremental.branch(module, index, x, h, cache, rows_)
+            return x + y if rows_ is None else x.index_add(0, rows_.index, y)
+
+        return call
+
+    calls, kept_counts = {}, {}
+    for index in range(len(m.plain.decoder.decoders)):
+        for module in MODULES:
+            subset = kept_rows()
+            kept_counts[(index, module)] = subset.index.numel()
+            calls[(index, module, "all")] = module_call(index, module, None)
+            if subset.index.numel():
+                calls[(index, module, "kept")] = module_call(index, module, subset)
+    steps = {provider: workload.case(provider, None if provider == "dense" else keep).run
+             for provider in ("dense", "compact")}
+    with torch.no_grad():
+        times = timed_interleaved({**calls, **{("step", p): fn for p, fn in steps.items()}}, repeats, warmup,
+                                  m.memory.device)
+    median = {key: float(torch.tensor(t).median()) for key, t in times.items()}
+    modules = []
+    for module in MODULES:
+        keys = [k for k in calls if k[1] == module and k[2] == "all"]
+        all_ms = sum(median[k] for k in keys)
+        kept_ms = sum(median.get((k[0], module, "kept"), 0.0) for k in keys)
+        share = sum(kept_counts[(k[0], module)] for k in keys) / (rows * len(keys))
+        modules.append(dict(module=module, rows=rows, kept_share=share, all_ms=all_ms, kept_ms=kept_ms,
+                            time_share=kept_ms / all_ms))
+    dense, compact = median[("step", "dense")], median[("step", "compact")]
+    best = dense - sum(row["all_ms"] - row["kept_ms"] for row in modules)
+    return dict(setting=dict(preset=m.preset, batch=setting.batch, beam=setting.beam, tokens=setting.tokens,
+                             dtype=setting.dtype, device=str(m.memory.device), keep=keep, repeats=repeats),
+                modules=modules, dense_step_ms=dense, compact_step_ms=compact, best_step_ms=best,
+                best_speedup=dense / best, measured_speedup=dense / compact)

@@ -202,3 +202,34 @@ def test_profile_decode_labels(tmp_path):
     decoder = {"self_attn", "src_attn", "ffn", "output", "beam", "memory_kv"}
     assert decoder | {"gate", "compaction", "scatter"} <= set(by["compact"]["modules_ms"])
     assert decoder <= set(by["dense"]["modules_ms"]) and "compaction" not in by["dense"]["modules_ms"]
+
+
+def test_decoder_module_costs_script(tmp_path, capsys):
+    """benchmarks/decode_modules.py: every module timed on all and on kept rows, and the best
+    compact step derived from them."""
+    import runpy
+    import sys
+
+    out = tmp_path / "modules.json"
+    argv = sys.argv
+    sys.argv = ["decode_modules.py", "--preset", "tiny", "--seconds", "2", "--batch", "3", "--beam", "2",
+                "--tokens", "6", "--keep", "0.5", "--repeats", "2", "--json", str(out)]
+    try:
+        runpy.run_path("benchmarks/decode_modules.py", run_name="__main__")
+    finally:
+        sys.argv = argv
+    result = json.loads(out.read_text())
+    assert [r["module"] for r in result["modules"]] == ["self_attn", "src_attn", "ffn"]
+    for row in result["modules"]:
+        assert row["rows"] == 6 and 0 < row["kept_share"] < 1 and row["all_ms"] > 0 and row["kept_ms"] > 0
+    saving = sum(r["all_ms"] - r["kept_ms"] for r in result["modules"])
+    assert result["best_step_ms"] == pytest.approx(result["dense_step_ms"] - saving)
+    assert result["best_speedup"] == pytest.approx(result["dense_step_ms"] / result["best_step_ms"])
+    assert "best compact" in capsys.readouterr().out
+
+
+def test_decoder_module_costs_need_a_share_to_skip():
+    from localgp.bench_decoder import module_costs
+
+    with pytest.raises(bench.BenchError, match="--keep"):
+        module_costs(bench.Setting(preset="tiny", seconds=2, batch=1, beam=2, tokens=5), 1.0, repeats=1)

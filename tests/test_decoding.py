@@ -10,7 +10,7 @@ import pytest
 import torch
 from espnet2.bin.s2t_inference import ScoreFilter
 
-from localgp.decoding import BatchBeamSearch, DecodeOptions
+from localgp.decoding import BatchBeamSearch, DecodeOptions, IncrementalDecoder
 from localgp.model import owsm
 from localgp.model.config import GateConfig
 from localgp.model.convert import force_keep, gate_s2t_model, set_execution
@@ -185,6 +185,21 @@ def test_forced_masks_compact_equals_masked(tiny, keep):
     for a in range(4):
         assert [h.yseq for h in out["compact"][a]] == [h.yseq for h in out["masked"][a]]
         assert [h.score for h in out["compact"][a]] == pytest.approx([h.score for h in out["masked"][a]], rel=1e-5)
+
+
+def test_output_layer_copy_follows_the_weight(tiny):
+    """The CPU output layer multiplies by a (D, V) copy of the weight; changing the weight in place
+    (an optimizer step, load_state_dict) must renew it."""
+    model = copy.deepcopy(tiny[0])
+    decoder = IncrementalDecoder(model.decoder)
+    layer = model.decoder.output_layer
+    x = torch.randn(5, layer.in_features)
+    for _ in range(2):
+        assert torch.allclose(decoder._output_layer(x), layer(x), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            layer.weight.mul_(-2.0)
+    model.decoder.load_state_dict(tiny[0].decoder.state_dict())
+    assert torch.allclose(decoder._output_layer(x), tiny[0].decoder.output_layer(x), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_options_and_inputs(tiny):
