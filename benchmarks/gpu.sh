@@ -12,7 +12,8 @@
 #    part encoder (batch 1 and 8), part decode (batch 1 and 32, 50 steps of beam 5):
 #    `localgp bench` -> OUTDIR/bench_<part>_<preset>_b<batch>.json/.csv;
 # 5. `localgp profile` of the medium encoder, batch 8, keep 1.0 and 0.5 -> OUTDIR/profile/, and of the
-#    medium decode, batch 32 -> OUTDIR/profile_decode/ (profile.txt/json, profile_<mode>.png, traces);
+#    medium decode, batch 32 -> OUTDIR/profile_decode/ (profile.txt/json, profile_<mode>.png, traces),
+#    and benchmarks/decode_modules.py there (which modules skipping saves on, and the best step);
 # 6. OUTDIR/results.md: every row in one Markdown table, headed by date, device and revision
 #    (for benchmarks/RESULTS.md); OUTDIR/log.txt: everything printed.
 #
@@ -128,6 +129,8 @@ for preset in base small medium; do
 done
 step "profile decode medium b32" 120 "$PY" -m localgp profile --part decode --preset medium --batch 32 --dtype bfloat16 \
   --device cuda --keep 0.5 --tokens 50 --out "$OUT/profile_decode"
+step "decode modules medium b32" 90 "$PY" benchmarks/decode_modules.py --preset medium --batch 32 --dtype bfloat16 \
+  --device cuda --tokens 30 --keep 0.5 --repeats 30 --json "$OUT/profile_decode/modules.json"
 
 # ---- 6. one table
 "$PY" - "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"
