@@ -257,7 +257,8 @@ def module_costs(setting: Setting, keep: float, repeats: int, warmup: int = 2) -
 
     def module_call(index: int, module: str, rows_: RowSet | None):
         """The compact path of one module on its rows, scatter-added (IncrementalDecoder._layer)."""
-        h = m.plain.decoder.decoders[index].norm1(x)  # every row's, untimed: the keys/values need it
+        with torch.no_grad():  # every row's, untimed: the keys/values need it in any case
+            h = m.plain.decoder.decoders[index].norm1(x)
 
         def call():
             y = incremental.branch(module, index, x, h, cache, rows_)
