@@ -22,7 +22,7 @@ from torch import Tensor
 from espnet.nets.scorer_interface import BatchScorerInterface
 
 from localgp import flops
-from localgp.bench import GATES, PROVIDERS, BenchError, Case, Setting, ungated_copy
+from localgp.bench import GATES, PROVIDERS, BenchError, Case, Setting, check, timed_interleaved, ungated_copy
 from localgp.decoding import MODULES, BatchBeamSearch, DecodeOptions, DecoderCache, IncrementalDecoder, RowSet
 from localgp.model import owsm
 from localgp.model.config import GateConfig
@@ -237,8 +237,6 @@ def module_costs(setting: Setting, keep: float, repeats: int, warmup: int = 2) -
     less than its rows (its weights are read whatever the rows; src-attention reads each
     utterance's memory keys/values whatever its rows).
     """
-    from localgp.bench import check, timed_interleaved
-
     check(setting, "decoder-step", ("dense", "compact"), repeats, warmup)
     if not 0.0 < keep < 1.0:
         raise BenchError(f"--keep must be in (0, 1) for the module costs, got {keep}")
