@@ -1,5 +1,9 @@
-"""ESPnet MultiHeadedAttention modules run on packed rows: the module's own weights, only the
-rows that keep it. Shapes: N packed rows of width D, H heads of Dh."""
+"""Attention modules run on packed rows: the module's own weights, only the rows that keep it.
+Shapes: N packed rows of width D, H heads of Dh.
+
+A backbone's attention module is seen through `Projections` (query, key, value, out): each
+backbone adapter wraps its own module kind (ESPnet's MultiHeadedAttention, Whisper's
+MultiHeadAttention) in one, and everything here runs on any of them."""
 
 from __future__ import annotations
 
@@ -11,21 +15,40 @@ from torch import Tensor
 from localgp import ops
 
 
-def heads(attn, linear, x: Tensor) -> Tensor:
-    """(..., D) -> (..., H, Dh) through one of the module's projections."""
-    return linear(x).unflatten(-1, (attn.h, attn.d_k))
+class Projections:
+    """One attention module's projections: query/key/value (..., D) -> (..., H, Dh), out
+    (..., H, Dh) -> (..., D), with the softmax scale 1/sqrt(Dh). Subclassed per module kind."""
+
+    heads: int
+    head_dim: int
+
+    def query(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def key(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def value(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def out(self, o: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def scale(self) -> float:
+        return 1 / math.sqrt(self.head_dim)
+
+    def split(self, y: Tensor) -> Tensor:
+        return y.unflatten(-1, (self.heads, self.head_dim))
 
 
-def packed_self_attention(attn, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+def packed_self_attention(attn: Projections, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
     """Self-attention of each packed sequence over its own kept frames. x (N, D) -> (N, D)."""
-    q = attn.q_norm(heads(attn, attn.linear_q, x))
-    k = attn.k_norm(heads(attn, attn.linear_k, x))
-    v = heads(attn, attn.linear_v, x)
-    out = ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=1 / math.sqrt(attn.d_k))
-    return attn.linear_out(out.flatten(-2))
+    out = ops.varlen_attention(attn.query(x), attn.key(x), attn.value(x), cu_seqlens, max_seqlen, scale=attn.scale)
+    return attn.out(out)
 
 
-def rows_attention(attn, q_rows: Tensor, batch_of_row: Tensor, keys: Tensor, values: Tensor,
+def rows_attention(attn: Projections, q_rows: Tensor, batch_of_row: Tensor, keys: Tensor, values: Tensor,
                    key_mask: Tensor) -> Tensor:
     """Queries of selected rows attend to their own utterance's keys.
 
@@ -33,7 +56,7 @@ def rows_attention(attn, q_rows: Tensor, batch_of_row: Tensor, keys: Tensor, val
     keys, values (B, S, H, Dh) already projected; key_mask (N, S) bool, True = may attend.
     Rows are processed per utterance, so keys are never copied per row.
     """
-    q = attn.q_norm(heads(attn, attn.linear_q, q_rows))  # (N, H, Dh)
+    q = attn.query(q_rows)  # (N, H, Dh)
     out = q.new_empty(q.shape)
     counts = torch.bincount(batch_of_row, minlength=keys.shape[0]).tolist()
     order = torch.argsort(batch_of_row, stable=True)
@@ -47,11 +70,11 @@ def rows_attention(attn, q_rows: Tensor, batch_of_row: Tensor, keys: Tensor, val
         mask = key_mask[rows][None]  # (1, n, S)
         o = torch.nn.functional.scaled_dot_product_attention(
             q_b, keys[b].transpose(0, 1), values[b].transpose(0, 1), attn_mask=mask,
-            scale=1 / math.sqrt(attn.d_k),
+            scale=attn.scale,
         )
         # A row with no key to attend to contributes zeros, as ESPnet's masked softmax does.
         out[rows] = torch.where(mask.any(-1)[..., None], o, 0.0).transpose(0, 1)
-    return attn.linear_out(out.flatten(-2))
+    return attn.out(out)
 
 
 def memory_attention(q: Tensor, keys: Tensor, values: Tensor, allowed: Tensor | None, rows_of_utterance) -> Tensor:

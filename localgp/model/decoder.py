@@ -10,88 +10,24 @@ import torch
 from espnet.nets.pytorch_backend.nets_utils import make_pad_mask
 from espnet.nets.pytorch_backend.transformer.mask import subsequent_mask
 from espnet2.asr.decoder.transformer_decoder import TransformerDecoder
-from torch import Tensor, nn
+from torch import Tensor
 
 from localgp import ops
-from localgp.gates import GateRecord, LocalGatePredictor, random_keep_logits
-from localgp.model.attention import heads, rows_attention
+from localgp.gates import GateRecord
+from localgp.model.attention import rows_attention
 from localgp.model.config import DECODER_MODULES, EXECUTIONS, GateConfig
 from localgp.model.gating import PositionGate, UtteranceGate
+from localgp.model.layout import DecoderLayerView, DecoderView
+from localgp.model.owsm import EspnetAttention
+from localgp.model.pruning import DecoderPruning, GatedDecoderMixin, init_decoder_gating
 
 
-class DecoderPruning(nn.Module):
-    """localGP predictors of the decoder and its context projections (prefix `pruning.`).
-
-    Context: the configured utterance-level streams (e.g. lang2vec), or, when none is
-    configured, the encoder output itself.
-    """
-
-    def __init__(self, config: GateConfig, d_model: int, num_layers: int):
-        super().__init__()
-        self.config = config
-        self.modules_per_layer = DECODER_MODULES[config.decoder]
-        self.context_proj = nn.ModuleDict(
-            {name: nn.Linear(size, d_model) for name, size in config.decoder_contexts}
-        )
-        self.gates = nn.ModuleList()
-        if config.predictor == "local":
-            self.gates.extend(
-                LocalGatePredictor(d_model, len(self.modules_per_layer), config.heads) for _ in range(num_layers)
-            )
-
-
-class GatedTransformerDecoder(TransformerDecoder):
+class GatedTransformerDecoder(GatedDecoderMixin, TransformerDecoder):
     """Made by `gate_decoder()` from a TransformerDecoder; not constructed directly."""
 
-    pruning: DecoderPruning
-    execution: str
-    forced_keep: float | None
-    forced_generator: torch.Generator
-    external_context: dict[str, Tensor]
-    last_record: GateRecord | None
-
-    def set_context(self, **streams: Tensor) -> None:
-        """Utterance-level decoder context, e.g. lang2vec=(B, 289). Kept until changed."""
-        expected = {name for name, _ in self.pruning.config.decoder_contexts}
-        unknown = set(streams) - expected
-        if unknown:
-            raise ValueError(f"set_context: unknown decoder context {sorted(unknown)}; configured: {sorted(expected)}")
-        for name, seq in streams.items():
-            self.external_context[name] = seq[:, None] if seq.dim() == 2 else seq
-
-    def _context(self, memory: Tensor, memory_mask: Tensor):
-        """(B, K, Tc, D) and its key padding mask (B, K*Tc), True = padding."""
-        cfg = self.pruning.config
-        if not cfg.decoder_contexts:
-            return memory[:, None], ~memory_mask.squeeze(1)
-        streams = []
-        for name, _ in cfg.decoder_contexts:
-            if name not in self.external_context:
-                raise ValueError(f"decoder: context {name!r} is configured but was not given; call set_context({name}=...)")
-            seq = self.pruning.context_proj[name](self.external_context[name].to(memory.dtype))
-            if seq.shape[1] != 1:
-                raise ValueError(f"decoder: context {name!r} must be utterance-level (B, size), got {tuple(seq.shape)}")
-            streams.append(seq)
-        return torch.stack(streams, dim=1), None
-
-    def _layer_logits(self, index, x, context, context_pad):
-        cfg = self.pruning.config
-        per_layer = len(self.pruning.modules_per_layer)
-        token = cfg.decoder == "token"
-        if self.forced_keep is not None:
-            shape = (*x.shape[:2], per_layer) if token else (x.shape[0], per_layer)
-            return random_keep_logits(shape, self.forced_keep, self.forced_generator, x.device).to(x.dtype), x, context
-        if cfg.predictor == "global":
-            source = self.global_source
-            if source.decoder_logits is None:
-                raise ValueError("decoder: globalGP's decisions come from the encoder's forward pass; run it first")
-            units = source.decoder_logits.unflatten(1, (len(self.decoders), per_layer))
-            return units[:, index], x, context
-        # The memory context is never aligned to the tokens: it is not updated between layers.
-        logits, x, _ = self.pruning.gates[index](x, context, context_pad)
-        if not token:  # utterance-wise: the prompt tokens decide (the first position)
-            logits = logits[:, 0]
-        return logits, x, context
+    @property
+    def gated_layers(self):
+        return self.decoders
 
     def forward(self, hs_pad: Tensor, hlens: Tensor, ys_in_pad: Tensor, ys_in_lens: Tensor,
                 return_hs: bool = False, return_all_hs: bool = False):
@@ -108,11 +44,11 @@ class GatedTransformerDecoder(TransformerDecoder):
         cfg = self.pruning.config
         context, context_pad = (None, None)
         if cfg.predictor == "local" and self.forced_keep is None:
-            context, context_pad = self._context(memory, memory_mask)
+            context, context_pad = self.gate_context(memory, memory_mask.squeeze(1))
         record = GateRecord()
         hidden = []
         for index, layer in enumerate(self.decoders):
-            logits, x, context = self._layer_logits(index, x, context, context_pad)
+            logits, x = self.layer_logits(index, x, context, context_pad)
             x = run_decoder_layer(layer, x, valid, ys_in_lens, tgt_mask, memory, memory_mask, logits, cfg,
                                   self.execution, record, f"decoder.{index}")
             hidden.append(x)
@@ -185,7 +121,8 @@ def _token_attention(gate: PositionGate, name: str, attn, norm, dropout, x, sour
         out = dropout(attn(norm(x), source, source, mask))
         return x + out * gate.mask(name).to(x.dtype)[..., None]
     c = gate.compact(name, x)
-    keys, values = attn.k_norm(heads(attn, attn.linear_k, source)), heads(attn, attn.linear_v, source)
+    attn = EspnetAttention(attn)
+    keys, values = attn.key(source), attn.value(source)
     L = x.shape[1]
     batch_of_row, position = c.index // L, c.index % L
     key_mask = mask.expand(-1, L, -1)[batch_of_row, position]  # (N, S) of each kept token
@@ -208,13 +145,33 @@ def gate_decoder(decoder: TransformerDecoder, config: GateConfig, global_source=
     if config.predictor == "global" and global_source is None:
         raise ValueError("gate_decoder: globalGP's decisions come from a gated encoder; pass global_source")
     decoder.__class__ = GatedTransformerDecoder
-    d_model = decoder.decoders[0].size
-    decoder.pruning = DecoderPruning(config, d_model, len(decoder.decoders)).to(next(decoder.parameters()).device)
-    decoder.execution = "masked"
-    decoder.forced_keep = None
-    decoder.forced_generator = torch.Generator().manual_seed(0)
-    decoder.external_context = {}
-    decoder.last_record = None
-    # Not a submodule: the encoder owns the predictor and its parameters.
-    object.__setattr__(decoder, "global_source", global_source)
+    pruning = DecoderPruning(config, decoder.decoders[0].size, len(decoder.decoders), DECODER_MODULES[config.decoder])
+    init_decoder_gating(decoder, pruning, global_source)
     return decoder
+
+
+def espnet_decoder_view(decoder: TransformerDecoder) -> DecoderView:
+    """ESPnet's TransformerDecoder (plain or gated) as localgp's incremental decoder sees it."""
+    layer = decoder.decoders[0]
+    if not layer.normalize_before or layer.concat_after:
+        raise ValueError("IncrementalDecoder: only pre-norm layers without concat_after are supported (as in OWSM)")
+    if not isinstance(decoder.embed, torch.nn.Sequential) or not hasattr(decoder.embed[1], "pe"):
+        raise ValueError("IncrementalDecoder: the decoder's input layer must be ESPnet's 'embed' "
+                         "(Embedding + PositionalEncoding)")
+    embedding, positional = decoder.embed[0], decoder.embed[1]
+
+    def embed(tokens: Tensor, position: int) -> Tensor:
+        if position >= positional.pe.shape[1] or positional.pe.dtype != embedding.weight.dtype:
+            positional.extend_pe(embedding.weight.new_empty(1, 2 * position + 1))
+        return embedding(tokens) * positional.xscale + positional.pe[0, position]
+
+    layers = [
+        DecoderLayerView(
+            self_norm=layer.norm1, self_attn=EspnetAttention(layer.self_attn), src_norm=layer.norm2,
+            src_attn=EspnetAttention(layer.src_attn),
+            ffn=lambda x, layer=layer: layer.dropout(layer.feed_forward(layer.norm3(x))),
+            ffn_macs=2 * layer.feed_forward.w_1.weight.numel(), dropout=layer.dropout)
+        for layer in decoder.decoders
+    ]
+    output = decoder.output_layer
+    return DecoderView(layers, embed, decoder.after_norm, output.weight, output.bias, max_positions=None)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import yaml
 
+from localgp.model.attention import Projections
+
 log = logging.getLogger(__name__)
 
 
@@ -202,3 +204,23 @@ def load_owsm(directory: str | Path, device: str = "cpu"):
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
             raise RuntimeError(f"could not load the model weights {model_path}: {err}") from err
     return model, args
+
+
+class EspnetAttention(Projections):
+    """ESPnet's MultiHeadedAttention seen as localgp's attention projections (with its optional
+    query/key norms)."""
+
+    def __init__(self, attn):
+        self.module, self.heads, self.head_dim = attn, attn.h, attn.d_k
+
+    def query(self, x):
+        return self.module.q_norm(self.split(self.module.linear_q(x)))
+
+    def key(self, x):
+        return self.module.k_norm(self.split(self.module.linear_k(x)))
+
+    def value(self, x):
+        return self.split(self.module.linear_v(x))
+
+    def out(self, o):
+        return self.module.linear_out(o.flatten(-2))

@@ -1,0 +1,228 @@
+"""What every gated encoder and decoder hosts, whatever its backbone: the gate predictors and
+context projections (state-dict prefix `pruning.`), the context they are fed, and the logits
+each layer gets. A backbone's adapter (OWSM in encoder.py/decoder.py, Whisper in whisper.py)
+mixes these into its own encoder and decoder classes and runs its layers under the gates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from localgp.gates import GateRecord, GlobalGatePredictor, LocalGatePredictor, align_to_frames, random_keep_logits
+from localgp.model.config import GateConfig
+
+
+def masked_time_mean(x: Tensor, valid: Tensor) -> Tensor:
+    """Mean of x (B, T, ...) over the valid frames (B, T) of each sequence."""
+    weights = valid.reshape(*valid.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+    return (x * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+class EncoderPruning(nn.Module):
+    """An encoder's gate predictors and context projections.
+
+    modules: the gated module names of one layer (the backbone's, for config.encoder).
+    """
+
+    def __init__(self, config: GateConfig, d_model: int, num_layers: int, modules: tuple[str, ...],
+                 vocab_size: int = 0, decoder_units: int = 0):
+        super().__init__()
+        self.config = config
+        self.modules_per_layer = modules
+        self.context_proj = nn.ModuleDict()
+        self.gates = nn.ModuleList()
+        if config.predictor == "global":  # it also emits the decisions of `decoder_units` decoder units
+            if vocab_size <= 0:
+                raise ValueError("globalGP needs the vocabulary size (its prompt tokens are embedded)")
+            units = num_layers * len(modules) + decoder_units
+            self.global_gate = GlobalGatePredictor(d_model, vocab_size, units)
+        else:
+            for name, size in config.contexts:
+                self.context_proj[name] = nn.Linear(d_model if name == "front" else size, d_model)
+            self.gates.extend(LocalGatePredictor(d_model, len(modules), config.heads) for _ in range(num_layers))
+
+
+class DecoderPruning(nn.Module):
+    """A decoder's localGP predictors and context projections.
+
+    Context: the configured utterance-level streams (e.g. lang2vec), or, when none is
+    configured, the encoder output itself.
+    """
+
+    def __init__(self, config: GateConfig, d_model: int, num_layers: int, modules: tuple[str, ...]):
+        super().__init__()
+        self.config = config
+        self.modules_per_layer = modules
+        self.context_proj = nn.ModuleDict({name: nn.Linear(size, d_model) for name, size in config.decoder_contexts})
+        self.gates = nn.ModuleList()
+        if config.predictor == "local":
+            self.gates.extend(LocalGatePredictor(d_model, len(modules), config.heads) for _ in range(num_layers))
+
+
+def _init_switches(part: nn.Module) -> None:
+    part.execution = "masked"
+    part.forced_keep = None
+    part.forced_generator = torch.Generator().manual_seed(0)
+    part.external_context = {}
+    part.last_record = None
+
+
+class GatedEncoderMixin:
+    """Context and per-layer logits of a gated encoder. The host class provides `gated_layers`
+    (its list of layers); `init_encoder_gating` sets the attributes below."""
+
+    pruning: EncoderPruning
+    execution: str  # "masked", "compact", or "dense" (no gates: the benchmarks' baseline)
+    forced_keep: float | None  # random masks keeping this share, instead of the gates
+    forced_generator: torch.Generator
+    external_context: dict[str, Tensor]  # name -> (B, Tc, size), set by set_context()
+    prompt: Tensor | None  # (B, P) language and task token ids for globalGP
+    decoder_logits: Tensor | None  # (B, decoder units, 2): globalGP's decisions for the decoder
+    global_logits: Tensor | None  # (B, layers, modules, 2): globalGP's decisions for the encoder
+    last_record: GateRecord | None
+
+    def set_context(self, prompt: Tensor | None = None, **streams: Tensor) -> None:
+        """Context kept until changed: external sequences for localGP, e.g. speaker=(B, Tc, 192),
+        or, for globalGP, the prompt's language and task token ids (B, P)."""
+        if prompt is not None:
+            if self.pruning.config.predictor != "global":
+                raise ValueError("set_context: prompt is the context of globalGP; this encoder uses localGP")
+            if prompt.dim() != 2 or prompt.dtype != torch.long:
+                raise ValueError(f"set_context: prompt must be int64 token ids (B, P), got {prompt.dtype} {tuple(prompt.shape)}")
+            self.prompt = prompt
+        expected = {name for name, _ in self.pruning.config.contexts if name != "front"}
+        unknown = set(streams) - expected
+        if unknown:
+            raise ValueError(f"set_context: unknown context {sorted(unknown)}; this encoder uses {sorted(expected)}")
+        for name, seq in streams.items():
+            if seq.dim() == 2:  # an utterance-level embedding (B, size)
+                seq = seq[:, None]
+            if seq.dim() != 3:
+                raise ValueError(f"set_context: {name} must be (B, Tc, size) or (B, size), got {tuple(seq.shape)}")
+            self.external_context[name] = seq
+
+    def gate_context(self, front: Tensor) -> Tensor:
+        """(B, K, T, D): every context stream projected to d_model and aligned to the frames."""
+        streams = []
+        for name, _ in self.pruning.config.contexts:
+            if name == "front":
+                seq = front
+            elif name in self.external_context:
+                seq = self.external_context[name]
+            else:
+                raise ValueError(f"encoder: context {name!r} is configured but was not given; call set_context({name}=...)")
+            if seq.shape[0] != front.shape[0]:
+                raise ValueError(f"encoder: context {name!r} has batch {seq.shape[0]}, speech has {front.shape[0]}")
+            proj = self.pruning.context_proj[name]
+            streams.append(align_to_frames(proj(seq.to(front.dtype)), front.shape[1]))
+        return torch.stack(streams, dim=1)
+
+    def start_gates(self, x: Tensor, valid: Tensor) -> Tensor | None:
+        """Before the first layer: localGP's context (B, K, T, D), or globalGP's decisions for
+        every layer (None returned). x (B, T, D) the first layer's input; valid (B, T)."""
+        if self.forced_keep is not None:
+            return None
+        if self.pruning.config.predictor == "local":
+            return self.gate_context(x)
+        if self.prompt is None or self.prompt.shape[0] != x.shape[0]:
+            raise ValueError("encoder: globalGP needs the prompt token ids of the batch; call set_context(prompt=...)")
+        logits = self.pruning.global_gate(self.prompt.to(x.device), masked_time_mean(x, valid)).to(x.dtype)
+        per_layer = len(self.pruning.modules_per_layer)
+        encoder_units = len(self.gated_layers) * per_layer
+        self.global_logits = logits[:, :encoder_units].unflatten(1, (len(self.gated_layers), per_layer))
+        self.decoder_logits = logits[:, encoder_units:]
+        return None
+
+    def layer_logits(self, index: int, x: Tensor, context: Tensor | None, valid: Tensor):
+        """Logits of layer `index`: (B, T, M, 2) temporal, (B, M, 2) utterance-wise; the layer
+        input after the predictor; the context for the next layer."""
+        cfg = self.pruning.config
+        modules = len(self.pruning.modules_per_layer)
+        temporal = cfg.encoder == "temporal"
+        if self.forced_keep is not None:
+            shape = (*x.shape[:2], modules) if temporal else (x.shape[0], modules)
+            return random_keep_logits(shape, self.forced_keep, self.forced_generator, x.device).to(x.dtype), x, context
+        if cfg.predictor == "global":
+            return self.global_logits[:, index], x, context
+        logits, x, context = self.pruning.gates[index](x, context)
+        if not temporal:  # utterance-wise: pool the frame logits over the valid frames
+            logits = masked_time_mean(logits, valid)
+        return logits, x, context
+
+
+def init_encoder_gating(encoder: nn.Module, pruning: EncoderPruning) -> None:
+    encoder.pruning = pruning.to(next(encoder.parameters()).device)
+    _init_switches(encoder)
+    encoder.prompt = None
+    encoder.global_logits = None
+    encoder.decoder_logits = None
+
+
+class GatedDecoderMixin:
+    """Context and per-layer logits of a gated decoder. The host class provides `gated_layers`;
+    `init_decoder_gating` sets the attributes below."""
+
+    pruning: DecoderPruning
+    execution: str
+    forced_keep: float | None
+    forced_generator: torch.Generator
+    external_context: dict[str, Tensor]
+    last_record: GateRecord | None
+    global_source: nn.Module | None  # the gated encoder whose globalGP decides for this decoder
+
+    def set_context(self, **streams: Tensor) -> None:
+        """Utterance-level decoder context, e.g. lang2vec=(B, 289). Kept until changed."""
+        expected = {name for name, _ in self.pruning.config.decoder_contexts}
+        unknown = set(streams) - expected
+        if unknown:
+            raise ValueError(f"set_context: unknown decoder context {sorted(unknown)}; configured: {sorted(expected)}")
+        for name, seq in streams.items():
+            self.external_context[name] = seq[:, None] if seq.dim() == 2 else seq
+
+    def gate_context(self, memory: Tensor, memory_valid: Tensor | None):
+        """(B, K, Tc, D) and its key padding mask (B, K*Tc) (True = padding) or None.
+        memory_valid (B, S) bool, None when every frame is real."""
+        cfg = self.pruning.config
+        if not cfg.decoder_contexts:
+            return memory[:, None], None if memory_valid is None else ~memory_valid
+        streams = []
+        for name, _ in cfg.decoder_contexts:
+            if name not in self.external_context:
+                raise ValueError(f"decoder: context {name!r} is configured but was not given; call set_context({name}=...)")
+            seq = self.pruning.context_proj[name](self.external_context[name].to(memory.dtype))
+            if seq.shape[1] != 1:
+                raise ValueError(f"decoder: context {name!r} must be utterance-level (B, size), got {tuple(seq.shape)}")
+            streams.append(seq)
+        return torch.stack(streams, dim=1), None
+
+    def global_decisions(self) -> Tensor:
+        """globalGP's logits for this decoder (B, layers, modules, 2), from the encoder's last pass."""
+        source = self.global_source
+        if source is None or source.decoder_logits is None:
+            raise ValueError("decoder: globalGP's decisions come from the encoder's forward pass; run it first")
+        return source.decoder_logits.unflatten(1, (len(self.gated_layers), len(self.pruning.modules_per_layer)))
+
+    def layer_logits(self, index: int, x: Tensor, context, context_pad):
+        """Logits of layer `index` ((B, L, M, 2) per token, (B, M, 2) per utterance) and the
+        layer input after the predictor."""
+        cfg = self.pruning.config
+        modules = len(self.pruning.modules_per_layer)
+        token = cfg.decoder == "token"
+        if self.forced_keep is not None:
+            shape = (*x.shape[:2], modules) if token else (x.shape[0], modules)
+            return random_keep_logits(shape, self.forced_keep, self.forced_generator, x.device).to(x.dtype), x
+        if cfg.predictor == "global":
+            return self.global_decisions()[:, index], x
+        # The memory context is never aligned to the tokens: it is not updated between layers.
+        logits, x, _ = self.pruning.gates[index](x, context, context_pad)
+        if not token:  # utterance-wise: the prompt tokens decide (the first position)
+            logits = logits[:, 0]
+        return logits, x
+
+
+def init_decoder_gating(decoder: nn.Module, pruning: DecoderPruning, global_source: nn.Module | None) -> None:
+    decoder.pruning = pruning.to(next(decoder.parameters()).device)
+    _init_switches(decoder)
+    # Not a submodule: the encoder owns the predictor and its parameters.
+    object.__setattr__(decoder, "global_source", global_source)
