@@ -1,4 +1,5 @@
-"""Gating a whole ESPnet S2T model, and the switches that act on all of its gated parts."""
+"""Gating a whole ESPnet S2T model, and the switches that act on the gated parts of any model
+(OWSM or Whisper)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from torch import nn
 
 from localgp.gates import GateRecord, sparsity_loss
 from localgp.model.config import DECODER_MODULES, EXECUTIONS, GateConfig
-from localgp.model.decoder import GatedTransformerDecoder, gate_decoder
-from localgp.model.encoder import GatedEBranchformerEncoder, gate_encoder
+from localgp.model.decoder import gate_decoder
+from localgp.model.encoder import gate_encoder
+from localgp.model.pruning import GatedDecoderMixin, GatedEncoderMixin
 
 GATE_KEY = "pruning."  # every gate parameter's state-dict key contains this
 
@@ -31,7 +33,7 @@ def gate_s2t_model(model: nn.Module, config: GateConfig) -> nn.Module:
 
 def gated_parts(model: nn.Module):
     return [m for m in (getattr(model, "encoder", model), getattr(model, "decoder", None))
-            if isinstance(m, (GatedEBranchformerEncoder, GatedTransformerDecoder))]
+            if isinstance(m, (GatedEncoderMixin, GatedDecoderMixin))]
 
 
 def set_execution(model: nn.Module, execution: str) -> None:

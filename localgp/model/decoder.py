@@ -12,9 +12,7 @@ from espnet.nets.pytorch_backend.transformer.mask import subsequent_mask
 from espnet2.asr.decoder.transformer_decoder import TransformerDecoder
 from torch import Tensor
 
-from localgp import ops
 from localgp.gates import GateRecord
-from localgp.model.attention import rows_attention
 from localgp.model.config import DECODER_MODULES, EXECUTIONS, GateConfig
 from localgp.model.gating import PositionGate, UtteranceGate
 from localgp.model.layout import DecoderLayerView, DecoderView
@@ -94,9 +92,12 @@ def run_decoder_layer(layer, x, valid, lengths, tgt_mask, memory, memory_mask, l
     ffn = lambda h, *_: layer.dropout(layer.feed_forward(layer.norm3(h)))  # noqa: E731
     if cfg.decoder == "token":
         gate = PositionGate(logits, valid, lengths, names, cfg, execution, layer.training, record, prefix)
-        x = _token_attention(gate, "self_attn", layer.self_attn, layer.norm1, layer.dropout, x, layer.norm1(x),
-                             tgt_mask)
-        x = _token_attention(gate, "src_attn", layer.src_attn, layer.norm2, layer.dropout, x, memory, memory_mask)
+        self_attn, src_attn = EspnetAttention(layer.self_attn), EspnetAttention(layer.src_attn)
+        source = layer.norm1(x)
+        x = gate.token_attention("self_attn", x, self_attn, layer.norm1, source, tgt_mask, layer.dropout,
+                                 full=lambda h: layer.self_attn(h, source, source, tgt_mask))
+        x = gate.token_attention("src_attn", x, src_attn, layer.norm2, memory, memory_mask, layer.dropout,
+                                 full=lambda h: layer.src_attn(h, memory, memory, memory_mask))
         return gate.residual("ffn", x, ffn)
 
     gate = UtteranceGate(logits, names, cfg, execution, layer.training, record, prefix)
@@ -111,23 +112,6 @@ def run_decoder_layer(layer, x, valid, lengths, tgt_mask, memory, memory_mask, l
     x = gate.residual("self_attn", x, self_attn, row_args=(tgt_mask,))
     x = gate.residual("src_attn", x, src_attn, row_args=(memory, memory_mask))
     return gate.residual("ffn", x, ffn)
-
-
-def _token_attention(gate: PositionGate, name: str, attn, norm, dropout, x, source, mask):
-    """x + attention where kept, for self-attention (source = norm(x), mask (B, L, L) causal)
-    and src-attention (source = memory, mask (B, 1, S)). Kept tokens query the keys/values of
-    the whole source, so a token that skips self-attention still serves later tokens."""
-    if gate.execution == "masked":
-        out = dropout(attn(norm(x), source, source, mask))
-        return x + out * gate.mask(name).to(x.dtype)[..., None]
-    c = gate.compact(name, x)
-    attn = EspnetAttention(attn)
-    keys, values = attn.key(source), attn.value(source)
-    L = x.shape[1]
-    batch_of_row, position = c.index // L, c.index % L
-    key_mask = mask.expand(-1, L, -1)[batch_of_row, position]  # (N, S) of each kept token
-    out = rows_attention(attn, norm(c.packed), batch_of_row, keys, values, key_mask)
-    return ops.scatter_pad(dropout(out), c.index, x)
 
 
 def gate_decoder(decoder: TransformerDecoder, config: GateConfig, global_source=None) -> GatedTransformerDecoder:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from localgp import ops
 from localgp.gates import GateRecord, gate_mask
+from localgp.model.attention import Projections, rows_attention
 from localgp.model.config import GateConfig
 
 LABEL_PREFIX = "localgp."
@@ -93,6 +94,27 @@ class PositionGate:
         mask = self.mask(name)
         with profiled("scatter"):
             return x + scale * y * mask.to(x.dtype)[..., None]
+
+    def token_attention(self, name: str, x: Tensor, attn: Projections, norm, source: Tensor, mask: Tensor,
+                        dropout, full) -> Tensor:
+        """x + attention where kept, for decoder self-attention (source = norm(x), mask (B|1, L, L)
+        causal) and src-attention (source = memory, mask (B|1, 1|L, S)); True = may attend. Kept
+        tokens query the keys/values of the whole source, so a token that skips self-attention
+        still serves later tokens. full(h): the backbone's own module on every token (masked)."""
+        if self.execution == "masked":
+            with profiled(module_label(name)):
+                out = dropout(full(norm(x)))
+            with profiled("scatter"):
+                return x + out * self.mask(name).to(x.dtype)[..., None]
+        c = self.compact(name, x)
+        with profiled(module_label(name)):
+            keys, values = attn.key(source), attn.value(source)
+            B, L = x.shape[:2]
+            batch_of_row, position = c.index // L, c.index % L
+            key_mask = mask.expand(B, L, -1)[batch_of_row, position]  # (N, S) of each kept token
+            out = dropout(rows_attention(attn, norm(c.packed), batch_of_row, keys, values, key_mask))
+        with profiled("scatter"):
+            return ops.scatter_pad(out, c.index, x)
 
 
 class UtteranceGate:

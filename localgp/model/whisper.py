@@ -1,0 +1,279 @@
+"""The Whisper adapter: openai-whisper's `Whisper` gated in place, as gate_encoder/gate_decoder
+do for ESPnet's OWSM. Its layers are mapped onto the shared gating (gating.py, pruning.py):
+
+- encoder blocks: attention and MLP gated per frame ("temporal") or per utterance. Whisper
+  computes all 1500 frames of its 30 s window, padding included: to the gates those are frames
+  like any other (they may learn to skip them); `speech_frames()` tells which carry the audio.
+- decoder blocks: self-attention, cross-attention (`src_attn`) and MLP (`ffn`) per token or per
+  utterance; `whisper_decoder_view()` lets localgp's incremental decoder run them.
+
+State-dict keys are unchanged (real Whisper weights load as before); gate parameters sit under
+`encoder.pruning.` and `decoder.pruning.`. With every gate keeping, masked execution computes
+exactly what openai-whisper computes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from whisper.model import AudioEncoder, MultiHeadAttention, ResidualAttentionBlock, TextDecoder, Whisper
+
+from localgp import ops
+from localgp.gates import GateRecord
+from localgp.model.attention import Projections, packed_self_attention
+from localgp.model.config import DECODER_MODULES, DENSE, EXECUTIONS, GateConfig
+from localgp.model.gating import NoGate, PositionGate, UtteranceGate, profiled
+from localgp.model.layout import DecoderLayerView, DecoderView
+from localgp.model.pruning import (
+    DecoderPruning, EncoderPruning, GatedDecoderMixin, GatedEncoderMixin, init_decoder_gating, init_encoder_gating,
+)
+
+# The gated modules of a Whisper encoder block, per granularity (both modules are per frame).
+ENCODER_MODULES = {"temporal": ("attn", "mlp"), "utterance": ("attn", "mlp")}
+ENCODER_EXECUTIONS = (*EXECUTIONS, DENSE)
+SAMPLE_RATE, HOP, WINDOW_SECONDS = 16000, 160, 30  # whisper.audio's constants
+
+
+def speech_frames(num_samples: Tensor | int) -> Tensor | int:
+    """Encoder frames that carry audio of `num_samples` samples (16 kHz; the rest of the 1500 are
+    the padding of the 30 s window): mel frames at hop 160, halved by the stride-2 convolution."""
+    mel = (num_samples + HOP - 1) // HOP
+    return (mel + 1) // 2
+
+
+class WhisperAttention(Projections):
+    """Whisper's MultiHeadAttention as localgp's attention projections. Whisper scales q and k by
+    Dh^-1/4 each: the same 1/sqrt(Dh) on their product."""
+
+    def __init__(self, attn: MultiHeadAttention):
+        self.module, self.heads = attn, attn.n_head
+        self.head_dim = attn.query.out_features // attn.n_head
+
+    def query(self, x):
+        return self.split(self.module.query(x))
+
+    def key(self, x):
+        return self.split(self.module.key(x))
+
+    def value(self, x):
+        return self.split(self.module.value(x))
+
+    def out(self, o):
+        return self.module.out(o.flatten(-2))
+
+
+# ------------------------------------------------------------------ encoder
+class GatedWhisperEncoder(GatedEncoderMixin, AudioEncoder):
+    """Made by `gate_whisper()` from an AudioEncoder; not constructed directly."""
+
+    @property
+    def gated_layers(self):
+        return self.blocks
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, n_mels, 3000) log-mel spectrogram -> (B, 1500, D), as AudioEncoder.forward."""
+        if self.execution not in ENCODER_EXECUTIONS:
+            raise ValueError(f"encoder.execution must be one of {ENCODER_EXECUTIONS}, got {self.execution!r}")
+        if self.execution == "compact" and self.training and self.forced_keep is None:
+            raise RuntimeError("compact execution skips the gates' gradients: train in masked mode, run compact")
+        with profiled("subsampling"):
+            x = F.gelu(self.conv1(x))
+            x = F.gelu(self.conv2(x))
+            x = x.permute(0, 2, 1)
+            if x.shape[1:] != self.positional_embedding.shape:
+                raise ValueError(f"encoder: the mel input gives {tuple(x.shape[1:])} frames x width, the model expects "
+                                 f"{tuple(self.positional_embedding.shape)} (pad or trim the audio to 30 s)")
+            x = (x + self.positional_embedding).to(x.dtype)
+        B, T = x.shape[:2]
+        valid = torch.ones(B, T, dtype=torch.bool, device=x.device)  # every frame of the window is a frame
+        lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
+        cfg = self.pruning.config
+        gated = self.execution != DENSE
+        context = None
+        if gated:
+            with profiled("gate"):
+                context = self.start_gates(x, valid)
+        record = GateRecord()
+        for index, block in enumerate(self.blocks):
+            logits = None
+            if gated:
+                with profiled("gate"):
+                    logits, x, context = self.layer_logits(index, x, context, valid)
+            x = run_encoder_block(block, x, valid, lengths, logits, cfg, self.execution, record, f"encoder.{index}")
+        self.last_record = record
+        return self.ln_post(x)
+
+
+def run_encoder_block(block: ResidualAttentionBlock, x: Tensor, valid: Tensor, lengths: Tensor, logits: Tensor | None,
+                      cfg: GateConfig, execution: str, record: GateRecord, prefix: str) -> Tensor:
+    """One Whisper encoder block under its gates: x + attn(attn_ln(x)), then x + mlp(mlp_ln(x))."""
+    names = ENCODER_MODULES[cfg.encoder]
+    attention = lambda h, *_: block.attn(block.attn_ln(h))[0]  # noqa: E731
+    mlp = lambda h, *_: block.mlp(block.mlp_ln(h))  # noqa: E731
+    if execution == DENSE:
+        gate = NoGate()
+        x = gate.residual("attn", x, attention)
+    elif cfg.encoder == "temporal":
+        gate = PositionGate(logits, valid, lengths, names, cfg, execution, block.training, record, prefix)
+        x = _temporal_attention(gate, block, x)
+    else:
+        gate = UtteranceGate(logits, names, cfg, execution, block.training, record, prefix)
+        x = gate.residual("attn", x, attention)
+    return gate.residual("mlp", x, mlp)
+
+
+def _temporal_attention(gate: PositionGate, block: ResidualAttentionBlock, x: Tensor) -> Tensor:
+    """x + attention where kept; queries, keys and values are the kept frames only."""
+    attn = WhisperAttention(block.attn)
+    if gate.execution == "compact":
+        c = gate.compact("attn", x)
+        with profiled("attention"):
+            out = packed_self_attention(attn, block.attn_ln(c.packed), c.cu_seqlens, x.shape[1])
+        with profiled("scatter"):
+            return ops.scatter_pad(out, c.index, x)
+    mask = gate.mask("attn")
+    with profiled("attention"):
+        keys = mask > 0
+        if bool(keys.all()):  # every frame kept: Whisper's own call, bit for bit
+            out = block.attn(block.attn_ln(x))[0]
+        else:
+            h = block.attn_ln(x)
+            keys = keys | ~keys.any(-1, keepdim=True)  # nothing kept: any keys (the output is masked out)
+            q, k, v = (p(h).transpose(1, 2) for p in (attn.query, attn.key, attn.value))
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :], scale=attn.scale)
+            out = attn.out(o.transpose(1, 2))
+    with profiled("scatter"):
+        return x + out * mask.to(x.dtype)[..., None]
+
+
+# ------------------------------------------------------------------ decoder
+class GatedWhisperDecoder(GatedDecoderMixin, TextDecoder):
+    """Made by `gate_whisper()` from a TextDecoder; not constructed directly. Its forward runs
+    the whole prefix (training, and the masked reference); decoding goes through localgp's
+    incremental decoder (`whisper_decoder_view`)."""
+
+    @property
+    def gated_layers(self):
+        return self.blocks
+
+    def forward(self, x: Tensor, xa: Tensor, kv_cache: dict | None = None, lengths: Tensor | None = None) -> Tensor:
+        """x (B, L) token ids, xa (B, S, D) encoder output, lengths (B,) valid tokens (None: all)
+        -> logits (B, L, V) in float32, as TextDecoder.forward."""
+        if kv_cache:
+            raise ValueError("decoder: the gated Whisper decoder keeps no kv_cache; decode with localgp.decoding")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"decoder.execution must be one of {EXECUTIONS}, got {self.execution!r}")
+        if self.execution == "compact" and self.training and self.forced_keep is None:
+            raise RuntimeError("compact execution skips the gates' gradients: train in masked mode, run compact")
+        B, L = x.shape
+        if L > self.positional_embedding.shape[0]:
+            raise ValueError(f"decoder: {L} tokens, the model has {self.positional_embedding.shape[0]} positions")
+        lengths = torch.full((B,), L, device=x.device) if lengths is None else lengths.to(x.device)
+        valid = torch.arange(L, device=x.device)[None] < lengths[:, None]
+        h = (self.token_embedding(x) + self.positional_embedding[:L]).to(xa.dtype)
+        cfg = self.pruning.config
+        context, context_pad = None, None
+        if cfg.predictor == "local" and self.forced_keep is None:
+            context, context_pad = self.gate_context(xa, None)
+        record = GateRecord()
+        for index, block in enumerate(self.blocks):
+            logits, h = self.layer_logits(index, h, context, context_pad)
+            h = run_decoder_block(block, h, valid, lengths, xa, logits, cfg, self.execution, record, f"decoder.{index}",
+                                  self.mask)
+        self.last_record = record
+        h = self.ln(h)
+        return (h @ self.token_embedding.weight.to(h.dtype).t()).float()
+
+
+def run_decoder_block(block: ResidualAttentionBlock, x: Tensor, valid: Tensor, lengths: Tensor, xa: Tensor,
+                      logits: Tensor, cfg: GateConfig, execution: str, record: GateRecord, prefix: str,
+                      causal: Tensor) -> Tensor:
+    """One Whisper decoder block under its gates. x (B, L, D); causal: the decoder's additive mask."""
+    names = DECODER_MODULES[cfg.decoder]
+    mlp = lambda h, *_: block.mlp(block.mlp_ln(h))  # noqa: E731
+    if cfg.decoder == "token":
+        gate = PositionGate(logits, valid, lengths, names, cfg, execution, block.training, record, prefix)
+        L, S = x.shape[1], xa.shape[1]
+        allowed = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[None]
+        source = block.attn_ln(x)
+        x = gate.token_attention("self_attn", x, WhisperAttention(block.attn), block.attn_ln, source, allowed,
+                                 _identity, full=lambda h: block.attn(h, mask=causal)[0])
+        every_frame = torch.ones(1, 1, S, dtype=torch.bool, device=x.device)
+        x = gate.token_attention("src_attn", x, WhisperAttention(block.cross_attn), block.cross_attn_ln, xa,
+                                 every_frame, _identity, full=lambda h: block.cross_attn(h, xa)[0])
+        return gate.residual("ffn", x, mlp)
+    gate = UtteranceGate(logits, names, cfg, execution, block.training, record, prefix)
+    x = gate.residual("self_attn", x, lambda h: block.attn(block.attn_ln(h), mask=causal)[0])
+    x = gate.residual("src_attn", x, lambda h, a: block.cross_attn(block.cross_attn_ln(h), a)[0], row_args=(xa,))
+    return gate.residual("ffn", x, mlp)
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def whisper_decoder_view(decoder: TextDecoder) -> DecoderView:
+    """Whisper's TextDecoder (plain or gated) as localgp's incremental decoder sees it."""
+
+    def embed(tokens: Tensor, position: int) -> Tensor:
+        return decoder.token_embedding(tokens) + decoder.positional_embedding[position]
+
+    layers = [
+        DecoderLayerView(
+            self_norm=block.attn_ln, self_attn=WhisperAttention(block.attn), src_norm=block.cross_attn_ln,
+            src_attn=WhisperAttention(block.cross_attn), ffn=lambda x, block=block: block.mlp(block.mlp_ln(x)),
+            ffn_macs=2 * block.mlp[0].weight.numel(), dropout=_identity)
+        for block in decoder.blocks
+    ]
+    return DecoderView(layers, embed, decoder.ln, decoder.token_embedding.weight, None,
+                       max_positions=decoder.positional_embedding.shape[0])
+
+
+# ------------------------------------------------------------------ conversion
+def gate_whisper(model: Whisper, config: GateConfig) -> Whisper:
+    """Gates the encoder and/or decoder of an openai-whisper model in place, reusing its weights.
+
+    globalGP (config.predictor == "global") decides from the prompt's language and task tokens
+    (set with model.encoder.set_context(prompt=...)) and the pooled encoder input.
+    """
+    if not isinstance(model, Whisper):
+        raise TypeError(f"gate_whisper: expected an openai-whisper Whisper model, got {type(model).__name__}")
+    dims = model.dims
+    decoder_units = 0
+    if config.decoder and config.predictor == "global":
+        decoder_units = dims.n_text_layer * len(DECODER_MODULES[config.decoder])
+    if config.encoder:
+        encoder = model.encoder
+        encoder.__class__ = GatedWhisperEncoder
+        init_encoder_gating(encoder, EncoderPruning(config, dims.n_audio_state, dims.n_audio_layer,
+                                                    ENCODER_MODULES[config.encoder], dims.n_vocab, decoder_units))
+    if config.decoder:
+        if config.predictor == "global" and not config.encoder:
+            raise ValueError("gate_whisper: globalGP's decisions come from the gated encoder; gate the encoder too")
+        if dims.n_audio_state != dims.n_text_state:
+            raise ValueError("gate_whisper: the decoder's gates read the encoder output; its width must be the decoder's")
+        decoder = model.decoder
+        decoder.__class__ = GatedWhisperDecoder
+        pruning = DecoderPruning(config, dims.n_text_state, dims.n_text_layer, DECODER_MODULES[config.decoder])
+        init_decoder_gating(decoder, pruning, model.encoder if config.predictor == "global" else None)
+    return model
+
+
+def frames_sparsity(record: GateRecord, speech: Tensor | None = None) -> float:
+    """Share of (frame, encoder module) units skipped, over all frames of the window, or only over
+    the frames that carry speech (speech (B,) from speech_frames()). Temporal masks only."""
+    kept = total = 0.0
+    for name, mask in record.masks.items():
+        if not name.startswith("encoder.") or mask.dim() != 2:
+            continue
+        use = record.valid[name]
+        if speech is not None:
+            use = use & (torch.arange(mask.shape[1], device=mask.device)[None] < speech.to(mask.device)[:, None])
+        kept += float((mask.detach() * use).sum())
+        total += float(use.sum())
+    if total == 0:
+        return math.nan
+    return 1 - kept / total

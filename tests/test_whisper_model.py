@@ -1,0 +1,165 @@
+"""The gated Whisper adapter on a small random openai-whisper model (the real base weights are
+tested in test_whisper_weights.py and test_whisper_decoding.py)."""
+
+import copy
+
+import pytest
+import torch
+from whisper.model import ModelDimensions, Whisper
+
+from localgp.model.config import GateConfig
+from localgp.model.convert import force_keep, gate_state_dict, last_record, pruning_loss, set_execution
+from localgp.model.whisper import frames_sparsity, gate_whisper, speech_frames
+
+DIMS = ModelDimensions(n_mels=80, n_audio_ctx=24, n_audio_state=32, n_audio_head=4, n_audio_layer=2,
+                       n_vocab=300, n_text_ctx=16, n_text_state=32, n_text_head=4, n_text_layer=2)
+CONFIGS = {
+    "temporal_token": GateConfig(encoder="temporal", decoder="token"),
+    "speaker": GateConfig(encoder="temporal", decoder="token", contexts=(("front", 0), ("speaker", 12))),
+    "utterance": GateConfig(encoder="utterance", decoder="utterance"),
+    "global": GateConfig(predictor="global", encoder="utterance", decoder="utterance"),
+}
+
+
+def tiny_whisper(seed: int = 0) -> Whisper:
+    torch.manual_seed(seed)
+    model = Whisper(DIMS)
+    with torch.no_grad():  # Whisper leaves its decoder positions uninitialised
+        model.decoder.positional_embedding.normal_(0, 0.02)
+    return model.eval()
+
+
+def inputs(B: int = 3, L: int = 7, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    mel = torch.randn(B, DIMS.n_mels, 2 * DIMS.n_audio_ctx, generator=gen)
+    tokens = torch.randint(0, DIMS.n_vocab, (B, L), generator=gen)
+    return mel, tokens
+
+
+def feed_context(model, name: str, B: int) -> None:
+    if name == "speaker":
+        model.encoder.set_context(speaker=torch.randn(B, 12))
+    if name == "global":
+        model.encoder.set_context(prompt=torch.randint(0, DIMS.n_vocab, (B, 2)))
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["fresh_gates", "forced_keep"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_gate_keeping_is_openai_whisper_bit_for_bit(name, forced):
+    """Fresh gates keep everything (and inject nothing) until trained."""
+    plain = tiny_whisper()
+    gated = gate_whisper(copy.deepcopy(plain), CONFIGS[name])
+    mel, tokens = inputs()
+    feed_context(gated, name, mel.shape[0])
+    if forced:
+        force_keep(gated, 1.0)
+    with torch.no_grad():
+        want_audio = plain.encoder(mel)
+        want = plain.decoder(tokens, want_audio)
+        got_audio = gated.encoder(mel)
+        got = gated.decoder(tokens, got_audio)
+    assert torch.equal(got_audio, want_audio)
+    assert torch.equal(got, want)
+
+
+def test_dense_execution_is_openai_whisper_bit_for_bit():
+    plain = tiny_whisper()
+    gated = gate_whisper(copy.deepcopy(plain), CONFIGS["temporal_token"])
+    gated.encoder.execution = "dense"
+    mel, _ = inputs()
+    with torch.no_grad():
+        assert torch.equal(gated.encoder(mel), plain.encoder(mel))
+
+
+def test_state_dict_keys_unchanged_and_gates_under_pruning():
+    plain = tiny_whisper()
+    gated = gate_whisper(copy.deepcopy(plain), CONFIGS["speaker"])
+    original = set(plain.state_dict())
+    new = set(gated.state_dict())
+    assert original <= new
+    assert all(".pruning." in k for k in new - original)
+    assert set(gate_state_dict(gated)) == new - original
+    assert any(k.startswith("encoder.pruning.") for k in new) and any(k.startswith("decoder.pruning.") for k in new)
+    reloaded = gate_whisper(tiny_whisper(seed=3), CONFIGS["speaker"])
+    reloaded.load_state_dict(gated.state_dict())  # strict: real weights and fine-tuned gates load together
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
+def test_masked_and_compact_agree(name, keep):
+    model = gate_whisper(tiny_whisper(), CONFIGS[name])
+    mel, tokens = inputs(B=4, L=9)
+    feed_context(model, name, mel.shape[0])
+    lengths = torch.tensor([9, 4, 1, 7])
+    outputs = {}
+    for execution in ("masked", "compact"):
+        set_execution(model, execution)
+        force_keep(model, keep, seed=5)
+        with torch.no_grad():
+            audio = model.encoder(mel)
+            logits = model.decoder(tokens, audio, lengths=lengths)
+        outputs[execution] = (audio, logits, last_record(model).sparsity())
+    (a_m, l_m, s_m), (a_c, l_c, s_c) = outputs["masked"], outputs["compact"]
+    torch.testing.assert_close(a_c, a_m, rtol=1e-5, atol=1e-5)
+    valid = torch.arange(9)[None] < lengths[:, None]  # padding tokens' outputs are not part of the contract
+    torch.testing.assert_close(l_c[valid], l_m[valid], rtol=1e-5, atol=1e-4)
+    assert float(s_c) == pytest.approx(float(s_m))
+    assert float(s_m) == pytest.approx(1 - keep, abs=0.2)
+    if keep < 1:  # the masks changed the result
+        set_execution(model, "masked")
+        force_keep(model, None)
+        with torch.no_grad():
+            assert not torch.allclose(model.encoder(mel), a_m, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["temporal_token", "global"])
+def test_trained_gates_get_gradients_in_masked_mode(name):
+    model = gate_whisper(tiny_whisper(), CONFIGS[name]).train()
+    mel, tokens = inputs()
+    feed_context(model, name, mel.shape[0])
+    logits = model.decoder(tokens[:, :-1], model.encoder(mel))
+    task = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    total, sparsity = pruning_loss(model, task, target=0.5)
+    total.backward()
+    grads = [p.grad for k, p in model.named_parameters() if ".pruning." in k and p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+    assert 0 <= float(sparsity) <= 1
+
+
+def test_compact_refuses_training_and_kv_cache_is_refused():
+    model = gate_whisper(tiny_whisper(), CONFIGS["temporal_token"]).train()
+    set_execution(model, "compact")
+    mel, tokens = inputs()
+    with pytest.raises(RuntimeError, match="train in masked mode"):
+        model.encoder(mel)
+    model.eval()
+    with pytest.raises(ValueError, match="kv_cache"):
+        model.decoder(tokens, model.encoder(mel), kv_cache={"x": 1})
+
+
+def test_wrong_mel_length_names_the_expected_shape():
+    model = gate_whisper(tiny_whisper(), CONFIGS["temporal_token"])
+    with pytest.raises(ValueError, match="pad or trim the audio to 30 s"):
+        model.encoder(torch.randn(1, DIMS.n_mels, 10))
+
+
+def test_speech_frames_and_sparsity_over_speech_frames():
+    assert speech_frames(16000 * 30) == 1500
+    assert speech_frames(16000) == 50 and speech_frames(1) == 1 and speech_frames(0) == 0
+    model = gate_whisper(tiny_whisper(), CONFIGS["temporal_token"])
+    force_keep(model, 0.5, seed=1)
+    mel, _ = inputs(B=2)
+    with torch.no_grad():
+        model.encoder(mel)
+    record = model.encoder.last_record
+    speech = torch.tensor([5, 24])
+    masks = [record.masks[f"encoder.{i}.{m}"] for i in range(2) for m in ("attn", "mlp")]
+    expect_all = 1 - float(sum(m.sum() for m in masks)) / sum(m.numel() for m in masks)
+    expect_speech = 1 - float(sum(m[0, :5].sum() + m[1].sum() for m in masks)) / (len(masks) * 29)
+    assert frames_sparsity(record) == pytest.approx(expect_all)
+    assert frames_sparsity(record, speech) == pytest.approx(expect_speech)
+
+
+def test_gate_whisper_refuses_other_models():
+    with pytest.raises(TypeError, match="openai-whisper"):
+        gate_whisper(torch.nn.Linear(2, 2), CONFIGS["temporal_token"])
