@@ -170,9 +170,10 @@ class IncrementalDecoder:
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
-    def step(self, cache: DecoderCache, tokens: Tensor, logits: bool = True) -> Tensor | None:
+    def step(self, cache: DecoderCache, tokens: Tensor, logits: bool = True, normalize: bool = True) -> Tensor | None:
         """Feeds tokens (rows,) at the next position; returns the log-probabilities of the token
-        after it (rows, V) in float32, or None with logits=False (primer tokens)."""
+        after it (rows, V) in float32 (normalize=False: the logits, for searches that filter them
+        first), or None with logits=False (primer tokens)."""
         dec, view = self.decoder, self.view
         if tokens.shape != (cache.rows,):
             raise ValueError(f"step: tokens must be ({cache.rows},), got {tuple(tokens.shape)}")
@@ -198,7 +199,8 @@ class IncrementalDecoder:
             return None
         self.macs += view.output_weight.numel() * x.shape[0]
         with profiled("output"):
-            return torch.log_softmax(self._output_layer(view.final_norm(x)).float(), dim=-1)
+            out = self._output_layer(view.final_norm(x)).float()
+            return torch.log_softmax(out, dim=-1) if normalize else out
 
     def _output_layer(self, x: Tensor) -> Tensor:
         """The output layer. On CPU through a (D, V) copy of its weight: MKL multiplies faster with
