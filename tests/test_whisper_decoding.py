@@ -2,6 +2,7 @@
 `whisper.decode`, on a small random multilingual Whisper and on the real base weights."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -112,3 +113,20 @@ def test_bad_arguments_are_named(tiny):
         WhisperDecodeOptions(beam_size=0)
     with pytest.raises(ValueError, match="patience must be >= 1"):
         WhisperDecodeOptions(patience=0.5)
+
+
+def test_real_whisper_base_equals_openai_whisper_on_real_clips(whisper_base, real_speech):
+    """The dense real model, beam 5, on real Asterisk prompts (en, it): token for token."""
+    from localgp.model.whisper_weights import load_whisper
+
+    model = load_whisper(whisper_base).float().eval()
+    mel = torch.stack([whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.as_tensor(u["wav"]).float())) for u in real_speech])
+    languages = [u["language"] for u in real_speech]
+    options = whisper.DecodingOptions(beam_size=5, without_timestamps=True, fp16=False)
+    want = [whisper.decode(model, m, dataclasses.replace(options, language=lang)) for m, lang in zip(mel, languages)]
+    with torch.no_grad():
+        got = WhisperBeamSearch(model)(model.encoder(mel), languages)
+    assert [h.token_ids for h in got] == [r.tokens for r in want]
+    assert all(len(h.token_ids) > 3 for h in got)  # real transcripts, not empty ones
+    detected = WhisperBeamSearch(model)(model.encoder(mel[:2]), [None, None])
+    assert [h.language for h in detected] == languages[:2]
