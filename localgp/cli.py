@@ -33,15 +33,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_flops(args: argparse.Namespace) -> int:
     from localgp import flops
 
+    if args.backbone in flops.WHISPER_BACKBONES:
+        return _whisper_flops(args)
     shape = flops.EncoderShape.of_preset(args.preset)
-    frames = flops.input_frames(args.seconds)
+    seconds = 30.0 if args.seconds is None else args.seconds
+    frames = flops.input_frames(seconds)
     if flops.subsampled_frames(frames) < 1:
-        raise SystemExit(f"flops: {args.seconds} s is too short for the conv2d subsampling")
+        raise SystemExit(f"flops: {seconds} s is too short for the conv2d subsampling")
     dense = flops.encoder_macs(shape, frames)
     pruned = flops.keep_ratio_macs(shape, frames, args.keep, args.granularity)
     report = {
+        "backbone": "owsm",
         "preset": args.preset,
-        "seconds": args.seconds,
+        "seconds": seconds,
         "input_frames": frames,
         "encoder_frames": flops.subsampled_frames(frames),
         "keep": args.keep,
@@ -52,13 +56,49 @@ def cmd_flops(args: argparse.Namespace) -> int:
         "modules": {m: pruned[m] / 1e9 for m in flops.MODULES},
         "dense_modules": {m: dense[m] / 1e9 for m in flops.MODULES},
     }
-    if args.json:
+    title = (f"{args.preset} encoder, {seconds:g} s ({frames} frames -> {report['encoder_frames']}), "
+             f"keep {args.keep:g} ({args.granularity}); GMACs (the papers' GFLOPs)")
+    return _print_flops(report, title, flops.MODULES, dense, pruned, args.json)
+
+
+def _whisper_flops(args: argparse.Namespace) -> int:
+    from localgp import flops
+
+    if args.seconds not in (None, 30.0):
+        raise SystemExit(f"flops: Whisper computes its whole 30 s window whatever the audio; --seconds {args.seconds:g} "
+                         "does not apply (leave it out)")
+    shape = flops.WHISPER_BACKBONES[args.backbone]
+    dense = flops.whisper_encoder_macs(shape)
+    if args.granularity == "temporal":
+        n = round(args.keep * shape.frames)
+        pruned = flops.whisper_encoder_macs(shape, {m: [n] * shape.layers for m in ("attn", "mlp")})
+    else:  # utterance-wise: the expectation over utterances keeping each module with probability keep
+        pruned = {m: round(v * args.keep) if m in ("attn", "mlp") else v for m, v in dense.items() if m != "total"}
+        pruned["total"] = sum(pruned.values())
+    report = {
+        "backbone": args.backbone,
+        "seconds": 30.0,
+        "encoder_frames": shape.frames,
+        "keep": args.keep,
+        "granularity": args.granularity,
+        "unit": "GMACs (the papers' GFLOPs)",
+        "encoder_gflops": pruned["total"] / 1e9,
+        "dense_encoder_gflops": dense["total"] / 1e9,
+        "modules": {m: pruned[m] / 1e9 for m in flops.WHISPER_MODULES},
+        "dense_modules": {m: dense[m] / 1e9 for m in flops.WHISPER_MODULES},
+    }
+    title = (f"{args.backbone} encoder, its 30 s window ({shape.frames} frames), keep {args.keep:g} "
+             f"({args.granularity}: attention and MLP); GMACs (the papers' GFLOPs)")
+    return _print_flops(report, title, flops.WHISPER_MODULES, dense, pruned, args.json)
+
+
+def _print_flops(report: dict, title: str, modules, dense: dict, pruned: dict, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{args.preset} encoder, {args.seconds:g} s ({frames} frames -> {report['encoder_frames']}), "
-          f"keep {args.keep:g} ({args.granularity}); GMACs (the papers' GFLOPs)")
+    print(title)
     print(f"{'module':12s} {'dense':>10s} {'pruned':>10s}")
-    for m in flops.MODULES:
+    for m in modules:
         print(f"{m:12s} {dense[m] / 1e9:10.3f} {pruned[m] / 1e9:10.3f}")
     print(f"{'total':12s} {dense['total'] / 1e9:10.3f} {pruned['total'] / 1e9:10.3f}")
     return 0
@@ -232,8 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     from localgp.model.owsm import PRESETS
 
     flops = sub.add_parser("flops", help="encoder compute (MACs, the papers' GFLOPs), dense and pruned")
-    flops.add_argument("--preset", choices=sorted(PRESETS), default="medium")
-    flops.add_argument("--seconds", type=float, default=30.0, help="input length (OWSM pads to 30 s)")
+    flops.add_argument("--backbone", choices=["owsm", "whisper-base"], default="owsm",
+                       help="owsm (--preset picks the size) or whisper-base")
+    flops.add_argument("--preset", choices=sorted(PRESETS), default="medium", help="OWSM's size")
+    flops.add_argument("--seconds", type=float, default=None, help="input length (OWSM: default 30; Whisper: always 30)")
     flops.add_argument("--keep", type=keep_ratio, default=1.0, help="share of frames/modules kept")
     flops.add_argument("--granularity", choices=["temporal", "utterance"], default="temporal",
                        help="temporal: FFN1/attention/FFN2 per frame; utterance: all four modules")

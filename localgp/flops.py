@@ -4,7 +4,8 @@ convention), LayerNorm at 5 ops per element, elementwise activations not counted
 The count is of what a forward pass executes: in masked execution every module runs on every
 frame whatever its mask; in compact execution a module runs only on its kept frames (and an
 utterance-wise skipped module not at all). Frames are counted per utterance (valid frames), as
-the papers report per-utterance figures. Dense OWSM v3.1 medium on 30 s: 568.47 GMACs.
+the papers report per-utterance figures. Dense OWSM v3.1 medium on 30 s: 568.47 GMACs; dense
+Whisper base (its 30 s window): see whisper_encoder_macs.
 """
 
 from __future__ import annotations
@@ -174,3 +175,74 @@ def keep_ratio_macs(s: EncoderShape, frames: int, keep: float, granularity: str 
     out = {m: round(dense[m] * keep) if m in ("ffn1", "attn", "cgmlp", "ffn2") else dense[m] for m in MODULES}
     out["total"] = sum(out[m] for m in MODULES)
     return out
+
+
+# ------------------------------------------------------------------ Whisper
+# Whisper's encoder: two convolutions (the "subsampling"), then blocks of attention and an MLP of
+# 4 x d_model, every one of the window's 1500 frames whatever the audio (it pads to 30 s).
+WHISPER_MODULES = ("subsampling", "attn", "mlp", "norms")
+
+
+@dataclass(frozen=True)
+class WhisperShape:
+    n_mels: int
+    frames: int  # encoder frames of the 30 s window (1500)
+    d_model: int
+    layers: int
+
+    @property
+    def ffn_units(self) -> int:  # the MLP's width: ffn_macs reads it
+        return 4 * self.d_model
+
+    @classmethod
+    def of_dims(cls, dims) -> "WhisperShape":
+        return cls(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_layer)
+
+    @classmethod
+    def of_encoder(cls, encoder) -> "WhisperShape":
+        frames, d_model = encoder.positional_embedding.shape
+        return cls(encoder.conv1.in_channels, frames, d_model, len(encoder.blocks))
+
+
+WHISPER_BACKBONES = {"whisper-base": WhisperShape(n_mels=80, frames=1500, d_model=512, layers=6)}
+
+
+def whisper_layer_macs(s: WhisperShape, kept: dict[str, int] | None = None) -> dict[str, int]:
+    """MACs of one block on one utterance; kept: module ('attn', 'mlp') -> frames it ran on."""
+    kept = kept or {}
+    return {"attn": attention_macs(s, kept.get("attn", s.frames)), "mlp": ffn_macs(s, kept.get("mlp", s.frames))}
+
+
+def whisper_encoder_macs(s: WhisperShape, kept: dict[str, list[int]] | None = None) -> dict[str, int]:
+    """MACs per module of one utterance (its 30 s window). kept: module -> frames kept in each
+    layer (compact execution); missing modules run on every frame."""
+    kept = kept or {}
+    for name, counts in kept.items():
+        if len(counts) != s.layers or any(not 0 <= c <= s.frames for c in counts):
+            raise ValueError(f"whisper_encoder_macs: kept[{name!r}] must hold {s.layers} counts in [0, {s.frames}], "
+                             f"got {counts}")
+    out = dict.fromkeys(WHISPER_MODULES, 0)
+    t = s.frames
+    out["subsampling"] = 2 * t * s.n_mels * s.d_model * 3 + t * s.d_model * s.d_model * 3  # conv1 (k 3), conv2 (k 3, stride 2)
+    for index in range(s.layers):
+        for module, value in whisper_layer_macs(s, {m: c[index] for m, c in kept.items()}).items():
+            out[module] += value
+    out["norms"] = LN_OPS * t * s.d_model  # ln_post
+    out["total"] = sum(out[m] for m in WHISPER_MODULES)
+    return out
+
+
+def executed_whisper_encoder_macs(encoder, record=None, execution: str | None = None) -> dict[str, int]:
+    """MACs a gated Whisper encoder's last forward pass (or the one `record` holds the masks of)
+    executed, summed over its utterances: every module on every frame in masked and dense
+    execution, only what the masks kept in compact execution."""
+    s = WhisperShape.of_encoder(encoder)
+    record = encoder.last_record if record is None else record
+    utterances = next(iter(record.masks.values())).shape[0] if record.masks else 1
+    compact = (execution or encoder.execution) == "compact"
+    total = dict.fromkeys((*WHISPER_MODULES, "total"), 0)
+    for b in range(utterances):
+        kept = kept_frames(record, b, s.frames, s.layers) if compact else {}
+        for module, value in whisper_encoder_macs(s, kept).items():
+            total[module] += value
+    return total

@@ -163,3 +163,47 @@ def test_speech_frames_and_sparsity_over_speech_frames():
 def test_gate_whisper_refuses_other_models():
     with pytest.raises(TypeError, match="openai-whisper"):
         gate_whisper(torch.nn.Linear(2, 2), CONFIGS["temporal_token"])
+
+
+# ------------------------------------------------------------------ GFLOPs
+def test_whisper_base_flops_match_torch_flop_counter():
+    """Our MACs of the dense whisper-base encoder against torch's own FLOP counter on the module
+    (2 FLOPs per MAC of matmuls and convolutions; no LayerNorm). Whisper's attention through its
+    explicit products: the counter does not see the CPU's fused attention kernel."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from whisper.model import disable_sdpa
+
+    from localgp import flops
+
+    shape = flops.WHISPER_BACKBONES["whisper-base"]
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8, n_audio_layer=6,
+                           n_vocab=51865, n_text_ctx=448, n_text_state=512, n_text_head=8, n_text_layer=6)
+    assert flops.WhisperShape.of_dims(dims) == shape
+    encoder = Whisper(dims).encoder.eval()
+    assert flops.WhisperShape.of_encoder(encoder) == shape
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), disable_sdpa(), counter:
+        encoder(torch.randn(1, 80, 3000))
+    ours = flops.whisper_encoder_macs(shape)
+    layer_norms = flops.LN_OPS * shape.frames * shape.d_model * (2 * shape.layers + 1)
+    assert counter.get_total_flops() == 2 * (ours["total"] - layer_norms)
+    assert round(ours["total"] / 1e9, 2) == 43.73  # the figure the README gives
+
+
+def test_executed_whisper_macs_follow_the_masks():
+    from localgp import flops
+
+    model = gate_whisper(tiny_whisper(), CONFIGS["temporal_token"])
+    shape = flops.WhisperShape.of_encoder(model.encoder)
+    mel, _ = inputs(B=2)
+    force_keep(model, 0.4, seed=2)
+    with torch.no_grad():
+        model.encoder(mel)
+    record = model.encoder.last_record
+    assert flops.executed_whisper_encoder_macs(model.encoder, execution="masked")["total"] == \
+        2 * flops.whisper_encoder_macs(shape)["total"]
+    compact = flops.executed_whisper_encoder_macs(model.encoder, execution="compact")
+    expected = sum(flops.whisper_encoder_macs(shape, {m: [int(record.masks[f"encoder.{i}.{m}"][b].sum())
+                                                          for i in range(2)] for m in ("attn", "mlp")})["total"]
+                   for b in range(2))
+    assert compact["total"] == expected < 2 * flops.whisper_encoder_macs(shape)["total"]
