@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from localgp.bench.owsm import PROVIDERS as OWSM_PROVIDERS
 from localgp import bench, ops
 
 CUDA = torch.cuda.is_available() and ops.has_cuda_kernels()
@@ -22,16 +23,16 @@ SETTING = (bench.Setting(preset="medium", dtype="bfloat16", batch=32, beam=5, to
            else bench.Setting(preset="base", dtype="float32", batch=8, beam=5, tokens=20))
 KEEPS = [1.0, 0.7, 0.5, 0.3] if CUDA else [1.0, 0.5]
 ROUNDS, WARMUP = (10, 2) if CUDA else (3, 1)
-PROVIDERS = {"decoder-step": bench.PROVIDERS, "decode": ("dense", "masked", "compact")}
+PROVIDERS = {"decoder-step": OWSM_PROVIDERS, "decode": ("dense", "masked", "compact")}
 
 
 @pytest.fixture(scope="module", params=["decoder-step", "decode"])
 def workload(request):
-    return request.param, bench.PARTS[request.param](SETTING)
+    return request.param, bench.workload(request.param, SETTING)
 
 
 @pytest.mark.parametrize("keep", KEEPS)
-@pytest.mark.parametrize("provider", bench.PROVIDERS)
+@pytest.mark.parametrize("provider", OWSM_PROVIDERS)
 def test_decoder(benchmark, workload, provider, keep):
     part, w = workload
     if provider not in PROVIDERS[part]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from localgp.bench.owsm import PROVIDERS as OWSM_PROVIDERS
 from localgp import bench, ops
 
 CUDA = torch.cuda.is_available() and ops.has_cuda_kernels()
@@ -25,11 +26,11 @@ ROUNDS, WARMUP = (30, 3) if CUDA else (3, 1)
 
 @pytest.fixture(scope="module", params=["layer", "encoder"])
 def workload(request):
-    return request.param, bench.PARTS[request.param](SETTING)
+    return request.param, bench.workload(request.param, SETTING)
 
 
 @pytest.mark.parametrize("keep", KEEPS)
-@pytest.mark.parametrize("provider", bench.PROVIDERS)
+@pytest.mark.parametrize("provider", OWSM_PROVIDERS)
 def test_encoder(benchmark, workload, provider, keep):
     part, w = workload
     benchmark.group = f"{part} keep={keep}"

@@ -211,7 +211,8 @@ def bench_setting(args: argparse.Namespace):
         raise bench.BenchError("--keep and --checkpoint exclude each other: the trained gates decide what is kept")
     return bench.Setting(preset=args.preset or "medium", batch=args.batch, seconds=args.seconds,
                          dtype=bench.parse_dtype(args.dtype), device=args.device, beam=args.beam, tokens=args.tokens,
-                         checkpoint=args.checkpoint, granularity=args.granularity, seed=args.seed)
+                         checkpoint=args.checkpoint, granularity=args.granularity, seed=args.seed,
+                         backbone=args.backbone, audio=args.audio)
 
 
 def bench_keeps(args: argparse.Namespace, default: str) -> list[float]:
@@ -226,7 +227,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         setting = bench_setting(args)
         cuda = setting.device.startswith("cuda")
-        rows = bench.run_bench(args.part, setting, bench.parse_providers(args.providers),
+        providers = None if args.providers is None else bench.parse_providers(args.providers)
+        rows = bench.run_bench(args.part, setting, providers,
                                bench_keeps(args, ",".join(map(str, bench.DEFAULT_KEEPS))),
                                repeats=(20 if cuda else 5) if args.repeats is None else args.repeats,
                                warmup=(3 if cuda else 1) if args.warmup is None else args.warmup)
@@ -348,11 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     word_start.add_argument("--out", help="also write the result to this JSON file")
     word_start.set_defaults(func=cmd_analyze)
 
-    from localgp.bench import PARTS, PROVIDERS
+    from localgp.bench import BACKBONES, PARTS, PROVIDERS
 
     def bench_flags(p, repeats_default, repeats_help):
-        p.add_argument("--part", choices=list(PARTS), default="encoder",
-                       help="layer: one encoder layer; encoder; decoder-step; decode: a full beam search")
+        p.add_argument("--backbone", choices=BACKBONES, default="owsm",
+                       help="owsm: random weights of --preset; whisper-base: the real weights on real clips (--audio)")
+        p.add_argument("--part", choices=sorted({p for parts in PARTS.values() for p in parts}), default="encoder",
+                       help="layer: one encoder layer; encoder; decoder-step; decode: a full beam search "
+                            "(whisper-base: encoder, decode)")
+        p.add_argument("--audio", help="whisper-base: the clips, a demo-corpus manifest (its test split), a "
+                                       "directory or a file (default data/demo/manifest.jsonl)")
         p.add_argument("--preset", choices=sorted(PRESETS), help="model size, random weights (default medium)")
         p.add_argument("--checkpoint", help="a `localgp train` out_dir: its model and trained gates decide the masks")
         p.add_argument("--batch", type=int, default=1, help="utterances per call")
@@ -369,8 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="wall-clock of a model part: espnet, dense, masked, compact, per keep ratio")
     bench_flags(bench, None, "timed calls per provider (default 20 on cuda, 5 on cpu)")
-    bench.add_argument("--providers", default=",".join(PROVIDERS),
-                       help="comma list; dense and masked are always measured (the speedups need them)")
+    bench.add_argument("--providers", help="comma list (default: all the part has; faster-whisper = both of its "
+                                            f"compute types); of {','.join(PROVIDERS)}; dense and masked are "
+                                            "always measured (the speedups need them)")
     bench.add_argument("--keep", help="comma list of kept shares, masks forced at random (default 1.0,0.7,0.5,0.3)")
     bench.add_argument("--warmup", type=int, help="untimed calls per provider first (default 3 on cuda, 1 on cpu)")
     bench.add_argument("--json", help="write the rows to this JSON file")

@@ -122,7 +122,7 @@ def run_profile(part: str, setting: bench.Setting, modes=MODES, keeps=(0.5,), re
         raise bench.BenchError("--keep: give at least one keep ratio")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    workload = bench.PARTS[part](setting)
+    workload = bench.workload(part, setting)
     missing = [m for m in modes if m not in workload.providers]
     if missing:
         raise bench.BenchError(f"--providers: part {part} has no provider {missing}")

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from localgp.bench.owsm import PROVIDERS as OWSM_PROVIDERS
 from localgp import bench, profile
 from localgp.cli import main
 from tests.conftest import requires_cuda
@@ -59,7 +60,7 @@ def test_bench_rows_carry_the_contract(part, tmp_path, capsys):
 @pytest.mark.parametrize("part", ["layer", "encoder"])
 def test_espnet_and_dense_compute_the_same(part):
     """dense is ESPnet's computation through our code: the baseline must not differ in what it computes."""
-    workload = bench.PARTS[part](bench.Setting(preset="tiny", seconds=2))
+    workload = bench.workload(part, bench.Setting(preset="tiny", seconds=2))
     with torch.inference_mode():
         espnet = workload.case("espnet", 1.0).run()[0]
         dense = workload.case("dense", 1.0).run()
@@ -156,7 +157,7 @@ def test_cuda_without_a_gpu_is_refused():
 def test_bench_and_profile_on_cuda(tmp_path):
     rows = bench.run_bench("encoder", bench.Setting(preset="tiny", seconds=2, device="cuda", dtype="bfloat16"),
                            keeps=[0.5], repeats=2, warmup=1)
-    assert {r["provider"] for r in rows} == set(bench.PROVIDERS) and rows[0]["cuda"] == torch.version.cuda
+    assert {r["provider"] for r in rows} == set(OWSM_PROVIDERS) and rows[0]["cuda"] == torch.version.cuda
     report = profile.run_profile("encoder", bench.Setting(preset="tiny", seconds=2, device="cuda"), keeps=[0.5],
                                  repeats=1, out=tmp_path)
     compact = next(r for r in report["results"] if r["mode"] == "compact")
@@ -187,7 +188,7 @@ def test_decoder_bench_rows(part, tmp_path):
 
 def test_decode_providers_find_the_same_hypotheses():
     """dense is ESPnet's search through localgp's decoder; masked and compact at keep 1.0 too."""
-    workload = bench.PARTS["decode"](bench.Setting(preset="tiny", seconds=2, batch=2, beam=2, tokens=5))
+    workload = bench.workload("decode", bench.Setting(preset="tiny", seconds=2, batch=2, beam=2, tokens=5))
     with torch.inference_mode():
         espnet = [[h.yseq.tolist() for h in nbest] for nbest in workload.case("espnet", 1.0).run()]
         for provider in ("dense", "masked", "compact"):
@@ -229,7 +230,7 @@ def test_decoder_module_costs_script(tmp_path, capsys):
 
 
 def test_decoder_module_costs_need_a_share_to_skip():
-    from localgp.bench_decoder import module_costs
+    from localgp.bench.owsm_decoder import module_costs
 
     with pytest.raises(bench.BenchError, match="--keep"):
         module_costs(bench.Setting(preset="tiny", seconds=2, batch=1, beam=2, tokens=5), 1.0, repeats=1)

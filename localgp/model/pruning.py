@@ -6,6 +6,8 @@ mixes these into its own encoder and decoder classes and runs its layers under t
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -226,3 +228,13 @@ def init_decoder_gating(decoder: nn.Module, pruning: DecoderPruning, global_sour
     _init_switches(decoder)
     # Not a submodule: the encoder owns the predictor and its parameters.
     object.__setattr__(decoder, "global_source", global_source)
+
+
+def ungated_copy(part: nn.Module) -> nn.Module:
+    """The backbone's own encoder or decoder class with the weights of a gated one: gating only
+    re-classed it to a subclass of that class (with a mixin above) and added `pruning` and a few
+    attributes."""
+    plain = copy.deepcopy(part)
+    plain.__class__ = next(b for b in type(part).__bases__ if b not in (GatedEncoderMixin, GatedDecoderMixin))
+    del plain.pruning
+    return plain

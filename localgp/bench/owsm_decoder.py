@@ -22,7 +22,9 @@ from torch import Tensor
 from espnet.nets.scorer_interface import BatchScorerInterface
 
 from localgp import flops
-from localgp.bench import GATES, PROVIDERS, BenchError, Case, Setting, check, timed_interleaved, ungated_copy
+from localgp.bench.core import GATES, BenchError, Case, Setting, check, timed_interleaved
+from localgp.bench.owsm import PROVIDERS
+from localgp.model.pruning import ungated_copy
 from localgp.decoding import MODULES, BatchBeamSearch, DecodeOptions, DecoderCache, IncrementalDecoder, RowSet
 from localgp.model import owsm
 from localgp.model.config import GateConfig

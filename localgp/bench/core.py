@@ -25,14 +25,14 @@ the FLOP reduction that became time (1.0 for dense itself).
 GFLOPs are GMACs as `localgp.flops` counts them (the papers' "GFLOPs"), of what the timed call
 executed: masked and dense count every module on every frame, compact only the kept frames.
 
-Parts are registered in PARTS: name -> function(Setting) -> Workload (see Workload).
+This module holds what every part shares (settings, cases, timing, the environment columns,
+output); the parts are per backbone (owsm.py, owsm_decoder.py, whisper.py), registered in
+localgp.bench.PARTS.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
-import dataclasses
 import datetime
 import json
 import os
@@ -43,15 +43,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-import numpy as np
 import torch
 
 from localgp import flops
-from localgp.gates import GateRecord, random_keep_logits
 from localgp.model import owsm
-from localgp.model.config import DENSE, ENCODER_MODULES, GateConfig
+from localgp.model.config import ENCODER_MODULES
 
-PROVIDERS = ("espnet", "dense", "masked", "compact")
+# What users run instead, measured beside ours: ESPnet's own module (OWSM), openai-whisper's own
+# model and decode, faster-whisper (CTranslate2 on the original weights) at two compute types.
+FASTER_WHISPER = ("faster-whisper-float32", "faster-whisper-int8")
+PROVIDERS = ("espnet", "openai-whisper", *FASTER_WHISPER, "dense", "masked", "compact")
+PROVIDER_ALIASES = {"faster-whisper": FASTER_WHISPER}
+BACKBONES = ("owsm", "whisper-base")
 BASELINES = ("dense", "masked")
 GATED = ("masked", "compact")  # providers whose work depends on the masks
 DEFAULT_KEEPS = (1.0, 0.7, 0.5, 0.3)
@@ -76,6 +79,9 @@ class Setting:
     checkpoint: str | None = None  # a `localgp train` out_dir: its trained gates decide the masks
     granularity: str = "temporal"  # encoder gates: temporal (FFN1/attention/FFN2 per frame) or utterance
     seed: int = 0  # weights, inputs and forced masks
+    backbone: str = "owsm"  # owsm (random weights of `preset`) or whisper-base (real weights, real clips)
+    # whisper-base: the clips, a demo-corpus manifest (its test split), a directory or one audio file
+    audio: str | None = None
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
@@ -105,206 +111,10 @@ class Workload(Protocol):
         """keep: the share forced at random, or None with trained gates."""
 
 
-# ---------------------------------------------------------------------------- models
+# Part names per backbone (localgp.bench.workload builds them).
+PARTS: dict[str, tuple[str, ...]] = {"owsm": ("layer", "encoder", "decoder-step", "decode"),
+                                     "whisper-base": ("encoder", "decode")}
 
-
-@dataclass
-class Models:
-    model: torch.nn.Module  # the gated ESPnet S2T model
-    espnet_encoder: torch.nn.Module  # ESPnet's own encoder class, same weights
-    masks: str
-    preset: str  # the preset, or what a checkpoint was trained from
-    prompt: list[int] | None = None  # globalGP's prompt token ids of a trained model
-
-
-def ungated_copy(part) -> torch.nn.Module:
-    """ESPnet's own encoder or decoder with the weights of a gated one: gating only re-classed it
-    to a subclass of ESPnet's class and added the `pruning` module and a few attributes."""
-    plain = copy.deepcopy(part)
-    plain.__class__ = type(part).__bases__[0]  # EBranchformerEncoder / TransformerDecoder
-    del plain.pruning
-    return plain
-
-
-def load_models(setting: Setting) -> Models:
-    from localgp.model.convert import gate_s2t_model
-
-    torch.manual_seed(setting.seed)
-    prompt = None
-    if setting.checkpoint:
-        from localgp.train import load_trained
-
-        model, tokenizer, config = load_trained(setting.checkpoint)
-        preset = f"init:{Path(config.init).name}" if config.init else config.preset
-        cfg = model.encoder.pruning.config if hasattr(model.encoder, "pruning") else None
-        if cfg is None:
-            raise BenchError(f"--checkpoint {setting.checkpoint}: its encoder is not gated")
-        external = [name for name, _ in cfg.contexts if name != "front"] if cfg.predictor == "local" else []
-        if external:
-            # The bench feeds random speech features; it has no speaker/event/language input to
-            # compute these contexts from, and random ones would not be the gates' real decisions.
-            raise BenchError(f"--checkpoint {setting.checkpoint}: its gates read the contexts {external}, which "
-                             "the benchmark cannot provide (it supports gates on the speech alone, or globalGP)")
-        if cfg.predictor == "global":
-            prompt = tokenizer.prompt("en")[:2]  # <en><asr>: globalGP's context for an English ASR call
-        masks = GATES
-    else:
-        model, _ = owsm.build_owsm(setting.preset)
-        gate_s2t_model(model, GateConfig(encoder=setting.granularity))
-        masks, preset = "random", setting.preset
-    model = model.to(setting.torch_device(), setting.torch_dtype()).eval()
-    return Models(model, ungated_copy(model.encoder).eval(), masks, preset, prompt)
-
-
-def speech_features(setting: Setting):
-    """Random fbank features (B, frames, 80) of `seconds` of audio, and their lengths."""
-    frames = flops.input_frames(setting.seconds)
-    gen = torch.Generator().manual_seed(setting.seed)
-    feats = torch.randn(setting.batch, frames, flops.N_MELS, generator=gen)
-    lengths = torch.full((setting.batch,), frames)
-    return feats.to(setting.torch_device(), setting.torch_dtype()), lengths.to(setting.torch_device())
-
-
-def _prepare(encoder, provider: str, keep: float | None, seed: int) -> None:
-    """Puts the gated encoder in `provider`'s execution with forced masks (or its gates)."""
-    from localgp.model.convert import force_keep
-
-    encoder.execution = provider  # "dense" is an encoder execution that set_execution refuses
-    force_keep(encoder, keep, seed=seed)  # reseeded: the same masks in every call and execution
-
-
-def _kept(record) -> float | None:
-    return 1.0 - float(record.sparsity()) if record is not None and record.masks else None
-
-
-def _pruned(encoder) -> str:
-    cfg = encoder.pruning.config
-    return f"{','.join(ENCODER_MODULES[cfg.encoder])} ({cfg.encoder})"
-
-
-class EncoderWorkload:
-    """The whole encoder (conv2d subsampling + every layer) on fbank features."""
-
-    providers = PROVIDERS
-
-    def __init__(self, setting: Setting):
-        self.setting = setting
-        self.models = load_models(setting)
-        self.encoder = self.models.model.encoder
-        self.feats, self.lengths = speech_features(setting)
-        if self.models.prompt is not None:
-            self.encoder.set_context(prompt=torch.tensor([self.models.prompt] * setting.batch,
-                                                         device=setting.torch_device()))
-        self.shape = flops.EncoderShape.of_encoder(self.encoder)
-        self.masks = self.models.masks
-        self.pruned = _pruned(self.encoder)
-        frames = flops.input_frames(setting.seconds)
-        self.shapes = dict(preset=self.models.preset, d_model=self.shape.d_model, layers=self.shape.layers,
-                           heads=self.encoder.encoders[0].attn.h, input_frames=frames,
-                           frames=flops.subsampled_frames(frames))
-        self.dense_gflops = setting.batch * flops.encoder_macs(self.shape, frames)["total"] / 1e9
-
-    def case(self, provider: str, keep: float | None) -> Case:
-        if provider == "espnet":
-            return Case(lambda: self.models.espnet_encoder(self.feats, self.lengths), lambda: self.dense_gflops)
-        last = {}
-
-        def run():
-            _prepare(self.encoder, provider, keep, self.setting.seed)
-            out = self.encoder(self.feats, self.lengths)
-            last["record"] = self.encoder.last_record
-            return out
-
-        def gflops():
-            macs = flops.executed_encoder_macs(self.encoder, self.lengths.tolist(), provider, last["record"])
-            return macs["total"] / 1e9
-
-        return Case(run, gflops, lambda: _kept(last["record"]))
-
-
-class LayerWorkload:
-    """One E-Branchformer layer (the first) on subsampled features, given its gate logits: the
-    gate predictor's own cost is in the `encoder` part."""
-
-    providers = PROVIDERS
-
-    def __init__(self, setting: Setting):
-        from espnet.nets.pytorch_backend.nets_utils import make_pad_mask
-
-        self.setting = setting
-        self.models = load_models(setting)
-        encoder = self.models.model.encoder
-        self.cfg = encoder.pruning.config
-        self.layer, self.espnet_layer = encoder.encoders[0], self.models.espnet_encoder.encoders[0]
-        feats, lengths = speech_features(setting)
-        with torch.inference_mode():
-            pad_mask = (~make_pad_mask(lengths)[:, None, :]).to(feats.device)
-            self.x, self.pad_mask = encoder.embed(feats, pad_mask)
-            self.valid = self.pad_mask.squeeze(1)
-            self.lengths = self.valid.sum(-1)
-            self.gate_logits = None
-            if self.models.masks == GATES:  # the trained predictor of layer 0, run once
-                if self.models.prompt is not None:
-                    encoder.set_context(prompt=torch.tensor([self.models.prompt] * setting.batch, device=feats.device))
-                    encoder._run_global_gate(self.x, self.valid)
-                    context = None
-                else:
-                    context = encoder._context(self.x)
-                encoder.forced_keep = None
-                self.gate_logits, self.x, _ = encoder._layer_logits(0, self.x, context, self.valid)
-        shape = flops.EncoderShape.of_encoder(encoder)
-        self.shape = dataclasses.replace(shape, layers=1)
-        self.masks = self.models.masks
-        self.pruned = _pruned(encoder)
-        t = self.x.shape[1]
-        self.shapes = dict(preset=self.models.preset, d_model=shape.d_model, layers=1, heads=self.layer.attn.h,
-                           input_frames=flops.input_frames(setting.seconds), frames=t)
-
-    def _logits(self, keep: float | None):
-        if keep is None:
-            return self.gate_logits
-        B, T = self.x.shape[:2]
-        units = len(ENCODER_MODULES[self.cfg.encoder])
-        shape = (B, T, units) if self.cfg.encoder == "temporal" else (B, units)
-        gen = torch.Generator().manual_seed(self.setting.seed)
-        return random_keep_logits(shape, keep, gen, self.x.device).to(self.x.dtype)
-
-    def case(self, provider: str, keep: float | None) -> Case:
-        from localgp.model.encoder import run_layer
-
-        frames = [self.x.shape[1]] * self.x.shape[0]
-        if provider == "espnet":
-            dense = flops.executed_layer_macs(self.shape, GateRecord(), frames, DENSE)["total"] / 1e9
-            return Case(lambda: self.espnet_layer(self.x, self.pad_mask), lambda: dense)
-        logits = None if provider == DENSE else self._logits(keep)
-        last = {}
-
-        def run():
-            last["record"] = record = GateRecord()
-            return run_layer(self.layer, self.x, self.pad_mask, self.lengths, logits, self.cfg, provider, record,
-                             "encoder.0")
-
-        def gflops():
-            return flops.executed_layer_macs(self.shape, last["record"], frames, provider)["total"] / 1e9
-
-        return Case(run, gflops, lambda: _kept(last["record"]))
-
-
-def _decoder_part(name: str) -> Callable[[Setting], Workload]:
-    def build(setting: Setting) -> Workload:
-        from localgp import bench_decoder  # it imports this module
-
-        return {"decoder-step": bench_decoder.DecoderStepWorkload, "decode": bench_decoder.DecodeWorkload}[name](setting)
-
-    return build
-
-
-PARTS: dict[str, Callable[[Setting], Workload]] = {
-    "layer": LayerWorkload,
-    "encoder": EncoderWorkload,
-    "decoder-step": _decoder_part("decoder-step"),  # one decoding step of batch x beam hypotheses
-    "decode": _decoder_part("decode"),  # a full beam search
-}
 
 
 # ---------------------------------------------------------------------------- checks
@@ -325,7 +135,10 @@ def parse_keeps(text: str) -> list[float]:
 
 
 def parse_providers(text: str) -> list[str]:
-    providers = [p.strip() for p in text.split(",") if p.strip()]
+    """Comma list; 'faster-whisper' stands for both of its compute types."""
+    providers = []
+    for p in (p.strip() for p in text.split(",") if p.strip()):
+        providers.extend(PROVIDER_ALIASES.get(p, (p,)))
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown or not providers:
         raise BenchError(f"--providers: unknown {unknown or text!r}; choose from {','.join(PROVIDERS)}")
@@ -341,12 +154,14 @@ def parse_dtype(text: str) -> str:
 
 def check(setting: Setting, part: str, providers=(), repeats: int = 1, warmup: int = 0) -> None:
     """Refuses a bad setting with the flag that set it, before any model is built."""
-    if part not in PARTS:
-        raise BenchError(f"--part: unknown part {part!r}; choose from {', '.join(PARTS)}")
+    if setting.backbone not in BACKBONES:
+        raise BenchError(f"--backbone: {setting.backbone!r} is not one of {', '.join(BACKBONES)}")
+    if part not in PARTS[setting.backbone]:
+        raise BenchError(f"--part: {setting.backbone} has no part {part!r}; choose from {', '.join(PARTS[setting.backbone])}")
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown:
         raise BenchError(f"--providers: unknown {unknown}; choose from {','.join(PROVIDERS)}")
-    if not setting.checkpoint and setting.preset not in owsm.PRESETS:
+    if setting.backbone == "owsm" and not setting.checkpoint and setting.preset not in owsm.PRESETS:
         raise BenchError(f"--preset: unknown preset {setting.preset!r}; choose from {', '.join(owsm.PRESETS)}")
     if setting.dtype not in DTYPES:
         raise BenchError(f"--dtype: {setting.dtype!r} is not one of {', '.join(DTYPES)}")
@@ -357,7 +172,7 @@ def check(setting: Setting, part: str, providers=(), repeats: int = 1, warmup: i
                                ("--repeats", repeats, 1), ("--warmup", warmup, 0)):
         if value < least:
             raise BenchError(f"{flag} must be at least {least}, got {value}")
-    if setting.seconds <= 0 or flops.subsampled_frames(flops.input_frames(setting.seconds)) < 1:
+    if setting.backbone == "owsm" and (setting.seconds <= 0 or flops.subsampled_frames(flops.input_frames(setting.seconds)) < 1):
         raise BenchError(f"--seconds: {setting.seconds:g} s is too short for the conv2d subsampling")
     try:
         device = setting.torch_device()
@@ -376,6 +191,7 @@ def check(setting: Setting, part: str, providers=(), repeats: int = 1, warmup: i
                              "LOCALGP_CUDA=1 pip install --no-build-isolation --no-deps -e .")
     if setting.checkpoint and not Path(setting.checkpoint).is_dir():
         raise BenchError(f"--checkpoint: {setting.checkpoint} is not a directory (a `localgp train` out_dir)")
+
 
 
 # ---------------------------------------------------------------------------- timing
@@ -471,44 +287,6 @@ def environment(setting: Setting) -> dict:
 
 
 # ---------------------------------------------------------------------------- the run
-
-
-def run_bench(part: str, setting: Setting, providers=PROVIDERS, keeps=DEFAULT_KEEPS, repeats: int = 5,
-              warmup: int = 1) -> list[dict]:
-    """Rows of one part: for each keep ratio, every provider asked for plus the baselines."""
-    check(setting, part, providers, repeats, warmup)
-    if setting.checkpoint and keeps:
-        raise BenchError("--keep and --checkpoint exclude each other: the trained gates decide what is kept")
-    if not setting.checkpoint and not keeps:
-        raise BenchError("--keep: give at least one keep ratio")
-    workload = PARTS[part](setting)
-    missing = [p for p in providers if p not in workload.providers]
-    if missing:
-        raise BenchError(f"--providers: part {part} has no provider {missing}; it has {','.join(workload.providers)}")
-    measured = [p for p in PROVIDERS if p in providers or p in BASELINES]
-    device = setting.torch_device()
-    common = dict(preset=setting.preset, batch=setting.batch, seconds=setting.seconds, dtype=setting.dtype,
-                  device=setting.device)
-    common.update(workload.shapes)
-    common.update(pruned=workload.pruned, masks=workload.masks, repeats=repeats, warmup=warmup)
-    env = environment(setting)
-    rows = []
-    with torch.inference_mode():
-        for keep in keeps or [None]:
-            cases = {p: workload.case(p, keep) for p in measured}
-            times = timed_interleaved({p: c.run for p, c in cases.items()}, repeats, warmup, device)
-            group = []
-            for provider, case in cases.items():
-                p20, median, p80 = np.percentile(times[provider], [20, 50, 80])
-                group.append(dict(part=part, provider=provider, keep=keep, **common, median_ms=float(median),
-                                  p20_ms=float(p20), p80_ms=float(p80), gflops=case.gflops(),
-                                  kept_share=case.kept_share()))
-            if keep is None:  # trained gates: the share they kept is the row's keep ratio
-                share = next(r["kept_share"] for r in group if r["provider"] == "masked")
-                for r in group:
-                    r["keep"] = share
-            rows += [dict(r, **env) for r in with_speedups(group)]
-    return rows
 
 
 def with_speedups(group: list[dict]) -> list[dict]:
