@@ -107,7 +107,8 @@ def _print_flops(report: dict, title: str, modules, dense: dict, pruned: dict, a
 def cmd_train(args: argparse.Namespace) -> int:
     import logging
 
-    from localgp.train import TrainConfig, Trainer
+    from localgp.runs import TrainConfig
+    from localgp.train import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = TrainConfig.from_yaml(args.config)
@@ -147,10 +148,17 @@ def cmd_decode(args: argparse.Namespace) -> int:
         raise SystemExit(f"decode: --beam must be at least 1, got {args.beam}")
     if args.batch < 1:
         raise SystemExit(f"decode: --batch must be at least 1, got {args.batch}")
+    if (args.run is None) == (args.model is None):
+        raise SystemExit("decode: give either a run directory or --model (a plain pretrained model), not both")
+    if args.model is not None and args.data is None:
+        raise SystemExit("decode: --model needs --data (a corpus manifest, e.g. data/demo/manifest.jsonl)")
+    if args.run is not None and (args.data is not None or args.whisper_dir is not None):
+        raise SystemExit("decode: --data and --whisper-dir go with --model; a run directory brings its own")
     options = DecodeOptions(beam_size=args.beam, ctc_weight=args.ctc_weight, penalty=args.penalty,
                             maxlenratio=args.maxlenratio, execution=args.execution)
     records = decode_run(args.run, args.out, split=args.split, options=options, batch_size=args.batch,
-                         tasks=tuple(args.tasks.split(",")), device=args.device, limit=args.limit)
+                         tasks=tuple(args.tasks.split(",")), device=args.device, limit=args.limit,
+                         model=args.model, data=args.data, whisper_dir=args.whisper_dir)
     print(f"{len(records)} decoded records in {args.out}")
     return 0
 
@@ -212,7 +220,7 @@ def bench_setting(args: argparse.Namespace):
     return bench.Setting(preset=args.preset or "medium", batch=args.batch, seconds=args.seconds,
                          dtype=bench.parse_dtype(args.dtype), device=args.device, beam=args.beam, tokens=args.tokens,
                          checkpoint=args.checkpoint, granularity=args.granularity, seed=args.seed,
-                         backbone=args.backbone, audio=args.audio)
+                         backbone=args.backbone, audio=args.audio, weights=args.weights)
 
 
 def bench_keeps(args: argparse.Namespace, default: str) -> list[float]:
@@ -297,22 +305,29 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--seed", type=int, default=0)
     prepare.set_defaults(func=cmd_prepare)
 
-    train = sub.add_parser("train", help="train a gated OWSM model from a YAML config (resumes from its out_dir)")
-    train.add_argument("config", help="YAML file with the fields of localgp.train.TrainConfig")
+    train = sub.add_parser("train", help="train a gated model (OWSM or Whisper base) from a YAML config "
+                                         "(resumes from its out_dir)")
+    train.add_argument("config", help="YAML file with the fields of localgp.runs.TrainConfig")
     train.add_argument("--steps", type=int, help="override max_steps")
     train.set_defaults(func=cmd_train)
 
-    decode = sub.add_parser("decode", help="beam search of a trained run over a corpus split (JSONL, resumable)")
-    decode.add_argument("run", help="a `localgp train` out_dir")
+    decode = sub.add_parser("decode", help="beam search of a trained run (or a plain pretrained model) over a "
+                                           "corpus split (JSONL, resumable)")
+    decode.add_argument("run", nargs="?", help="a `localgp train` out_dir")
+    decode.add_argument("--model", choices=["whisper-base"],
+                        help="instead of a run: this backbone's plain pretrained model, ungated (zero-shot)")
+    decode.add_argument("--data", help="with --model: the corpus manifest (localgp prepare demo's manifest.jsonl)")
+    decode.add_argument("--whisper-dir", help="with --model whisper-base: `localgp prepare whisper`'s directory")
     decode.add_argument("--out", required=True, help="JSONL of decoded records (appended; a rerun resumes)")
     decode.add_argument("--split", default="test", help="corpus split (manifest and Europarl-ST data)")
     decode.add_argument("--tasks", default="asr,st", help="asr, st or both (every translation present)")
     decode.add_argument("--beam", type=int, default=5, help="hypotheses per utterance")
     decode.add_argument("--batch", type=int, default=8, help="utterances decoded together")
-    decode.add_argument("--ctc-weight", type=float, default=0.0, help="CTC prefix score weight (decoder: 1 - it)")
-    decode.add_argument("--penalty", type=float, default=0.0, help="length bonus per token")
+    decode.add_argument("--ctc-weight", type=float, default=0.0,
+                        help="OWSM: CTC prefix score weight (decoder: 1 - it)")
+    decode.add_argument("--penalty", type=float, default=0.0, help="OWSM: length bonus per token")
     decode.add_argument("--maxlenratio", type=float, default=0.0,
-                        help="0: up to one token per encoder frame with end detection; <0: at most -N tokens")
+                        help="OWSM: 0: up to one token per encoder frame with end detection; <0: at most -N tokens")
     decode.add_argument("--execution", choices=["compact", "masked"], default="compact")
     decode.add_argument("--device", default="cpu")
     decode.add_argument("--limit", type=int, help="decode only the first N examples")
@@ -360,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(whisper-base: encoder, decode)")
         p.add_argument("--audio", help="whisper-base: the clips, a demo-corpus manifest (its test split), a "
                                        "directory or a file (default data/demo/manifest.jsonl)")
+        p.add_argument("--weights", help="whisper-base: the directory `localgp prepare whisper` wrote (default: its own)")
         p.add_argument("--preset", choices=sorted(PRESETS), help="model size, random weights (default medium)")
         p.add_argument("--checkpoint", help="a `localgp train` out_dir: its model and trained gates decide the masks")
         p.add_argument("--batch", type=int, default=1, help="utterances per call")

@@ -232,13 +232,18 @@ def whisper_encoder_macs(s: WhisperShape, kept: dict[str, list[int]] | None = No
     return out
 
 
-def executed_whisper_encoder_macs(encoder, record=None, execution: str | None = None) -> dict[str, int]:
+def executed_whisper_encoder_macs(encoder, record=None, execution: str | None = None,
+                                  utterances: int | None = None) -> dict[str, int]:
     """MACs a gated Whisper encoder's last forward pass (or the one `record` holds the masks of)
     executed, summed over its utterances: every module on every frame in masked and dense
-    execution, only what the masks kept in compact execution."""
+    execution, only what the masks kept in compact execution. `utterances`: the batch size,
+    needed when the record holds no mask (dense execution)."""
     s = WhisperShape.of_encoder(encoder)
     record = encoder.last_record if record is None else record
-    utterances = next(iter(record.masks.values())).shape[0] if record.masks else 1
+    if record is not None and record.masks:
+        utterances = next(iter(record.masks.values())).shape[0]
+    elif utterances is None:
+        raise ValueError("executed_whisper_encoder_macs: the record holds no mask; give the number of utterances")
     compact = (execution or encoder.execution) == "compact"
     total = dict.fromkeys((*WHISPER_MODULES, "total"), 0)
     for b in range(utterances):

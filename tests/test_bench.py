@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from localgp import bench, flops, profile
 from localgp.bench.owsm import PROVIDERS as OWSM_PROVIDERS
-from localgp import bench, profile
 from localgp.cli import main
 from tests.conftest import requires_cuda
 
@@ -234,3 +234,38 @@ def test_decoder_module_costs_need_a_share_to_skip():
 
     with pytest.raises(bench.BenchError, match="--keep"):
         module_costs(bench.Setting(preset="tiny", seconds=2, batch=1, beam=2, tokens=5), 1.0, repeats=1)
+
+
+# ------------------------------------------------------------------ Whisper base, real weights and clips
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory, real_speech):
+    import soundfile
+
+    folder = tmp_path_factory.mktemp("clips")
+    for utt in real_speech[:2]:
+        soundfile.write(folder / f"{utt['id']}.wav", utt["wav"], 16000)
+    return folder
+
+
+def test_whisper_bench_rows_beside_openai_whisper_and_faster_whisper(whisper_base, clip_dir):
+    setting = bench.Setting(backbone="whisper-base", batch=2, audio=str(clip_dir), weights=str(whisper_base))
+    rows = bench.run_bench("encoder", setting, keeps=[0.5], repeats=1, warmup=0)
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"openai-whisper", "faster-whisper-float32", "faster-whisper-int8", "dense", "masked", "compact"}
+    dense = 2 * flops.whisper_encoder_macs(flops.WHISPER_BACKBONES["whisper-base"])["total"] / 1e9
+    assert by["dense"]["gflops"] == pytest.approx(dense) == by["openai-whisper"]["gflops"]
+    assert by["compact"]["gflops"] < 0.7 * dense and 0.4 < by["compact"]["kept_share"] < 0.6
+    assert all(r["backbone"] == "whisper-base" and r["audio_seconds"] > 1 for r in rows)
+    assert "faster-whisper-int8" in bench.table(rows)
+    decode = bench.run_bench("decode", setting, ["openai-whisper", "compact"], keeps=[1.0], repeats=1, warmup=0)
+    by = {r["provider"]: r for r in decode}
+    assert by["openai-whisper"]["gflops"] is None and by["compact"]["gflops"] > dense
+
+
+def test_whisper_bench_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(bench.BenchError, match="--part: whisper-base has no part 'layer'"):
+        bench.run_bench("layer", bench.Setting(backbone="whisper-base"), keeps=[0.5])
+    with pytest.raises(bench.BenchError, match="--audio: .* does not exist"):
+        bench.workload("encoder", bench.Setting(backbone="whisper-base", audio=str(tmp_path / "none")))
+    with pytest.raises(bench.BenchError, match="--providers: part layer has no provider"):
+        bench.run_bench("layer", bench.Setting(preset="tiny", seconds=2), ["openai-whisper"], keeps=[0.5])

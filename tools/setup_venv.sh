@@ -198,7 +198,7 @@ import lang2vec.lang2vec as l2v
 assert set(l2v.get_features(["deu", "fra"], "syntax_knn+phonology_knn+inventory_knn")) == {"deu", "fra"}
 from resemblyzer import VoiceEncoder
 VoiceEncoder("cpu", verbose=False)
-import sentencepiece, jiwer, sacrebleu, scipy, matplotlib, av, soundfile, yaml, tqdm, whisper, tiktoken, ctranslate2
+import sentencepiece, jiwer, sacrebleu, scipy, matplotlib, av, soundfile, yaml, tqdm, whisper, tiktoken, ctranslate2, faster_whisper
 import pytest, pytest_benchmark, setuptools, wheel, pkg_resources, cmake, ninja
 import espnet
 print("[setup_venv] ok: torch %s, torchaudio %s, espnet %s, numpy %s, python %s"

@@ -82,6 +82,7 @@ class Setting:
     backbone: str = "owsm"  # owsm (random weights of `preset`) or whisper-base (real weights, real clips)
     # whisper-base: the clips, a demo-corpus manifest (its test split), a directory or one audio file
     audio: str | None = None
+    weights: str | None = None  # whisper-base: `localgp prepare whisper`'s directory (None: its default)
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
@@ -194,6 +195,22 @@ def check(setting: Setting, part: str, providers=(), repeats: int = 1, warmup: i
 
 
 
+# ---------------------------------------------------------------------------- gated parts
+
+
+def prepare_encoder(encoder, provider: str, keep: float | None, seed: int) -> None:
+    """Puts the gated encoder in `provider`'s execution with forced masks (or its gates)."""
+    from localgp.model.convert import force_keep
+
+    encoder.execution = provider  # "dense" is an encoder execution that set_execution refuses
+    force_keep(encoder, keep, seed=seed)  # reseeded: the same masks in every call and execution
+
+
+def kept_share(record) -> float | None:
+    return 1.0 - float(record.sparsity()) if record is not None and record.masks else None
+
+
+
 # ---------------------------------------------------------------------------- timing
 
 
@@ -296,8 +313,17 @@ def with_speedups(group: list[dict]) -> list[dict]:
     for r in group:
         r["speedup_vs_dense"] = dense["median_ms"] / r["median_ms"]
         r["speedup_vs_masked"] = masked["median_ms"] / r["median_ms"]
-        r["efficiency"] = r["speedup_vs_dense"] / (dense["gflops"] / r["gflops"])
+        # None where the work is not counted (a baseline's own decoder)
+        r["efficiency"] = None if r["gflops"] is None else r["speedup_vs_dense"] / (dense["gflops"] / r["gflops"])
     return group
+
+
+def _num(value, spec: str) -> str:
+    """value formatted, or '-' in the same width when there is none."""
+    if value is None:
+        width = spec.split(".")[0]
+        return format("-", f">{width}") if width else "-"
+    return format(value, spec)
 
 
 # ---------------------------------------------------------------------------- output
@@ -306,35 +332,40 @@ COLUMNS = ("part", "provider", "keep", "median_ms", "p20_ms", "p80_ms", "gflops"
            "speedup_vs_masked", "efficiency")
 
 
+def _model(r: dict) -> str:
+    return r["preset"] if r.get("backbone", "owsm") == "owsm" else r["backbone"]
+
+
 def title(rows: list[dict]) -> str:
     r = rows[0]
     seconds = f"{r['seconds']:g} s ({r['frames']} frames)" if "frames" in r else f"{r['seconds']:g} s"
     masks = "forced random masks" if r["masks"] == "random" else "trained gates"
-    return (f"{r['part']}, {r['preset']}, batch {r['batch']}, {seconds}, {r['dtype']} on {r['device_name']} "
+    return (f"{r['part']}, {_model(r)}, batch {r['batch']}, {seconds}, {r['dtype']} on {r['device_name']} "
             f"({r['device']}, {r['threads']} threads), torch {r['torch']}, revision {r['revision']}; "
             f"{masks} on {r['pruned']}; median of {r['repeats']} after {r['warmup']} warm-up")
 
 
 def table(rows: list[dict]) -> str:
+    w = max(9, *(len(r["provider"]) for r in rows))
     lines = [title(rows),
-             f"{'provider':9s} {'keep':>5s} {'median ms':>10s} {'p20-p80 ms':>19s} {'GFLOPs':>9s} "
+             f"{'provider':{w}s} {'keep':>5s} {'median ms':>10s} {'p20-p80 ms':>19s} {'GFLOPs':>9s} "
              f"{'vs dense':>9s} {'vs masked':>10s} {'efficiency':>11s}"]
     for r in rows:
-        lines.append(f"{r['provider']:9s} {r['keep']:5.2f} {r['median_ms']:10.2f} "
-                     f"{r['p20_ms']:9.2f}-{r['p80_ms']:<9.2f} {r['gflops']:9.4g} {r['speedup_vs_dense']:9.3f} "
-                     f"{r['speedup_vs_masked']:10.3f} {r['efficiency']:11.3f}")
+        lines.append(f"{r['provider']:{w}s} {r['keep']:5.2f} {r['median_ms']:10.2f} "
+                     f"{r['p20_ms']:9.2f}-{r['p80_ms']:<9.2f} {_num(r['gflops'], '9.4g')} {r['speedup_vs_dense']:9.3f} "
+                     f"{r['speedup_vs_masked']:10.3f} {_num(r['efficiency'], '11.3f')}")
     return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
     """A Markdown table of rows from one or several runs (RESULTS.md)."""
-    out = ["| part | preset | batch | s | dtype | provider | keep | median ms | p20-p80 ms | GFLOPs | vs dense "
+    out = ["| part | model | batch | s | dtype | provider | keep | median ms | p20-p80 ms | GFLOPs | vs dense "
            "| vs masked | efficiency |", "|" + " --- |" * 13]
     for r in rows:
-        out.append(f"| {r['part']} | {r['preset']} | {r['batch']} | {r['seconds']:g} | {r['dtype']} | {r['provider']} "
+        out.append(f"| {r['part']} | {_model(r)} | {r['batch']} | {r['seconds']:g} | {r['dtype']} | {r['provider']} "
                    f"| {r['keep']:.2f} | {r['median_ms']:.2f} | {r['p20_ms']:.2f}-{r['p80_ms']:.2f} "
-                   f"| {r['gflops']:.4g} | {r['speedup_vs_dense']:.3f} | {r['speedup_vs_masked']:.3f} "
-                   f"| {r['efficiency']:.3f} |")
+                   f"| {_num(r['gflops'], '.4g')} | {r['speedup_vs_dense']:.3f} | {r['speedup_vs_masked']:.3f} "
+                   f"| {_num(r['efficiency'], '.3f')} |")
     return "\n".join(out) + "\n"
 
 

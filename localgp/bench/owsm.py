@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from localgp import flops
-from localgp.bench.core import GATES, Case, Setting, BenchError
+from localgp.bench.core import GATES, BenchError, Case, Setting, kept_share, prepare_encoder
 from localgp.gates import GateRecord, random_keep_logits
 from localgp.model import owsm
 from localgp.model.config import DENSE, ENCODER_MODULES, GateConfig
@@ -34,7 +34,7 @@ def load_models(setting: Setting) -> Models:
     torch.manual_seed(setting.seed)
     prompt = None
     if setting.checkpoint:
-        from localgp.train import load_trained
+        from localgp.runs import load_trained
 
         model, tokenizer, config = load_trained(setting.checkpoint)
         preset = f"init:{Path(config.init).name}" if config.init else config.preset
@@ -65,18 +65,6 @@ def speech_features(setting: Setting):
     feats = torch.randn(setting.batch, frames, flops.N_MELS, generator=gen)
     lengths = torch.full((setting.batch,), frames)
     return feats.to(setting.torch_device(), setting.torch_dtype()), lengths.to(setting.torch_device())
-
-
-def _prepare(encoder, provider: str, keep: float | None, seed: int) -> None:
-    """Puts the gated encoder in `provider`'s execution with forced masks (or its gates)."""
-    from localgp.model.convert import force_keep
-
-    encoder.execution = provider  # "dense" is an encoder execution that set_execution refuses
-    force_keep(encoder, keep, seed=seed)  # reseeded: the same masks in every call and execution
-
-
-def _kept(record) -> float | None:
-    return 1.0 - float(record.sparsity()) if record is not None and record.masks else None
 
 
 def _pruned(encoder) -> str:
@@ -112,7 +100,7 @@ class EncoderWorkload:
         last = {}
 
         def run():
-            _prepare(self.encoder, provider, keep, self.setting.seed)
+            prepare_encoder(self.encoder, provider, keep, self.setting.seed)
             out = self.encoder(self.feats, self.lengths)
             last["record"] = self.encoder.last_record
             return out
@@ -121,7 +109,7 @@ class EncoderWorkload:
             macs = flops.executed_encoder_macs(self.encoder, self.lengths.tolist(), provider, last["record"])
             return macs["total"] / 1e9
 
-        return Case(run, gflops, lambda: _kept(last["record"]))
+        return Case(run, gflops, lambda: kept_share(last["record"]))
 
 
 class LayerWorkload:
@@ -186,6 +174,6 @@ class LayerWorkload:
         def gflops():
             return flops.executed_layer_macs(self.shape, last["record"], frames, provider)["total"] / 1e9
 
-        return Case(run, gflops, lambda: _kept(last["record"]))
+        return Case(run, gflops, lambda: kept_share(last["record"]))
 
 

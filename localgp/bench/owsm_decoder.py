@@ -77,7 +77,7 @@ class DecoderModels:
         torch.manual_seed(setting.seed)
         device, dtype = setting.torch_device(), setting.torch_dtype()
         if setting.checkpoint:
-            from localgp.train import load_trained
+            from localgp.runs import load_trained
 
             gated, _, config = load_trained(setting.checkpoint)
             cfg = getattr(gated.decoder, "pruning", None)

@@ -1,0 +1,233 @@
+"""The Whisper base parts of `localgp bench`: the real weights on real clips, beside what users
+run instead, in the same run on the same clips:
+
+- `openai-whisper`: its own model (encoder: `model.encoder`; decode: `whisper.decode`, beam
+  search, clip by clip: its beam search fails on a batch of several clips, version 20250625);
+- `faster-whisper-float32`, `faster-whisper-int8`: CTranslate2 on the original model.bin
+  (encoder: `encode`; decode: `WhisperModel.transcribe`, clip by clip, temperature 0, no
+  timestamps, no previous text, no VAD: what `whisper.decode` does);
+- `dense`, `masked`, `compact`: localgp (encoder: the gated encoder in that execution; decode:
+  the log-mel, the encoder and `WhisperBeamSearch` over the whole batch at once; dense decodes
+  with the ungated decoder through the same search).
+
+Masks are forced at random on the encoder's attention and MLP per frame (`--granularity`
+temporal, with token-level decoder gates) or per utterance, or come from a trained run's gates
+(`--checkpoint`). Whisper computes its whole 30 s window, so every clip costs the same encoder
+work; a decode's length is the model's own (with random masks the gated model decodes other
+text: compare decodes with trained gates). GFLOPs: the encoder's as localgp.flops counts them,
+plus localgp's decoder MACs for a decode; a baseline's own decoder work is not counted (-).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from localgp import flops
+from localgp.bench.core import FASTER_WHISPER, BenchError, Case, Setting, kept_share, prepare_encoder
+from localgp.model.config import GateConfig
+
+PROVIDERS = ("openai-whisper", *FASTER_WHISPER, "dense", "masked", "compact")
+DEFAULT_AUDIO = "data/demo/manifest.jsonl"
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".g722")
+
+
+@dataclass
+class Clips:
+    waves: list[np.ndarray]  # 16 kHz float32
+    languages: list[str | None]  # None: detected
+    source: str
+
+
+def load_clips(setting: Setting) -> Clips:
+    """`batch` clips of --audio: a demo-corpus manifest's test split (its languages known), a
+    directory of audio files or one file (languages detected)."""
+    from localgp.data.audio import load_audio
+
+    path = Path(setting.audio or DEFAULT_AUDIO)
+    if not path.exists():
+        hint = " (localgp prepare demo builds data/demo)" if setting.audio is None else ""
+        raise BenchError(f"--audio: {path} does not exist{hint}")
+    if path.suffix == ".jsonl":
+        from localgp.data.demo_corpus import load_manifest
+
+        utterances = load_manifest(path).get("test", [])[: setting.batch]
+        waves, languages = [u.load() for u in utterances], [u.language for u in utterances]
+    else:
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in AUDIO_SUFFIXES) if path.is_dir() else [path]
+        files = files[: setting.batch]
+        waves = [load_audio(f, format="g722" if f.suffix == ".g722" else None) for f in files]
+        languages = [None] * len(waves)
+    if len(waves) < setting.batch:
+        raise BenchError(f"--batch {setting.batch}: --audio {path} has only {len(waves)} clips")
+    return Clips([np.asarray(w, dtype=np.float32) for w in waves], languages, str(path))
+
+
+def log_mel(waves: list[np.ndarray], device, dtype) -> torch.Tensor:
+    """(B, 80, 3000): Whisper's log-mel of each clip padded or trimmed to 30 s."""
+    import whisper
+
+    mels = [whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(w))) for w in waves]
+    return torch.stack(mels).to(device, dtype)
+
+
+class WhisperModels:
+    """The gated model (forced masks, or a trained run's gates), the plain openai-whisper model
+    with the same weights, and CTranslate2's models of the original weights, on demand."""
+
+    def __init__(self, setting: Setting):
+        from localgp.model.pruning import ungated_copy
+        from localgp.model.whisper import gate_whisper
+        from localgp.model.whisper_weights import default_whisper_dir, load_whisper
+
+        if setting.checkpoint:
+            raise BenchError("--checkpoint: trained Whisper runs are not benchmarked yet; use forced masks (--keep)")
+        self.weights = Path(setting.weights) if setting.weights else default_whisper_dir()
+        try:
+            model = load_whisper(self.weights)
+        except FileNotFoundError as err:
+            raise BenchError(f"--backbone whisper-base: {err}") from None
+        decoder = "token" if setting.granularity == "temporal" else "utterance"
+        gate_whisper(model, GateConfig(encoder=setting.granularity, decoder=decoder))
+        self.masks = "random"
+        self.model = model.to(setting.torch_device(), setting.torch_dtype()).eval()
+        # openai-whisper's own classes with the same weights: the Whisper shell, ungated parts
+        self.plain = copy.copy(self.model)
+        self.plain._modules = {"encoder": ungated_copy(self.model.encoder), "decoder": ungated_copy(self.model.decoder)}
+        self._ct2 = {}
+        self.setting = setting
+
+    def faster_whisper(self, provider: str):
+        """faster-whisper's WhisperModel of the original model.bin at the provider's compute type."""
+        if self.setting.torch_device().type != "cpu":
+            raise BenchError(f"--providers {provider}: compared on the CPU only here")
+        if provider not in self._ct2:
+            from faster_whisper import WhisperModel
+
+            compute_type = provider.rsplit("-", 1)[1]
+            self._ct2[provider] = WhisperModel(str(self.weights / "ct2"), device="cpu", compute_type=compute_type,
+                                               cpu_threads=torch.get_num_threads())
+        return self._ct2[provider]
+
+
+def _shapes(models: WhisperModels, setting: Setting, clips: Clips) -> dict:
+    shape = flops.WhisperShape.of_encoder(models.model.encoder)
+    return dict(preset="whisper-base", d_model=shape.d_model, layers=shape.layers, frames=shape.frames,
+                audio=clips.source, audio_seconds=sum(len(w) for w in clips.waves) / 16000)
+
+
+def _pruned(encoder) -> str:
+    cfg = encoder.pruning.config
+    return f"attn,mlp ({cfg.encoder})"
+
+
+class EncoderWorkload:
+    """The encoder (convolutions + every block) on the clips' log-mel."""
+
+    providers = PROVIDERS
+
+    def __init__(self, setting: Setting):
+        self.setting = setting
+        self.models = WhisperModels(setting)
+        clips = load_clips(setting)
+        self.mel = log_mel(clips.waves, setting.torch_device(), setting.torch_dtype())
+        self.encoder = self.models.model.encoder
+        self.shape = flops.WhisperShape.of_encoder(self.encoder)
+        self.masks, self.pruned = self.models.masks, _pruned(self.encoder)
+        self.shapes = _shapes(self.models, setting, clips)
+        self.dense_gflops = setting.batch * flops.whisper_encoder_macs(self.shape)["total"] / 1e9
+
+    def case(self, provider: str, keep: float | None) -> Case:
+        if provider == "openai-whisper":
+            return Case(lambda: self.models.plain.encoder(self.mel), lambda: self.dense_gflops)
+        if provider in FASTER_WHISPER:
+            import ctranslate2
+
+            ct2 = self.models.faster_whisper(provider).model
+            features = ctranslate2.StorageView.from_array(np.ascontiguousarray(self.mel.float().cpu().numpy()))
+            return Case(lambda: ct2.encode(features, to_cpu=True), lambda: self.dense_gflops)
+        last = {}
+
+        def run():
+            prepare_encoder(self.encoder, provider, keep, self.setting.seed)
+            out = self.encoder(self.mel)
+            last["record"] = self.encoder.last_record
+            return out
+
+        def gflops():
+            macs = flops.executed_whisper_encoder_macs(self.encoder, last["record"], provider, self.setting.batch)
+            return macs["total"] / 1e9
+
+        return Case(run, gflops, lambda: kept_share(last["record"]))
+
+
+class DecodeWorkload:
+    """A whole decode of the clips (transcription in their language, beam --beam): log-mel,
+    encoder, beam search."""
+
+    providers = PROVIDERS
+
+    def __init__(self, setting: Setting):
+        self.setting = setting
+        self.models = WhisperModels(setting)
+        self.clips = load_clips(setting)
+        self.encoder = self.models.model.encoder
+        self.masks, self.pruned = self.models.masks, _pruned(self.encoder) + ", self_attn,src_attn,ffn (decoder)"
+        self.shapes = dict(_shapes(self.models, setting, self.clips), beam=setting.beam)
+        self.dense_encoder_gflops = setting.batch * flops.whisper_encoder_macs(
+            flops.WhisperShape.of_encoder(self.encoder))["total"] / 1e9
+
+    def case(self, provider: str, keep: float | None) -> Case:
+        waves, languages, beam = self.clips.waves, self.clips.languages, self.setting.beam
+        if provider == "openai-whisper":
+            import whisper
+
+            plain = self.models.plain
+
+            def run():
+                mel = log_mel(waves, self.setting.torch_device(), self.setting.torch_dtype())
+                return [whisper.decode(plain, m, whisper.DecodingOptions(
+                    beam_size=beam, language=lang, without_timestamps=True, fp16=False)) for m, lang in zip(mel, languages)]
+
+            return Case(run, lambda: None)
+        if provider in FASTER_WHISPER:
+            model = self.models.faster_whisper(provider)
+
+            def run():
+                return [list(model.transcribe(w, language=lang, beam_size=beam, temperature=0.0, without_timestamps=True,
+                                              condition_on_previous_text=False, vad_filter=False)[0])
+                        for w, lang in zip(waves, languages)]
+
+            return Case(run, lambda: None)
+        return self._localgp(provider, keep)
+
+    def _localgp(self, provider: str, keep: float | None) -> Case:
+        from localgp.decoding.whisper import WhisperBeamSearch, WhisperDecodeOptions
+        from localgp.model.convert import force_keep
+
+        model, setting = self.models.model, self.setting
+        gated = provider != "dense"
+        decoder_model = model if gated else self.models.plain
+        options = WhisperDecodeOptions(beam_size=setting.beam, execution=provider if gated else "compact")
+        search = WhisperBeamSearch(decoder_model, options)  # the ungated decoder ignores the execution
+        last = {}
+
+        def run():
+            prepare_encoder(self.encoder, provider, keep, setting.seed)
+            if gated:
+                force_keep(model.decoder, keep, seed=setting.seed)
+            mel = log_mel(self.clips.waves, setting.torch_device(), setting.torch_dtype())
+            hyps = search(self.encoder(mel), self.clips.languages)
+            last["record"] = self.encoder.last_record
+            return hyps
+
+        def gflops():
+            encoder = flops.executed_whisper_encoder_macs(self.encoder, last["record"], provider, setting.batch)["total"]
+            return (encoder + search.decoder.macs) / 1e9
+
+        return Case(run, gflops, lambda: kept_share(last["record"]) if gated else None)
+
