@@ -104,17 +104,20 @@ def masks_from_checkpoint(checkpoint: str | Path, audio: str | Path, language: s
 
     import torch
 
+    from localgp.context.feeder import ContextFeeder
     from localgp.data.corpora import Utterance
-    from localgp.train import ContextFeeder, Example, load_trained
+    from localgp.data.examples import Example
+    from localgp.runs import load_run
 
     utterance = Utterance(Path(audio).stem, Path(audio), language, "", "")
     speech = utterance.load()  # fails on a missing or undecodable file before the model loads
-    model, tokenizer, config = load_trained(checkpoint)
-    tokenizer.prompt(language)  # refuses a language the model has no token for
+    run = load_run(checkpoint)
+    model, example = run.model, Example(utterance, language, "")
+    run.backbone.check_examples([example])  # refuses a language the model has no token for
     # A throw-away feature cache: the run's cache is keyed by corpus utterance ids, which an
     # arbitrary file's name could collide with.
     with tempfile.TemporaryDirectory() as cache:
-        ContextFeeder(model, config.context_extractors, Path(cache), tokenizer)([Example(utterance, language, "")])
+        ContextFeeder(model, run.config.context_extractors, Path(cache), run.backbone.prompt_context)([example])
     log_mel, masks = encoder_masks(model, torch.from_numpy(speech))
     kept = np.mean([m.mean() for m in masks.values()])  # over every gated module and frame
     return mask_figure(log_mel, masks, out, title=f"{Path(audio).name} ({language}): log-mel and temporal masks, "

@@ -25,7 +25,7 @@ DEMO_GATES = {"encoder": "temporal", "decoder": "token", "contexts": [["front", 
 
 
 def demo_config(out: Path, manifest: Path, steps: int | None, minutes: float, device: str):
-    from localgp.train import TrainConfig
+    from localgp.runs import TrainConfig
 
     return TrainConfig(
         out_dir=str(out / "run"), data={"kind": "manifest", "path": str(manifest), "split": "train"},

@@ -4,9 +4,12 @@ BLEU per pair (ST), encoder GFLOPs actually executed, sparsity per module, wall-
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import re
 import statistics
+import types
 import typing
 import unicodedata
 from collections.abc import Iterable
@@ -30,11 +33,19 @@ class Decoded:
     # decoder layers that kept src-attention (the mean of the layers' 0/1 decisions).
     tokens: list[str] = field(default_factory=list)
     src_attn_keep: list[float] = field(default_factory=list)
+    # Added with the Whisper backbone; None in records written before (or where not measured).
+    decoder_gflops: float | None = None  # decoder GMACs executed: this utterance's share of its beam search
+    encoder_seconds: float | None = None  # wall-clock of the encoder call alone, this utterance's share
+    encoder_sparsity: float | None = None  # skipped (frame, encoder module) units over every encoder frame
+    encoder_speech_sparsity: float | None = None  # the same over the frames that carry the audio (Whisper pads to 30 s)
+    normalizer: str = "localgp"  # text normalisation for WER: NORMALIZERS (whisper: Whisper's own normalizers)
 
     def __post_init__(self):
         if len(self.tokens) != len(self.src_attn_keep):
             raise ValueError(f"Decoded {self.id!r}: {len(self.tokens)} tokens but {len(self.src_attn_keep)} "
                              f"src_attn_keep values; they must match")
+        if self.normalizer not in NORMALIZERS:
+            raise ValueError(f"Decoded {self.id!r}: normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}")
 
     def to_json(self) -> str:
         """One line of JSON (no newline inside)."""
@@ -60,10 +71,14 @@ class Decoded:
 
 
 def _has_type(value, hint) -> bool:
-    """isinstance for the field types of Decoded (str, float, list[...], dict[str, float])."""
+    """isinstance for the field types of Decoded (str, float, X | None, list[...], dict[str, float])."""
     if hint is float:  # JSON writes 3.0 as 3.0 but a hand-made file may say 3
         return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is type(None):
+        return value is None
     base, args = typing.get_origin(hint) or hint, typing.get_args(hint)
+    if base in (types.UnionType, typing.Union):
+        return any(_has_type(value, a) for a in args)
     if not isinstance(value, base):
         return False
     if base is list:
@@ -119,11 +134,36 @@ def read_decoded(path: str | Path) -> list[Decoded]:
     return records
 
 
+NORMALIZERS = ("localgp", "whisper")
+
+
 def normalise(text: str) -> str:
     """Lower case, no punctuation, single spaces: WER on words, not on formatting."""
     text = unicodedata.normalize("NFKC", text).lower()
     text = re.sub(r"[^\w\s']|_", " ", text)
     return " ".join(text.split())
+
+
+@functools.cache
+def _whisper_normalizer(english: bool):
+    from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
+
+    return EnglishTextNormalizer() if english else BasicTextNormalizer()
+
+
+def normalise_for(text: str, language: str, normalizer: str = "localgp") -> str:
+    """The text as WER compares it: `normalise` (localgp's, OWSM runs), or Whisper's own
+    normalizers as Whisper's papers score it (EnglishTextNormalizer for English, with its
+    spelling and number standardisation; BasicTextNormalizer otherwise)."""
+    if normalizer == "localgp":
+        return normalise(text)
+    if normalizer == "whisper":
+        return " ".join(_whisper_normalizer(language == "en")(text).split())
+    raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+
+
+def _normalised(record: Decoded, text: str) -> str:
+    return normalise_for(text, record.target_language, record.normalizer)
 
 
 def score(records: list[Decoded]) -> dict:
@@ -133,15 +173,16 @@ def score(records: list[Decoded]) -> dict:
     if not records:
         raise ValueError("evaluate: no decoded utterance to score")
     for r in records:  # WER and BLEU are undefined against nothing
-        if not normalise(r.reference):
+        if not _normalised(r, r.reference):
             raise ValueError(f"evaluate: an empty reference transcript in {r.target_language} (utterance {r.id!r}: "
-                             f"{r.reference!r})")
-    report: dict = {"wer": {}, "bleu": {}, "utterances": len(records)}
+                             f"{r.reference!r}, after the {r.normalizer} normalizer)")
+    report: dict = {"wer": {}, "bleu": {}, "utterances": len(records),
+                    "normalizers": sorted({r.normalizer for r in records})}
     asr = [r for r in records if r.language == r.target_language]
     for lang in sorted({r.language for r in asr}):
         rows = [r for r in asr if r.language == lang]
-        refs = [normalise(r.reference) for r in rows]
-        report["wer"][lang] = 100 * jiwer.wer(refs, [normalise(r.hypothesis) for r in rows])
+        refs = [_normalised(r, r.reference) for r in rows]
+        report["wer"][lang] = 100 * jiwer.wer(refs, [_normalised(r, r.hypothesis) for r in rows])
     st = [r for r in records if r.language != r.target_language]
     for pair in sorted({(r.language, r.target_language) for r in st}):
         rows = [r for r in st if (r.language, r.target_language) == pair]
@@ -155,7 +196,38 @@ def score(records: list[Decoded]) -> dict:
     report["seconds_per_utterance"] = statistics.mean(r.seconds for r in records)
     kinds = sorted({k for r in records for k in r.sparsity})
     report["sparsity"] = {k: statistics.mean(r.sparsity.get(k, 0.0) for r in records) for k in kinds}
-    return report
+    reasons = {}
+    for key, name in (("decoder_gflops", "decoder_gflops"), ("encoder_seconds_per_utterance", "encoder_seconds"),
+                      ("encoder_sparsity", "encoder_sparsity"), ("encoder_speech_sparsity", "encoder_speech_sparsity")):
+        values = [getattr(r, name) for r in records if getattr(r, name) is not None]
+        report[key] = statistics.mean(values) if values else None
+        if not values:
+            reasons[key] = (f"no record has {name} (decoded before it was recorded, by a decoder that does not "
+                            f"measure it, or not applicable: encoder sparsity over frames needs per-frame gates)")
+        elif len(values) < len(records):
+            reasons[key] = f"mean over the {len(values)} of {len(records)} records that have {name}"
+    return finite_report(report, reasons)
+
+
+def finite_report(report: dict, reasons: dict | None = None) -> dict:
+    """The report with every NaN or infinite number replaced by null and a reason under
+    report["notes"] (JSON has no NaN or Infinity)."""
+    notes = dict(reasons or {})
+
+    def clean(value, path):
+        if isinstance(value, float) and not math.isfinite(value):
+            notes[path] = f"{value} is not a number JSON can hold"
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    cleaned = clean(report, "")
+    if notes:
+        cleaned["notes"] = {**cleaned.get("notes", {}), **notes}
+    return cleaned
 
 
 def markdown_table(report: dict, label: str = "this run") -> str:
@@ -168,6 +240,13 @@ def markdown_table(report: dict, label: str = "this run") -> str:
     row = [label, *(fmt(report["wer"], k) for k in wer), fmt(report["wer"], "average"),
            *(fmt(report["bleu"], k) for k in bleu), fmt(report["bleu"], "average"),
            f"{report['encoder_gflops']:.3g}", f"{report['seconds_per_utterance']:.3f}"]
+    # Columns of the newer measurements, where the records carry them.
+    for key, title, spec in (("decoder_gflops", "GFLOPs (Dec)", ".3g"), ("encoder_seconds_per_utterance", "enc s/utt", ".3f"),
+                             ("encoder_sparsity", "enc skipped (all frames)", ".3f"),
+                             ("encoder_speech_sparsity", "enc skipped (speech frames)", ".3f")):
+        if report.get(key) is not None:
+            head.append(title)
+            row.append(format(report[key], spec))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |"]
     if report["sparsity"]:
         lines += ["", "| module | skipped |", "|---|---|"]
@@ -178,5 +257,6 @@ def markdown_table(report: dict, label: str = "this run") -> str:
 def write_report(report: dict, directory, label: str = "this run") -> None:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    text = json.dumps(finite_report(report), indent=2, ensure_ascii=False, allow_nan=False)
+    (out / "report.json").write_text(text)
     (out / "report.md").write_text(markdown_table(report, label))

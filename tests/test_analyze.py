@@ -102,7 +102,7 @@ def test_encoder_masks_of_a_trained_model(trained):
 
     from localgp.analyze import encoder_masks
     from localgp.data.audio import load_audio
-    from localgp.train import load_trained
+    from localgp.runs import load_trained
 
     model, tokenizer, config = load_trained(trained / "run")
     assert config.out_dir == str(trained / "run") and tokenizer.prompt("de")

@@ -6,7 +6,8 @@ import soundfile as sf
 import torch
 import yaml
 
-from localgp.train import TrainConfig, Trainer, batch_order, warmup_lr
+from localgp.runs import TrainConfig
+from localgp.train import Trainer, batch_order, warmup_lr
 
 SENTENCES = {
     "de": ["guten morgen", "wie geht es dir", "das ist gut", "bis bald"],
@@ -140,7 +141,7 @@ def test_trains_global_gates_from_the_prompt(tmp_path):
 def test_bad_corpus_is_refused_before_training(tmp_path):
     import json
 
-    from localgp.train import load_trained
+    from localgp.runs import load_trained
 
     cfg = config(tmp_path, "missing")
     (tmp_path / "data_missing" / "fr" / "fr2.wav").unlink()

@@ -5,11 +5,12 @@ import json
 
 import pytest
 
+from localgp.backbones.owsm import OwsmCorpusDecoder
 from localgp.cli import main
 from localgp.decoding import DecodeOptions
 from localgp.evaluate import read_decoded, score
 from localgp.train import Trainer
-from localgp.transcribe import CorpusDecoder, decode_run
+from localgp.transcribe import decode_run
 from tests.test_train import config
 
 
@@ -39,7 +40,7 @@ def test_decode_resumes_and_keeps_what_was_written(run_dir, tmp_path, monkeypatc
     first = decode_run(run_dir, out, options=options, batch_size=2, limit=3)
     assert len(first) == 3
     calls = {"n": 0}
-    original = CorpusDecoder.batch
+    original = OwsmCorpusDecoder.batch
 
     def failing(self, examples):
         calls["n"] += 1
@@ -47,12 +48,12 @@ def test_decode_resumes_and_keeps_what_was_written(run_dir, tmp_path, monkeypatc
             raise RuntimeError("the machine died")
         return original(self, examples)
 
-    monkeypatch.setattr(CorpusDecoder, "batch", failing)
+    monkeypatch.setattr(OwsmCorpusDecoder, "batch", failing)
     with pytest.raises(RuntimeError, match="died"):
         decode_run(run_dir, out, options=options, batch_size=2)
     kept = read_decoded(out)
     assert len(kept) == 5 and [r.id for r in kept[:3]] == [r.id for r in first]  # 3 + one batch of 2
-    monkeypatch.setattr(CorpusDecoder, "batch", original)
+    monkeypatch.setattr(OwsmCorpusDecoder, "batch", original)
     final = decode_run(run_dir, out, options=options, batch_size=2)
     assert len(final) == 8 and len({r.id for r in final}) == 8
 

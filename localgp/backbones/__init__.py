@@ -1,0 +1,114 @@
+"""What training, decoding and evaluation need to know about a backbone, behind one interface.
+
+`Backbone` is the glue between localgp's backbone-free parts (the Trainer, `localgp decode`, the
+context feeder, scoring) and one family of speech models: how to build the gated model and its
+tokenizer, which tasks it can do, how a batch of examples becomes its inputs, the forward pass
+that gives the task loss and the decoder's logits, globalGP's prompt context, and its corpus
+decoder. One implementation per backbone: `owsm` (localgp.backbones.owsm) and `whisper-base`
+(localgp.backbones.whisper); `get_backbone(config)` picks it by `config.backbone`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from localgp.data.examples import Example
+    from localgp.runs import TrainConfig
+
+BACKBONES = ("owsm", "whisper-base")
+
+
+@dataclass
+class StepOutput:
+    """A training forward pass: the task loss, the decoder's logits (B, L, V) and the positions
+    (B, L) bool whose next token the loss counts (the distillation's positions too)."""
+
+    loss: Tensor
+    logits: Tensor
+    targets: Tensor
+
+
+class Backbone(abc.ABC):
+    """Backbone-specific glue, for one TrainConfig. `build()` must come first: the prompts and
+    the batches need the tokenizer it makes (kept as `self.tokenizer`)."""
+
+    name: ClassVar[str]
+    freeze_by_default: ClassVar[bool]  # TrainConfig.freeze_backbone's meaning when it is None
+    normalizer: ClassVar[str]  # the text normalisation its WER uses (localgp.evaluate.NORMALIZERS)
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.tokenizer = None
+
+    # ---------------------------------------------------------------- the model
+    @abc.abstractmethod
+    def build(self, texts=None, gated: bool = True) -> tuple[nn.Module, object]:
+        """(model, tokenizer): the backbone's model, gated by config.gates unless gated=False.
+        texts() gives the training text when a tokenizer has to be trained (None: it must exist)."""
+
+    def weights_identity(self) -> dict | None:
+        """What identifies the backbone weights build() reads, when it can read them again (then a
+        checkpoint needs only the trained state); None: they cannot be re-read (random weights)."""
+        return None
+
+    # ---------------------------------------------------------------- data
+    def supports(self, source: str, target: str) -> bool:
+        """Whether the model can turn speech in `source` into text in `target`."""
+        return True
+
+    def check_examples(self, examples: list[Example]) -> None:
+        """Refuses, before any training, what the model cannot take (unknown language, too long)."""
+
+    @abc.abstractmethod
+    def prompt_context(self, example: Example) -> list[int]:
+        """globalGP's discrete context: the [<language>, <task>] token ids of the example's prompt."""
+
+    @abc.abstractmethod
+    def collate(self, examples: list[Example]) -> dict[str, Tensor]:
+        """The model inputs of a batch (CPU tensors; the trainer moves them)."""
+
+    @abc.abstractmethod
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
+        """The training forward pass of `model` on a collated batch."""
+
+    # ---------------------------------------------------------------- decoding
+    @abc.abstractmethod
+    def decode_options(self, options=None):
+        """The backbone's beam-search options from `options` (None: its defaults; a DecodeOptions is
+        converted where the backbone has its own, refusing settings it has no use for)."""
+
+    @abc.abstractmethod
+    def corpus_decoder(self, model: nn.Module, contexts, options, device: str = "cpu"):
+        """An object whose .batch(examples) decodes a batch into evaluate.Decoded records."""
+
+
+def backbone_class(name: str) -> type[Backbone]:
+    if name == "owsm":
+        from localgp.backbones.owsm import OwsmBackbone
+
+        return OwsmBackbone
+    if name == "whisper-base":
+        from localgp.backbones.whisper import WhisperBaseBackbone
+
+        return WhisperBaseBackbone
+    raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {name!r}")
+
+
+def get_backbone(config: TrainConfig) -> Backbone:
+    return backbone_class(config.backbone)(config)
+
+
+def gate_config(gates: dict):
+    """TrainConfig.gates (YAML lists included) as a GateConfig."""
+    from localgp.model.config import GateConfig
+
+    gates = dict(gates)
+    for key in ("contexts", "decoder_contexts"):  # YAML lists -> the dataclass's tuples
+        if key in gates:
+            gates[key] = tuple(tuple(item) for item in gates[key])
+    return GateConfig(**gates)

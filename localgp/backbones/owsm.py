@@ -1,0 +1,158 @@
+"""The OWSM backbone: ESPnet's S2T model (OWSM v3.1 architecture) with OWSM prompts
+(<lang><asr|st_xx><notimestamps>), a BPE tokenizer trained on the corpus (or a snapshot's),
+ESPnet's own loss (attention decoder + CTC), and localgp's batched ESPnet beam search."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from localgp import flops
+from localgp.backbones import Backbone, StepOutput, gate_config
+from localgp.data.tokenizer import Tokenizer
+from localgp.decoding import BatchBeamSearch, DecodeOptions
+from localgp.evaluate import Decoded
+from localgp.gates import GateRecord
+from localgp.transcribe import decoder_keep, record_id, utterance_record
+
+
+class OwsmBackbone(Backbone):
+    name = "owsm"
+    freeze_by_default = False  # a preset model starts from random weights: everything trains
+    normalizer = "localgp"
+
+    def build(self, texts=None, gated: bool = True):
+        """An OWSM snapshot's model and tokenizer (config.init), or a `preset` model with random
+        weights and the BPE tokenizer in out_dir/tokenizer, trained on texts() when it is not
+        there yet (None: it must be there)."""
+        from localgp.model import owsm
+        from localgp.model.convert import gate_s2t_model
+
+        config = self.config
+        if config.init:
+            model, args = owsm.load_owsm(config.init)
+            if not args.bpemodel:
+                raise ValueError(f"{config.init}: the snapshot names no BPE model")
+            tokenizer = Tokenizer(args.bpemodel, args.token_list)
+        else:
+            if not gated:
+                raise ValueError("a dense OWSM model needs pretrained weights: set `init` to an OWSM snapshot "
+                                 "(a preset model has random weights)")
+            tokenizer_dir = Path(config.out_dir) / "tokenizer"
+            if (tokenizer_dir / "tokens.txt").exists():
+                tokenizer = Tokenizer.load(tokenizer_dir)
+            elif texts is None:
+                raise FileNotFoundError(f"{tokenizer_dir / 'tokens.txt'} does not exist (localgp train writes it)")
+            else:
+                tokenizer = Tokenizer.train(texts(), tokenizer_dir, config.vocab_size)
+            model, _ = owsm.build_owsm(config.preset, token_list=tokenizer.token_list)
+        if gated:
+            gate_s2t_model(model, gate_config(config.gates))
+        self.tokenizer = tokenizer
+        return model, tokenizer
+
+    def check_examples(self, examples) -> None:
+        for source, target in sorted({(e.utterance.language, e.target_language) for e in examples}):
+            self.tokenizer.prompt(source, target)  # a language the model has no token for fails now, not mid-run
+
+    def prompt_context(self, example) -> list[int]:
+        return self.tokenizer.prompt(example.utterance.language, example.target_language)[:2]
+
+    def collate(self, examples) -> dict[str, torch.Tensor]:
+        """The S2T model's inputs: waveforms, prompt + target ids, <na> as previous text, and the
+        source transcript for CTC."""
+        tokenizer = self.tokenizer
+        waves = [torch.from_numpy(e.utterance.load()) for e in examples]
+        texts = [torch.tensor(tokenizer.prompt(e.utterance.language, e.target_language)
+                              + tokenizer.encode(e.target_text)) for e in examples]
+        ctc = [torch.tensor(tokenizer.encode(e.utterance.text)) for e in examples]
+        pad = torch.nn.utils.rnn.pad_sequence
+        lengths = lambda xs: torch.tensor([len(x) for x in xs])  # noqa: E731
+        na = tokenizer.id_of["<na>"]
+        return {"speech": pad(waves, batch_first=True), "speech_lengths": lengths(waves),
+                "text": pad(texts, batch_first=True, padding_value=-1), "text_lengths": lengths(texts),
+                "text_prev": torch.full((len(examples), 1), na), "text_prev_lengths": torch.ones(len(examples), dtype=torch.long),
+                "text_ctc": pad(ctc, batch_first=True, padding_value=-1), "text_ctc_lengths": lengths(ctc)}
+
+    def forward(self, model, batch) -> StepOutput:
+        """ESPnet's loss (its attention decoder and CTC); the decoder's logits are taken from its
+        output as ESPnet computes them: input <sos> + prompt + text, targets prompt + text + <eos>."""
+        captured = []
+        hook = model.decoder.register_forward_hook(lambda _module, _inputs, out: captured.append(out[0]))
+        try:
+            loss, _, _ = model(**batch)
+        finally:
+            hook.remove()
+        logits = captured[-1]
+        positions = torch.arange(logits.shape[1], device=logits.device)
+        return StepOutput(loss, logits, positions[None] < (batch["text_lengths"] + 1)[:, None])
+
+    def decode_options(self, options=None) -> DecodeOptions:
+        if options is None:
+            return DecodeOptions()
+        if not isinstance(options, DecodeOptions):
+            raise TypeError(f"decode: the OWSM backbone decodes with DecodeOptions, got {type(options).__name__}")
+        return options
+
+    def corpus_decoder(self, model, contexts, options, device: str = "cpu"):
+        return OwsmCorpusDecoder(model, self.tokenizer, contexts, options, device)
+
+
+def encoder_gflops(encoder, record: GateRecord | None, input_frames: int) -> float:
+    """GMACs the encoder executed for one utterance under its masks `record` (None: an ungated
+    encoder, every module)."""
+    if record is None:
+        return flops.encoder_macs(flops.EncoderShape.of_encoder(encoder), input_frames)["total"] / 1e9
+    return flops.executed_encoder_macs(encoder, [input_frames], record=record)["total"] / 1e9
+
+
+class OwsmCorpusDecoder:
+    """Decodes examples (utterance, target language) of a corpus with an OWSM model."""
+
+    def __init__(self, model, tokenizer, contexts, options: DecodeOptions, device: str = "cpu"):
+        from localgp.model.convert import gated_parts, set_execution
+
+        self.model, self.tokenizer, self.contexts, self.options = model, tokenizer, contexts, options
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        if gated_parts(model):
+            set_execution(model, options.execution)
+        self.search = BatchBeamSearch(model, options)
+
+    @torch.no_grad()
+    def batch(self, examples) -> list[Decoded]:
+        started = time.perf_counter()
+        self.contexts(examples)
+        tok = self.tokenizer
+        prompts = [tok.prompt(e.utterance.language, e.target_language) for e in examples]
+        encoder = self.model.encoder
+        waves = [torch.from_numpy(e.utterance.load()) for e in examples]
+        lengths = torch.tensor([len(w) for w in waves])
+        speech = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(self.device)
+        encoding = time.perf_counter()
+        memory, memory_lens = self.model.encode(speech, lengths.to(self.device))
+        encoder_seconds = (time.perf_counter() - encoding) / len(examples)
+        record = encoder.last_record if getattr(encoder, "pruning", None) is not None else None
+        primers = torch.tensor([[self.model.sos, *p] for p in prompts], device=self.device)
+        hyps = self.search(memory, memory_lens, primers)
+        # The search runs the batch's utterances together; each gets an equal share of its MACs.
+        decoder_gflops = self.search.decoder.macs / len(examples) / 1e9
+        seconds = (time.perf_counter() - started) / len(examples)
+        records = []
+        for b, (example, nbest) in enumerate(zip(examples, hyps, strict=True)):
+            best = nbest[0] if nbest else None
+            ids = best.token_ids if best else []
+            sparsity, src_keep = decoder_keep(best, primers.shape[1]) if best else ({}, [])
+            enc_record = None if record is None else utterance_record(record, b)
+            if enc_record is not None and enc_record.masks:
+                sparsity = {**enc_record.sparsity_per_module(), **sparsity}
+            input_frames = flops.input_frames(int(lengths[b]) / flops.SAMPLE_RATE)
+            records.append(Decoded(
+                id=record_id(example), language=example.utterance.language, target_language=example.target_language,
+                reference=example.target_text, hypothesis=tok.decode(ids),
+                encoder_gflops=encoder_gflops(encoder, enc_record, input_frames), seconds=seconds, sparsity=sparsity,
+                tokens=[tok.token_list[i] for i in ids] if src_keep else [], src_attn_keep=src_keep,
+                decoder_gflops=decoder_gflops, encoder_seconds=encoder_seconds, normalizer=OwsmBackbone.normalizer))
+        return records

@@ -1,0 +1,239 @@
+"""The Whisper base backbone: OpenAI's pretrained Whisper base (`localgp prepare whisper`), in
+fp32, gated in place (localgp.model.whisper), with Whisper's own prompts and tokenizer.
+
+Training: the log-mel spectrogram of the clip padded or trimmed to 30 s (B, 80, 3000); decoder
+input <|startoftranscript|> <|lang|> <|transcribe|> or <|translate|> <|notimestamps|> followed by
+the text's tokens (" " + text, as Whisper's own transcripts begin), targets the text's tokens
+and <|endoftext|>: cross-entropy over those positions only. Tasks: ASR in the clip's language,
+and Whisper's X -> English translation (it translates into English only).
+
+Decoding: Whisper's beam search (localgp.decoding.whisper) over batches of clips, one search
+per task, with what the Whisper report needs per utterance: executed encoder and decoder
+GFLOPs, sparsity per module, encoder sparsity over all frames and over the speech frames,
+seconds, encoder seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from localgp import flops
+from localgp.backbones import Backbone, StepOutput, gate_config
+from localgp.decoding import DecodeOptions
+from localgp.decoding.whisper import (
+    WhisperBeamSearch,
+    WhisperDecodeOptions,
+    whisper_tokenizer,
+)
+from localgp.evaluate import Decoded
+from localgp.transcribe import decoder_keep, record_id, utterance_record
+
+IGNORE = -100  # label of the positions the loss does not count
+WORD_START = "\u2581"  # analyze's word-start mark; Whisper's BPE marks a word start by a leading space
+
+
+class WhisperBaseBackbone(Backbone):
+    name = "whisper-base"
+    freeze_by_default = True  # pretrained: train the gates, keep Whisper's weights
+    normalizer = "whisper"
+
+    def directory(self) -> Path:
+        from localgp.model.whisper_weights import default_whisper_dir
+
+        return Path(self.config.whisper_dir) if self.config.whisper_dir else default_whisper_dir()
+
+    def build(self, texts=None, gated: bool = True):
+        """Whisper base from base.pt in fp32, gated by config.gates unless gated=False, and
+        Whisper's multilingual tokenizer. `texts` is unused: the tokenizer is Whisper's own."""
+        from localgp.model.whisper import gate_whisper
+        from localgp.model.whisper_weights import load_whisper
+
+        model = load_whisper(self.directory()).float()
+        if gated:
+            gate_whisper(model, gate_config(self.config.gates))
+        self.tokenizer = whisper_tokenizer(model)
+        self.n_mels, self.n_text_ctx = model.dims.n_mels, model.dims.n_text_ctx
+        return model, self.tokenizer
+
+    def weights_identity(self) -> dict:
+        """base.pt's sha256 (from prepare_whisper's manifest.json when it has it)."""
+        directory = self.directory()
+        try:
+            sha = json.loads((directory / "manifest.json").read_text())["files"]["base.pt"]["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            digest = hashlib.sha256()
+            with open(directory / "base.pt", "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            sha = digest.hexdigest()
+        return {"model": self.name, "base.pt sha256": sha}
+
+    # ---------------------------------------------------------------- data
+    def supports(self, source: str, target: str) -> bool:
+        return target == source or target == "en"  # Whisper's only translation direction: into English
+
+    def task(self, example) -> str:
+        return "translate" if example.is_translation else "transcribe"
+
+    def prompt(self, example) -> list[int]:
+        tok = self.tokenizer
+        return [tok.sot, tok.to_language_token(example.utterance.language),
+                tok.translate if example.is_translation else tok.transcribe, tok.no_timestamps]
+
+    def text_tokens(self, text: str) -> list[int]:
+        return self.tokenizer.encode(" " + text.strip())
+
+    def check_examples(self, examples) -> None:
+        from whisper.tokenizer import LANGUAGES
+
+        for e in examples:
+            if e.utterance.language not in LANGUAGES:
+                raise ValueError(f"utterance {e.utterance.id!r}: Whisper knows no language {e.utterance.language!r}")
+            if not self.supports(e.utterance.language, e.target_language):
+                raise ValueError(f"utterance {e.utterance.id!r}: Whisper cannot translate {e.utterance.language} into "
+                                 f"{e.target_language} (into English only)")
+        longest = self.n_text_ctx - 5  # the 4 prompt tokens and <|endoftext|>
+        for e in examples:
+            if len(self.text_tokens(e.target_text)) > longest:
+                raise ValueError(f"utterance {e.utterance.id!r}: its {e.target_language} text has more than {longest} "
+                                 f"tokens, beyond Whisper's {self.n_text_ctx}-token context")
+
+    def prompt_context(self, example) -> list[int]:
+        return self.prompt(example)[1:3]
+
+    def mel(self, waves) -> torch.Tensor:
+        """(B, n_mels, 3000): Whisper's log-mel spectrogram of each clip (16 kHz float32 arrays)
+        padded or trimmed to 30 s."""
+        import whisper
+
+        return torch.stack([whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(w)), n_mels=self.n_mels)
+                            for w in waves])
+
+    def collate(self, examples) -> dict[str, torch.Tensor]:
+        eot = self.tokenizer.eot
+        inputs, labels = [], []
+        for e in examples:
+            prompt, text = self.prompt(e), self.text_tokens(e.target_text)
+            inputs.append(torch.tensor(prompt + text))
+            labels.append(torch.tensor([IGNORE] * (len(prompt) - 1) + text + [eot]))
+        pad = torch.nn.utils.rnn.pad_sequence
+        return {"mel": self.mel([e.utterance.load() for e in examples]), "tokens": pad(inputs, batch_first=True, padding_value=eot),
+                "lengths": torch.tensor([len(x) for x in inputs]),
+                "labels": pad(labels, batch_first=True, padding_value=IGNORE)}
+
+    def forward(self, model, batch) -> StepOutput:
+        """Encoder on the mel, decoder on the prompt + text: the mean cross-entropy of the text's
+        tokens and <|endoftext|>."""
+        features = model.encoder(batch["mel"])
+        if hasattr(model.decoder, "pruning"):
+            logits = model.decoder(batch["tokens"], features, lengths=batch["lengths"])
+        else:  # plain Whisper decoder: causal, so the padding after a sequence changes nothing before it
+            logits = model.decoder(batch["tokens"], features).float()
+        targets = batch["labels"] != IGNORE
+        loss = F.cross_entropy(logits[targets], batch["labels"][targets])
+        return StepOutput(loss, logits, targets)
+
+    # ---------------------------------------------------------------- decoding
+    def decode_options(self, options=None) -> WhisperDecodeOptions:
+        if options is None:
+            return WhisperDecodeOptions()
+        if isinstance(options, WhisperDecodeOptions):
+            return options
+        if not isinstance(options, DecodeOptions):
+            raise TypeError(f"decode: Whisper decodes with WhisperDecodeOptions or DecodeOptions, got "
+                            f"{type(options).__name__}")
+        default = DecodeOptions()
+        unused = [name for name in ("nbest", "ctc_weight", "pre_beam_ratio", "penalty", "maxlenratio", "minlenratio",
+                                    "fixed_length") if getattr(options, name) != getattr(default, name)]
+        if unused:
+            raise ValueError(f"decode: {', '.join(unused)} do not apply to Whisper's beam search (it has no CTC, and "
+                             f"its own length rules); leave them at their defaults")
+        return WhisperDecodeOptions(beam_size=options.beam_size, execution=options.execution)
+
+    def corpus_decoder(self, model, contexts, options, device: str = "cpu"):
+        return WhisperCorpusDecoder(self, model, contexts, self.decode_options(options), device)
+
+
+def token_piece(tokenizer, token_id: int) -> str:
+    """A token as text, its leading space (a word start in Whisper's BPE) written as analyze's ▁."""
+    text = tokenizer.encoding.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
+    return WORD_START + text[1:] if text.startswith(" ") else text
+
+
+class WhisperCorpusDecoder:
+    """Decodes examples of a corpus with a Whisper model (plain or gated): the batch's clips go
+    through the encoder together, then one beam search per task (transcribe, translate)."""
+
+    def __init__(self, backbone: WhisperBaseBackbone, model, contexts, options: WhisperDecodeOptions,
+                 device: str = "cpu"):
+        from localgp.model.convert import gated_parts, set_execution
+
+        self.backbone, self.model, self.contexts, self.options = backbone, model, contexts, options
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        if gated_parts(model):
+            set_execution(model, options.execution)
+        self.search = WhisperBeamSearch(model, options)
+        self.gated_encoder = getattr(model.encoder, "pruning", None) is not None
+        self.dense_encoder_gflops = flops.whisper_encoder_macs(flops.WhisperShape.of_encoder(model.encoder))["total"] / 1e9
+
+    @torch.no_grad()
+    def batch(self, examples) -> list[Decoded]:
+        from localgp.model.whisper import (
+            SAMPLE_RATE,
+            WINDOW_SECONDS,
+            frames_sparsity,
+            speech_frames,
+        )
+
+        started = time.perf_counter()
+        self.contexts(examples)
+        waves = [e.utterance.load() for e in examples]
+        mel = self.backbone.mel(waves).to(self.device)
+        samples = [min(len(w), SAMPLE_RATE * WINDOW_SECONDS) for w in waves]  # what the 30 s window holds
+        encoding = time.perf_counter()
+        features = self.model.encoder(mel)
+        encoder_seconds = (time.perf_counter() - encoding) / len(examples)
+        record = self.model.encoder.last_record if self.gated_encoder else None
+        best, decoder_gflops = [None] * len(examples), [0.0] * len(examples)
+        for task in ("transcribe", "translate"):
+            rows = [b for b, e in enumerate(examples) if self.backbone.task(e) == task]
+            if not rows:
+                continue
+            index = torch.tensor(rows, device=self.device)
+            hyps = self.search(features.index_select(0, index), [examples[b].utterance.language for b in rows], task)
+            # One search runs these clips together: each gets an equal share of its decoder MACs.
+            share = self.search.decoder.macs / len(rows) / 1e9
+            for b, hyp in zip(rows, hyps, strict=True):
+                best[b], decoder_gflops[b] = hyp, share
+        seconds = (time.perf_counter() - started) / len(examples)
+        tok, primer_length = self.backbone.tokenizer, 4
+        records = []
+        for b, (example, hyp) in enumerate(zip(examples, best, strict=True)):
+            sparsity, src_keep = decoder_keep(hyp, primer_length)
+            encoder_gflops, all_frames, speech = self.dense_encoder_gflops, None, None
+            if record is not None:
+                enc_record = utterance_record(record, b)
+                sparsity = {**enc_record.sparsity_per_module(), **sparsity}
+                encoder_gflops = flops.executed_whisper_encoder_macs(self.model.encoder, record=enc_record)["total"] / 1e9
+                all_frames = _finite(frames_sparsity(enc_record))
+                speech = _finite(frames_sparsity(enc_record, torch.tensor([speech_frames(samples[b])])))
+            records.append(Decoded(
+                id=record_id(example), language=example.utterance.language, target_language=example.target_language,
+                reference=example.target_text, hypothesis=hyp.text, encoder_gflops=encoder_gflops, seconds=seconds,
+                sparsity=sparsity, tokens=[token_piece(tok, i) for i in hyp.token_ids] if src_keep else [],
+                src_attn_keep=src_keep, decoder_gflops=decoder_gflops[b], encoder_seconds=encoder_seconds,
+                encoder_sparsity=all_frames, encoder_speech_sparsity=speech, normalizer=WhisperBaseBackbone.normalizer))
+        return records
+
+
+def _finite(value: float) -> float | None:
+    """None for frames_sparsity's NaN (no temporal mask: an encoder gated per utterance)."""
+    return None if math.isnan(value) else value

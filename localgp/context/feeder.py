@@ -1,0 +1,72 @@
+"""Feeding a gated model its contexts, the same way for training, decoding and analysis, and
+for every backbone: the external streams its gates read (speaker, events, language), computed
+by their extractors through the on-disk cache, and globalGP's discrete context (the prompt's
+language and task token ids, which the backbone knows how to spell)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from localgp.data.examples import Example
+
+EXTRACTOR_KINDS = ("beats", "ecapa", "lang2vec", "resemblyzer")
+
+
+def build_extractor(spec: dict):
+    """A context extractor from its spec: {"kind": one of EXTRACTOR_KINDS, **its options}."""
+    from localgp.context.events import BeatsEvents
+    from localgp.context.language import Lang2Vec
+    from localgp.context.speaker import EcapaSpeaker, ResemblyzerSpeaker
+
+    kinds = {"resemblyzer": ResemblyzerSpeaker, "ecapa": EcapaSpeaker, "beats": BeatsEvents, "lang2vec": Lang2Vec}
+    options = dict(spec)
+    kind = options.pop("kind", None)
+    if kind not in kinds:
+        raise ValueError(f"context extractor kind must be one of {sorted(kinds)}, got {kind!r}")
+    return kinds[kind](**options)
+
+
+class ContextFeeder:
+    """Computes (with the on-disk cache) and sets the external contexts of a batch, and globalGP's
+    discrete context: `prompt_context(example)`, the [<lang>, <task>] token ids of its prompt."""
+
+    def __init__(self, model, extractors: dict, cache_dir: Path, prompt_context: Callable[[Example], list[int]]):
+        from localgp.context.cache import FeatureCache
+
+        self.model, self.cache, self.prompt_context = model, FeatureCache(cache_dir), prompt_context
+        encoder_pruning = getattr(model.encoder, "pruning", None)
+        self.global_prompt = encoder_pruning is not None and encoder_pruning.config.predictor == "global"
+        decoder_pruning = getattr(model.decoder, "pruning", None)
+        encoder_streams = dict(encoder_pruning.config.contexts) if encoder_pruning else {}
+        decoder_streams = dict(decoder_pruning.config.decoder_contexts) if decoder_pruning else {}
+        encoder_streams.pop("front", None)  # the speech itself, taken inside the encoder
+        self.encoder_names, self.decoder_names = list(encoder_streams), list(decoder_streams)
+        sizes = {**encoder_streams, **decoder_streams}
+        missing = [n for n in self.encoder_names + self.decoder_names if n not in extractors]
+        if missing:
+            raise ValueError(f"training: the gates use contexts {missing} but context_extractors names no extractor for them")
+        self.extractors = {n: build_extractor(extractors[n]) for n in self.encoder_names + self.decoder_names}
+        for name, extractor in self.extractors.items():
+            if extractor.size != sizes[name]:
+                raise ValueError(f"training: context {name!r} is configured with size {sizes[name]} but its "
+                                 f"extractor gives {extractor.size}")
+
+    def __call__(self, examples: list[Example]) -> None:
+        device = next(self.model.parameters()).device
+        if self.global_prompt:
+            self.model.encoder.set_context(prompt=torch.tensor([self.prompt_context(e) for e in examples], device=device))
+        if self.encoder_names:
+            streams = {}
+            for name in self.encoder_names:
+                feats = [self.cache.get(name, e.utterance.id, lambda e=e, n=name: self.extractors[n](e.utterance.load()))
+                         for e in examples]
+                longest = max(f.shape[0] for f in feats)  # pad by repeating each one's last frame
+                streams[name] = torch.stack([torch.cat([f, f[-1:].expand(longest - f.shape[0], -1)]) for f in feats])
+            self.model.encoder.set_context(**{name: seq.to(device) for name, seq in streams.items()})
+        if self.decoder_names:
+            self.model.decoder.set_context(**{
+                name: torch.cat([self.extractors[name](e.target_language) for e in examples]).to(device)
+                for name in self.decoder_names})
