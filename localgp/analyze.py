@@ -118,7 +118,7 @@ def masks_from_checkpoint(checkpoint: str | Path, audio: str | Path, language: s
     # arbitrary file's name could collide with.
     with tempfile.TemporaryDirectory() as cache:
         ContextFeeder(model, run.config.context_extractors, Path(cache), run.backbone.prompt_context)([example])
-    log_mel, masks = encoder_masks(model, torch.from_numpy(speech))
+    log_mel, masks = run.backbone.encoder_masks(model, torch.from_numpy(speech))
     kept = np.mean([m.mean() for m in masks.values()])  # over every gated module and frame
     return mask_figure(log_mel, masks, out, title=f"{Path(audio).name} ({language}): log-mel and temporal masks, "
                                                   f"{100 * kept:.0f}% kept (dark = kept)")

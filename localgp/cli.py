@@ -171,10 +171,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"demo: --steps must be at least 1, got {args.steps}")
-    if args.minutes <= 0:
+    if args.minutes is not None and not args.minutes > 0:
         raise SystemExit(f"demo: --minutes must be positive, got {args.minutes}")
-    run_demo(out=args.out, data=args.data, steps=args.steps, minutes=args.minutes, device=args.device,
-             beam=args.beam, batch=args.batch, limit=args.limit)
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"demo: --limit must be at least 1, got {args.limit}")
+    run_demo(out=args.out, data=args.data, backbone=args.backbone, steps=args.steps, minutes=args.minutes,
+             device=args.device, beam=args.beam, batch=args.batch, limit=args.limit,
+             rows=tuple(r for r in args.rows.split(",") if r), targets=args.targets, whisper_dir=args.weights)
     return 0
 
 
@@ -333,11 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--limit", type=int, help="decode only the first N examples")
     decode.set_defaults(func=cmd_decode)
 
-    demo = sub.add_parser("demo", help="the main job: prepare the demo corpus, train, decode, report")
-    demo.add_argument("--out", default="out/demo", help="run, decoded records, report.json/.md, masks.png")
+    demo = sub.add_parser("demo", help="the main job: prepare weights and corpus, train the gates, decode, report")
+    demo.add_argument("--backbone", choices=["whisper-base", "owsm"], default="whisper-base",
+                      help="whisper-base: real pretrained weights, gates trained on the frozen model; "
+                           "owsm: a tiny OWSM-architecture model trained from scratch")
+    demo.add_argument("--out", default="out/demo", help="runs, decoded records, report.json/.md, masks.png")
     demo.add_argument("--data", default="data/demo", help="the demo corpus (prepared here when missing)")
-    demo.add_argument("--steps", type=int, help="training steps (default: as many as --minutes allow)")
-    demo.add_argument("--minutes", type=float, default=8.0, help="training time when --steps is not given")
+    demo.add_argument("--rows", default="localgp+speaker",
+                      help="whisper-base: comma list of gated rows: localgp+speaker, localgp, globalgp")
+    demo.add_argument("--targets", type=lambda t: tuple(keep_ratio(v) for v in t.split(",")), default=(0.5,),
+                      help="whisper-base: comma list of sparsity targets, a run per row and target")
+    demo.add_argument("--weights", help="whisper-base: `localgp prepare whisper`'s directory (default: its own)")
+    demo.add_argument("--steps", type=int, help="training steps per run (default: as many as --minutes allow)")
+    demo.add_argument("--minutes", type=float, help="training time per run when --steps is not given "
+                                                    "(default: whisper-base 4, owsm 8)")
     demo.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     demo.add_argument("--beam", type=int, default=5)
     demo.add_argument("--batch", type=int, default=8, help="utterances decoded together")

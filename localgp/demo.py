@@ -1,51 +1,194 @@
 """`localgp demo` (what `make demo` runs): the whole pipeline on the demo corpus.
 
-1. prepares the demo corpus (`localgp prepare demo`) unless its manifest exists;
-2. trains a small OWSM-architecture model with localGP gates (encoder per frame, decoder per
-   token) conditioned on the speech and a speaker embedding (resemblyzer, pretrained, offline),
-   for a bounded time or number of steps; a rerun resumes the run;
-3. decodes the test split (ASR and ST, beam search, compact execution, batches of utterances);
-4. scores it (report.md / report.json: WER per language, BLEU per pair, encoder GFLOPs,
-   sparsity per module, seconds per utterance), draws the temporal masks of a test utterance
-   and runs the word-start test on the decoder's src-attention decisions.
+Whisper base (the default, `--backbone whisper-base`): real pretrained weights on real speech.
+1. prepares the weights (`localgp prepare whisper`) and the demo corpus (`localgp prepare demo`)
+   unless they are there;
+2. decodes the test split with the plain model (the dense, zero-shot row);
+3. for each gated row (localGP + speaker, localGP on the speech alone, globalGP) and sparsity
+   target: trains the gates of the frozen model for a bounded time, with distillation from the
+   dense model, then decodes the test split in compact execution;
+4. writes one table (report.md, report.json `rows`): WER per language, BLEU per pair, executed
+   encoder and decoder GFLOPs, sparsity (all frames / speech frames), seconds per utterance in
+   compact execution and in dense execution on the same batches (the dense row's), and the mask
+   figure of a test utterance; the word-start test on the decoder's src-attention decisions.
+A rerun resumes: finished training runs and decoded records are reused.
+
+OWSM (`--backbone owsm`): trains a tiny OWSM-architecture model from scratch (it recognises
+nothing in minutes; the pipeline, not the quality).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
-# The gates of the demo model: localGP on the speech ("front") and a speaker embedding.
-DEMO_GATES = {"encoder": "temporal", "decoder": "token", "contexts": [["front", 0], ["speaker", 256]]}
+# ------------------------------------------------------------------ Whisper base
+SPEAKER = {"speaker": {"kind": "resemblyzer"}}  # pretrained GE2E, offline, 256 values
 
 
-def demo_config(out: Path, manifest: Path, steps: int | None, minutes: float, device: str):
+@dataclass(frozen=True)
+class Row:
+    model: str  # report.json's row name
+    label: str  # the table's
+    gates: dict  # GateConfig fields
+    context_extractors: dict
+
+
+ROWS = {
+    "localgp+speaker": Row("localgp+speaker", "localGP + speaker",
+                           {"encoder": "temporal", "decoder": "token", "contexts": [["front", 0], ["speaker", 256]]},
+                           SPEAKER),
+    "localgp": Row("localgp", "localGP (speech only)", {"encoder": "temporal", "decoder": "token"}, {}),
+    "globalgp": Row("globalgp", "globalGP", {"predictor": "global", "encoder": "utterance", "decoder": "utterance"}, {}),
+}
+
+
+def whisper_config(out: Path, manifest: Path, row: Row, target: float, minutes: float, steps: int | None,
+                   device: str, whisper_dir: str | None):
+    from localgp.runs import TrainConfig
+
+    return TrainConfig(
+        out_dir=str(out / "run"), backbone="whisper-base", whisper_dir=whisper_dir,
+        data={"kind": "manifest", "path": str(manifest), "split": "train"}, gates=row.gates,
+        context_extractors=row.context_extractors, tasks=("asr", "st"), freeze_backbone=True,
+        batch_size=4, lr=2e-2, warmup_steps=2, max_steps=steps if steps is not None else 1_000_000,
+        max_minutes=None if steps is not None else minutes, target_sparsity=target, sparsity_weight=1.0,
+        distill_weight=1.0, seed=0, device=device, log_every=1, save_every=5)
+
+
+def table_row(row: Row | None, target: float | None, report: dict, dense: dict | None, training: dict | None) -> dict:
+    """One object of report.json's `rows` from a decode's score() report."""
+    sparsity = dict(report.get("sparsity", {}))
+    sparsity["all_frames"] = report.get("encoder_sparsity")
+    sparsity["speech_frames"] = report.get("encoder_speech_sparsity")
+    return {
+        "model": "dense" if row is None else row.model,
+        "label": "dense (zero-shot)" if row is None else row.label,
+        "target": target,
+        "execution": "dense" if row is None else "compact",
+        "wer": report["wer"], "bleu": report["bleu"],
+        "encoder_gflops": report["encoder_gflops"], "decoder_gflops": report.get("decoder_gflops"),
+        "sparsity": sparsity,
+        "seconds_per_utterance": report["seconds_per_utterance"],
+        "encoder_seconds_per_utterance": report.get("encoder_seconds_per_utterance"),
+        # dense execution on the same batches: the plain model's decode of the same examples
+        "dense_seconds_per_utterance": (dense or report)["seconds_per_utterance"],
+        "dense_encoder_seconds_per_utterance": (dense or report).get("encoder_seconds_per_utterance"),
+        "utterances": report["utterances"],
+        "training": training,
+    }
+
+
+def rows_markdown(rows: list[dict]) -> str:
+    """The demo's table: one line per model and target."""
+    languages = sorted({k for r in rows for k in r["wer"] if k != "average"})
+    pairs = sorted({k for r in rows for k in r["bleu"] if k != "average"})
+    head = ["model", "target", *(f"WER {k}" for k in languages), "WER avg", *(f"BLEU {p}" for p in pairs), "BLEU avg",
+            "GFLOPs enc", "GFLOPs dec", "skipped all / speech frames", "s/utt compact", "s/utt dense",
+            "enc s/utt compact", "enc s/utt dense", "training"]
+    num = lambda v, spec=".1f": "-" if v is None else format(v, spec)  # noqa: E731
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        s = r["sparsity"]
+        frames = "-" if s.get("all_frames") is None else f"{s['all_frames']:.2f} / {num(s.get('speech_frames'), '.2f')}"
+        training = "-" if not r["training"] else f"{r['training']['steps']} steps, {r['training']['minutes']:.1f} min"
+        compact = r["seconds_per_utterance"] if r["execution"] == "compact" else None
+        compact_enc = r["encoder_seconds_per_utterance"] if r["execution"] == "compact" else None
+        lines.append("| " + " | ".join([
+            r["label"], num(r["target"], ".1f"), *(num(r["wer"].get(k)) for k in languages), num(r["wer"].get("average")),
+            *(num(r["bleu"].get(p)) for p in pairs), num(r["bleu"].get("average")), num(r["encoder_gflops"], ".2f"),
+            num(r["decoder_gflops"], ".2f"), frames, num(compact, ".3f"), num(r["dense_seconds_per_utterance"], ".3f"),
+            num(compact_enc, ".3f"), num(r["dense_encoder_seconds_per_utterance"], ".3f"), training]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_whisper_demo(out: Path, data: Path, rows=("localgp+speaker",), targets=(0.5,), minutes: float = 4.0,
+                     steps: int | None = None, device: str = "cpu", beam: int = 5, batch: int = 8,
+                     limit: int | None = None, whisper_dir: str | None = None) -> dict:
+    from localgp import analyze
+    from localgp.data.demo_corpus import load_manifest, prepare_demo
+    from localgp.decoding.whisper import WhisperDecodeOptions
+    from localgp.evaluate import finite_report, score, write_report
+    from localgp.model.whisper_weights import prepare_whisper
+    from localgp.train import Trainer
+    from localgp.transcribe import decode_run
+
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"demo: unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    weights = prepare_whisper(whisper_dir, log=log.info)
+    manifest = data / "manifest.jsonl"
+    if not manifest.is_file():
+        log.info("demo: preparing the demo corpus in %s", data)
+        prepare_demo(data)
+    options = WhisperDecodeOptions(beam_size=beam, execution="compact")
+    log.info("demo: the dense row (the plain pretrained model)")
+    dense_records = decode_run(None, out / "dense" / "decoded.jsonl", model="whisper-base", data=str(manifest),
+                               whisper_dir=str(weights), options=options, batch_size=batch, device=device, limit=limit)
+    dense = score(dense_records)
+    table = [table_row(None, None, dense, None, None)]
+    main = None
+    for name in rows:
+        for target in targets:
+            row = ROWS[name]
+            folder = out / f"{name}-{target:g}"
+            config = whisper_config(folder, manifest, row, target, minutes, steps, device, str(weights))
+            log.info("demo: training %s, target sparsity %g", row.label, target)
+            started = time.monotonic()
+            last = Trainer(config).train()
+            training = {"steps": last.get("step"), "minutes": (time.monotonic() - started) / 60,
+                        "sparsity": last.get("sparsity"), "loss": last.get("loss")}
+            records = decode_run(config.out_dir, folder / "decoded.jsonl", options=options, batch_size=batch,
+                                 device=device, limit=limit)
+            report = score(records)
+            table.append(table_row(row, target, report, dense, training))
+            if main is None:
+                main = (config, report, records)
+    report = dict(main[1]) if main else dict(dense)
+    report["rows"] = table
+    if main:
+        config, _, records = main
+        test = load_manifest(manifest)["test"][0]
+        try:
+            report["mask_figure"] = str(analyze.masks_from_checkpoint(config.out_dir, test.audio, test.language,
+                                                                      out / "masks.png"))
+        except ValueError as err:  # e.g. an encoder gated per utterance has no temporal masks
+            report["mask_figure"] = {"skipped": str(err)}
+        try:
+            report["word_start"] = analyze.word_start_from_records(records)
+        except ValueError as err:  # too few tokens of a kind in a short decode
+            report["word_start"] = {"skipped": str(err)}
+    text = rows_markdown(table)
+    write_report(finite_report(report), out, "demo")
+    (out / "report.md").write_text("# localgp demo: Whisper base on the demo corpus's test split\n\n" + text)
+    print(text, end="")
+    return report
+
+
+# ------------------------------------------------------------------ OWSM (tiny, from scratch)
+OWSM_GATES = {"encoder": "temporal", "decoder": "token", "contexts": [["front", 0], ["speaker", 256]]}
+
+
+def owsm_config(out: Path, manifest: Path, steps: int | None, minutes: float, device: str):
     from localgp.runs import TrainConfig
 
     return TrainConfig(
         out_dir=str(out / "run"), data={"kind": "manifest", "path": str(manifest), "split": "train"},
-        preset="tiny", gates=DEMO_GATES, context_extractors={"speaker": {"kind": "resemblyzer"}},
+        preset="tiny", gates=OWSM_GATES, context_extractors=SPEAKER,
         tasks=("asr", "st"), vocab_size=400, batch_size=8, lr=2e-3, warmup_steps=200,
         max_steps=steps if steps is not None else 1_000_000, max_minutes=None if steps is not None else minutes,
         target_sparsity=0.3, seed=0, device=device, log_every=20, save_every=100)
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"demo: --device {device}: torch {torch.__version__} sees no CUDA GPU")
-    return device
-
-
-def run_demo(out: str | Path = "out/demo", data: str | Path = "data/demo", steps: int | None = None,
-             minutes: float = 8.0, device: str = "auto", beam: int = 5, batch: int = 8,
-             limit: int | None = None) -> dict:
+def run_owsm_demo(out: Path, data: Path, steps: int | None = None, minutes: float = 8.0, device: str = "cpu",
+                  beam: int = 5, batch: int = 8, limit: int | None = None) -> dict:
     from localgp import analyze
     from localgp.data.demo_corpus import load_manifest, prepare_demo
     from localgp.decoding import DecodeOptions
@@ -53,13 +196,11 @@ def run_demo(out: str | Path = "out/demo", data: str | Path = "data/demo", steps
     from localgp.train import Trainer
     from localgp.transcribe import decode_run
 
-    out, data = Path(out), Path(data)
-    device = resolve_device(device)
     manifest = data / "manifest.jsonl"
     if not manifest.is_file():
         log.info("demo: preparing the demo corpus in %s", data)
         prepare_demo(data)
-    config = demo_config(out, manifest, steps, minutes, device)
+    config = owsm_config(out, manifest, steps, minutes, device)
     last = Trainer(config).train()
     log.info("demo: training ended at step %s (loss %.3f)", last.get("step"), last.get("loss", float("nan")))
     records = decode_run(config.out_dir, out / "decoded.jsonl", split="test", options=DecodeOptions(beam_size=beam),
@@ -77,3 +218,25 @@ def run_demo(out: str | Path = "out/demo", data: str | Path = "data/demo", steps
     print(markdown_table(report, "localGP + speaker (demo)"), end="")
     print(json.dumps({"word_start": report["word_start"], "mask_figure": report["mask_figure"]}, indent=2))
     return report
+
+
+# ------------------------------------------------------------------ entry
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"demo: --device {device}: torch {torch.__version__} sees no CUDA GPU")
+    return device
+
+
+def run_demo(out: str | Path = "out/demo", data: str | Path = "data/demo", backbone: str = "whisper-base",
+             steps: int | None = None, minutes: float | None = None, device: str = "auto", beam: int = 5,
+             batch: int = 8, limit: int | None = None, rows=("localgp+speaker",), targets=(0.5,),
+             whisper_dir: str | None = None) -> dict:
+    out, data, device = Path(out), Path(data), resolve_device(device)
+    if backbone == "owsm":
+        return run_owsm_demo(out, data, steps, 8.0 if minutes is None else minutes, device, beam, batch, limit)
+    if backbone != "whisper-base":
+        raise ValueError(f"demo: --backbone must be whisper-base or owsm, got {backbone!r}")
+    return run_whisper_demo(out, data, rows, targets, 4.0 if minutes is None else minutes, steps, device, beam, batch,
+                            limit, whisper_dir)

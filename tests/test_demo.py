@@ -4,6 +4,7 @@ decodes the test split, and writes the report, the decoded records and the mask 
 import json
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from localgp.cli import main
@@ -30,8 +31,8 @@ def write_corpus(root):
 def test_demo_runs_end_to_end(tmp_path, capsys):
     write_corpus(tmp_path / "data")
     out = tmp_path / "out"
-    assert main(["demo", "--data", str(tmp_path / "data"), "--out", str(out), "--steps", "2", "--beam", "2",
-                 "--device", "cpu"]) == 0
+    assert main(["demo", "--backbone", "owsm", "--data", str(tmp_path / "data"), "--out", str(out), "--steps", "2",
+                 "--beam", "2", "--device", "cpu"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["wer"]) == {"en", "fr", "average"} and set(report["bleu"]) == {"en-fr", "fr-en", "average"}
     assert report["encoder_gflops"] > 0 and report["seconds_per_utterance"] > 0
@@ -40,3 +41,31 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (out / "masks.png").read_bytes()[:4] == b"\x89PNG"
     assert "WER en" in (out / "report.md").read_text()
     assert "WER" in capsys.readouterr().out
+
+
+def test_whisper_demo_table(tmp_path, whisper_base, capsys):
+    """The default demo on Whisper base: the dense row and one gated row (1 training step), the
+    table's rows in report.json, the mask figure over Whisper's window; a rerun reuses it all."""
+    write_corpus(tmp_path / "data")
+    out = tmp_path / "out"
+    args = ["demo", "--data", str(tmp_path / "data"), "--out", str(out), "--steps", "1", "--beam", "2", "--device",
+            "cpu", "--weights", str(whisper_base), "--rows", "localgp+speaker", "--targets", "0.5"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    dense, gated = report["rows"]
+    assert (dense["model"], dense["execution"], dense["target"]) == ("dense", "dense", None)
+    assert (gated["model"], gated["execution"], gated["target"]) == ("localgp+speaker", "compact", 0.5)
+    for row in (dense, gated):
+        assert set(row["wer"]) == {"en", "fr", "average"} and set(row["bleu"]) == {"fr-en", "average"}
+        assert row["encoder_gflops"] > 0 and row["decoder_gflops"] > 0 and row["seconds_per_utterance"] > 0
+        assert row["dense_seconds_per_utterance"] == dense["seconds_per_utterance"]
+    assert dense["encoder_gflops"] == pytest.approx(43.73376)
+    assert gated["training"]["steps"] == 1 and 0 <= gated["sparsity"]["all_frames"] <= 1
+    assert {"encoder.attn", "encoder.mlp", "decoder.src_attn", "speech_frames"} <= set(gated["sparsity"])
+    assert (out / "masks.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "report.md").read_text()
+    assert "dense (zero-shot)" in table and "localGP + speaker" in table
+    first = capsys.readouterr().out
+    assert main(args) == 0  # resumes: nothing to train or decode again
+    assert json.loads((out / "report.json").read_text())["rows"][1]["wer"] == gated["wer"]
+    assert "dense (zero-shot)" in first

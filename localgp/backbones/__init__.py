@@ -76,6 +76,13 @@ class Backbone(abc.ABC):
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
         """The training forward pass of `model` on a collated batch."""
 
+    # ---------------------------------------------------------------- analysis
+    @abc.abstractmethod
+    def encoder_masks(self, model: nn.Module, speech: Tensor):
+        """The model's encoder on one utterance (speech (samples,) 16 kHz; contexts set), masked
+        execution, inference decisions: (log-mel (T_in, mels) as the model saw it, on a 10 ms
+        hop; 'encoder.<layer>.<module>' -> (T_enc,) keep masks spanning the same time)."""
+
     # ---------------------------------------------------------------- decoding
     @abc.abstractmethod
     def decode_options(self, options=None):

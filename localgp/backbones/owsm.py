@@ -89,6 +89,11 @@ class OwsmBackbone(Backbone):
         positions = torch.arange(logits.shape[1], device=logits.device)
         return StepOutput(loss, logits, positions[None] < (batch["text_lengths"] + 1)[:, None])
 
+    def encoder_masks(self, model, speech):
+        from localgp.analyze import encoder_masks
+
+        return encoder_masks(model, speech)
+
     def decode_options(self, options=None) -> DecodeOptions:
         if options is None:
             return DecodeOptions()

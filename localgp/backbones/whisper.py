@@ -21,6 +21,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -141,6 +142,22 @@ class WhisperBaseBackbone(Backbone):
         return StepOutput(loss, logits, targets)
 
     # ---------------------------------------------------------------- decoding
+    def encoder_masks(self, model, speech):
+        """Over the whole 30 s window Whisper computes (the masks of its padding included)."""
+        from localgp.model.convert import set_execution
+
+        pruning = getattr(model.encoder, "pruning", None)
+        if pruning is None or pruning.config.encoder != "temporal":
+            raise ValueError("encoder_masks: the mask figure needs an encoder gated per frame (gates.encoder: "
+                             f"temporal), this one is gated {pruning.config.encoder if pruning else 'not at all'}")
+        mel = self.mel([np.asarray(speech, dtype=np.float32)])
+        set_execution(model, "masked")
+        model.eval()
+        with torch.no_grad():
+            model.encoder(mel.to(next(model.parameters()).device))
+        masks = {name: mask[0].float().cpu().numpy() for name, mask in model.encoder.last_record.masks.items()}
+        return mel[0].T.numpy(), masks
+
     def decode_options(self, options=None) -> WhisperDecodeOptions:
         if options is None:
             return WhisperDecodeOptions()
