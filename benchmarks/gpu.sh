@@ -14,6 +14,8 @@
 # 5. `localgp profile` of the medium encoder, batch 8, keep 1.0 and 0.5 -> OUTDIR/profile/, and of the
 #    medium decode, batch 32 -> OUTDIR/profile_decode/ (profile.txt/json, profile_<mode>.png, traces),
 #    and benchmarks/decode_modules.py there (which modules skipping saves on, and the best step);
+#    Whisper base's encoder (its shapes, random weights, noise clips: the weights are not carried)
+#    at batch 1 and 8 beside openai-whisper's own, and its profile -> OUTDIR/profile_whisper/;
 # 6. OUTDIR/results.md: every row in one Markdown table, headed by date, device and revision
 #    (for benchmarks/RESULTS.md); OUTDIR/log.txt: everything printed.
 #
@@ -102,7 +104,7 @@ fi
 # ---- 2. the op library with CUDA kernels, against this machine's torch
 step "build (LOCALGP_CUDA=1)" 300 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . \
   || fatal "the CUDA build failed"
-"$PY" -c 'import espnet2.tasks.s2t, localgp.bench, localgp.ops as o, sys; sys.exit(0 if o.has_cuda_kernels() else 1)' \
+"$PY" -c 'import espnet2.tasks.s2t, whisper, localgp.bench, localgp.ops as o, sys; sys.exit(0 if o.has_cuda_kernels() else 1)' \
   2>&1 | grep -v -e '^\[nltk_data\]' -e 'Flash Attention' | tee -a "$LOG"
 ((PIPESTATUS[0] == 0)) || fatal "localgp (with its CUDA kernels) or ESPnet does not import"
 
@@ -131,6 +133,16 @@ step "profile decode medium b32" 120 "$PY" -m localgp profile --part decode --pr
   --device cuda --keep 0.5 --tokens 50 --out "$OUT/profile_decode"
 step "decode modules medium b32" 90 "$PY" benchmarks/decode_modules.py --preset medium --batch 32 --dtype bfloat16 \
   --device cuda --tokens 30 --keep 0.5 --repeats 30 --json "$OUT/profile_decode/modules.json"
+# Whisper base: its weights (300 MB) cannot be carried (64 MiB), so base's shapes with random
+# weights on noise clips: encoder timing, beside openai-whisper's own encoder on the same weights.
+for batch in 1 8; do
+  step "bench_encoder_whisper-base_b$batch" 240 "$PY" -m localgp bench --backbone whisper-base --weights random \
+    --audio noise --seconds 5 --part encoder --batch "$batch" --dtype bfloat16 --device cuda --keep 1.0,0.7,0.5,0.3 \
+    --json "$OUT/bench_encoder_whisper-base_b$batch.json" --csv "$OUT/bench_encoder_whisper-base_b$batch.csv"
+done
+step "profile encoder whisper-base b8" 120 "$PY" -m localgp profile --backbone whisper-base --weights random \
+  --audio noise --seconds 5 --part encoder --batch 8 --dtype bfloat16 --device cuda --keep 1.0,0.5 \
+  --out "$OUT/profile_whisper"
 
 # ---- 6. one table
 "$PY" - "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"

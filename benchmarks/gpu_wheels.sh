@@ -26,10 +26,11 @@ NAMES=(
   hydra-core omegaconf antlr4-python3-runtime
   librosa soundfile cffi pycparser pooch platformdirs decorator
   g2p-en nltk inflect jaconv jamo Unidecode defusedxml
+  openai-whisper tiktoken more-itertools regex  # the Whisper backbone (its weights stay behind: random there)
   setuptools  # gpu.sh installs it only where the image's is older than pyproject.toml needs (77.0.3)
 )
 # Published as a source distribution only: built here (pure Python, a py3-none-any wheel).
-SDIST_ONLY=(antlr4-python3-runtime)
+SDIST_ONLY=(antlr4-python3-runtime openai-whisper)
 
 log() { printf '[gpu_wheels] %s\n' "$*" >&2; }
 die() { printf '[gpu_wheels] ERROR: %s\n' "$*" >&2; exit 1; }

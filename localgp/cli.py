@@ -386,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="layer: one encoder layer; encoder; decoder-step; decode: a full beam search "
                             "(whisper-base: encoder, decode)")
         p.add_argument("--audio", help="whisper-base: the clips, a demo-corpus manifest (its test split), a "
-                                       "directory or a file (default data/demo/manifest.jsonl)")
-        p.add_argument("--weights", help="whisper-base: the directory `localgp prepare whisper` wrote (default: its own)")
+                                       "directory, a file, or noise (default data/demo/manifest.jsonl)")
+        p.add_argument("--weights", help="whisper-base: the directory `localgp prepare whisper` wrote (default: its "
+                                         "own), or random (base's shapes: timing only)")
         p.add_argument("--preset", choices=sorted(PRESETS), help="model size, random weights (default medium)")
         p.add_argument("--checkpoint", help="a `localgp train` out_dir: its model and trained gates decide the masks")
         p.add_argument("--batch", type=int, default=1, help="utterances per call")

@@ -80,9 +80,12 @@ class Setting:
     granularity: str = "temporal"  # encoder gates: temporal (FFN1/attention/FFN2 per frame) or utterance
     seed: int = 0  # weights, inputs and forced masks
     backbone: str = "owsm"  # owsm (random weights of `preset`) or whisper-base (real weights, real clips)
-    # whisper-base: the clips, a demo-corpus manifest (its test split), a directory or one audio file
+    # whisper-base: the clips, a demo-corpus manifest (its test split), a directory or one audio
+    # file, or "noise" (`seconds` of it per clip)
     audio: str | None = None
-    weights: str | None = None  # whisper-base: `localgp prepare whisper`'s directory (None: its default)
+    # whisper-base: `localgp prepare whisper`'s directory (None: its default), or "random" (base's
+    # shapes, random weights: timing where the weights cannot be had)
+    weights: str | None = None
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device)

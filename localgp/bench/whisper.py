@@ -32,6 +32,8 @@ from localgp.bench.core import FASTER_WHISPER, BenchError, Case, Setting, kept_s
 from localgp.model.config import GateConfig
 
 PROVIDERS = ("openai-whisper", *FASTER_WHISPER, "dense", "masked", "compact")
+BASE_DIMS = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8, n_audio_layer=6, n_vocab=51865,
+                 n_text_ctx=448, n_text_state=512, n_text_head=8, n_text_layer=6)
 DEFAULT_AUDIO = "data/demo/manifest.jsonl"
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".g722")
 
@@ -45,9 +47,15 @@ class Clips:
 
 def load_clips(setting: Setting) -> Clips:
     """`batch` clips of --audio: a demo-corpus manifest's test split (its languages known), a
-    directory of audio files or one file (languages detected)."""
+    directory of audio files or one file (languages detected), or "noise": `seconds` of quiet
+    noise per clip, English (machines without the corpus: a GPU run's encoder timing)."""
     from localgp.data.audio import load_audio
 
+    if setting.audio == "noise":
+        gen = np.random.default_rng(setting.seed)
+        samples = int(min(setting.seconds, 30) * 16000)
+        return Clips([0.01 * gen.standard_normal(samples).astype(np.float32) for _ in range(setting.batch)],
+                     ["en"] * setting.batch, "noise")
     path = Path(setting.audio or DEFAULT_AUDIO)
     if not path.exists():
         hint = " (localgp prepare demo builds data/demo)" if setting.audio is None else ""
@@ -86,11 +94,17 @@ class WhisperModels:
 
         if setting.checkpoint:
             raise BenchError("--checkpoint: trained Whisper runs are not benchmarked yet; use forced masks (--keep)")
-        self.weights = Path(setting.weights) if setting.weights else default_whisper_dir()
-        try:
-            model = load_whisper(self.weights)
-        except FileNotFoundError as err:
-            raise BenchError(f"--backbone whisper-base: {err}") from None
+        self.weights = None if setting.weights == "random" else Path(setting.weights or default_whisper_dir())
+        if self.weights is None:  # base's shapes, random weights (machines without them: timing only)
+            from whisper.model import ModelDimensions, Whisper
+
+            torch.manual_seed(setting.seed)
+            model = Whisper(ModelDimensions(**BASE_DIMS))
+        else:
+            try:
+                model = load_whisper(self.weights)
+            except FileNotFoundError as err:
+                raise BenchError(f"--backbone whisper-base: {err}") from None
         decoder = "token" if setting.granularity == "temporal" else "utterance"
         gate_whisper(model, GateConfig(encoder=setting.granularity, decoder=decoder))
         self.masks = "random"
@@ -105,6 +119,8 @@ class WhisperModels:
         """faster-whisper's WhisperModel of the original model.bin at the provider's compute type."""
         if self.setting.torch_device().type != "cpu":
             raise BenchError(f"--providers {provider}: compared on the CPU only here")
+        if self.weights is None:
+            raise BenchError(f"--providers {provider}: runs the original weights; not with --weights random")
         if provider not in self._ct2:
             from faster_whisper import WhisperModel
 
