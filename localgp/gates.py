@@ -114,10 +114,12 @@ class LocalGatePredictor(nn.Module):
     Cross-attention with a residual gives h; a linear layer turns h into two-class logits for
     each of the layer's gated modules. The attention result is added to the layer input
     (through `inject`, zero-initialised so that a freshly gated model computes exactly what
-    the original did) and to the context handed to the next layer.
+    the original did) and to the context handed to the next layer. inject=False leaves the
+    layer input alone: the gates only decide (gates trained on a frozen pretrained model, whose
+    computation a trained injection would change).
     """
 
-    def __init__(self, d_model: int, num_modules: int, heads: int = 4):
+    def __init__(self, d_model: int, num_modules: int, heads: int = 4, inject: bool = True):
         super().__init__()
         self.num_modules = num_modules
         self.norm = nn.LayerNorm(d_model)
@@ -127,9 +129,10 @@ class LocalGatePredictor(nn.Module):
         # gradients (un-normalised layer inputs saturate it within a few steps).
         self.logits_norm = nn.LayerNorm(d_model)
         self.to_logits = nn.Linear(d_model, 2 * num_modules)
-        self.inject = nn.Linear(d_model, d_model)
-        nn.init.zeros_(self.inject.weight)
-        nn.init.zeros_(self.inject.bias)
+        self.inject = nn.Linear(d_model, d_model) if inject else None
+        if inject:
+            nn.init.zeros_(self.inject.weight)
+            nn.init.zeros_(self.inject.bias)
         # Start by keeping everything: the keep logit leads by 3 (p_keep ~ 0.95).
         nn.init.zeros_(self.to_logits.weight)
         with torch.no_grad():
@@ -148,7 +151,10 @@ class LocalGatePredictor(nn.Module):
         logits = self.to_logits(self.logits_norm(h)).view(*x.shape[:2], self.num_modules, 2)
         if Tc == x.shape[1]:  # aligned to the frames: add the result to every context stream
             context = context + attended[:, None]
-        return logits, x + self.inject(attended), context
+        return logits, self._injected(x, attended), context
+
+    def _injected(self, x: Tensor, attended: Tensor) -> Tensor:
+        return x if self.inject is None else x + self.inject(attended)
 
     # Incremental decoding: the context's keys and values once per utterance, then one query
     # per hypothesis and step. Computes what forward() computes for that token.
@@ -173,7 +179,7 @@ class LocalGatePredictor(nn.Module):
         q = nn.functional.linear(self.norm(x), w_q, b_q).unflatten(-1, (self.attention.num_heads, -1))
         attended = self.attention.out_proj(memory_attention(q, *projected, rows_of_utterance).flatten(-2))
         logits = self.to_logits(self.logits_norm(x + attended)).view(x.shape[0], self.num_modules, 2)
-        return logits, x + self.inject(attended)
+        return logits, self._injected(x, attended)
 
 
 class GlobalGatePredictor(nn.Module):

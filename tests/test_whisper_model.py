@@ -207,3 +207,21 @@ def test_executed_whisper_macs_follow_the_masks():
                                                           for i in range(2)] for m in ("attn", "mlp")})["total"]
                    for b in range(2))
     assert compact["total"] == expected < 2 * flops.whisper_encoder_macs(shape)["total"]
+
+
+@pytest.mark.parametrize("inject", [True, False])
+def test_without_injection_trained_predictors_leave_the_model_alone(inject):
+    """inject=False: whatever the predictors learned, a frame every gate keeps is computed as
+    the plain model computes it (gates trained on a frozen pretrained model)."""
+    plain = tiny_whisper()
+    config = GateConfig(encoder="temporal", decoder="token", inject=inject)
+    gated = gate_whisper(copy.deepcopy(plain), config)
+    with torch.no_grad():
+        for name, p in gated.named_parameters():
+            if ".pruning." in name and "to_logits" not in name:
+                p.add_(0.5 * torch.randn_like(p))  # "trained": every weight moved, the decisions still keep
+    mel, tokens = inputs()
+    with torch.no_grad():
+        same = torch.equal(gated.encoder(mel), plain.encoder(mel))
+    assert float(last_record(gated).sparsity()) == 0.0
+    assert same is (not inject)

@@ -35,6 +35,9 @@ class GateConfig:
     # Decoder context streams for localGP, utterance-level, e.g. (("lang2vec", 289),).
     decoder_contexts: tuple[tuple[str, int], ...] = ()
     heads: int = 4  # cross-attention heads of the localGP predictors
+    # localGP adds its attention result to the layer input (the paper); False: the predictors only
+    # decide, the model's own computation is untouched (gates trained on a frozen pretrained model).
+    inject: bool = True
     threshold: float = 0.5  # keep when softmax(logits)[keep] > threshold (inference)
     tau: float = 1.0  # Gumbel-softmax temperature (training)
 

@@ -42,7 +42,7 @@ class EncoderPruning(nn.Module):
         else:
             for name, size in config.contexts:
                 self.context_proj[name] = nn.Linear(d_model if name == "front" else size, d_model)
-            self.gates.extend(LocalGatePredictor(d_model, len(modules), config.heads) for _ in range(num_layers))
+            self.gates.extend(LocalGatePredictor(d_model, len(modules), config.heads, config.inject) for _ in range(num_layers))
 
 
 class DecoderPruning(nn.Module):
@@ -59,7 +59,7 @@ class DecoderPruning(nn.Module):
         self.context_proj = nn.ModuleDict({name: nn.Linear(size, d_model) for name, size in config.decoder_contexts})
         self.gates = nn.ModuleList()
         if config.predictor == "local":
-            self.gates.extend(LocalGatePredictor(d_model, len(modules), config.heads) for _ in range(num_layers))
+            self.gates.extend(LocalGatePredictor(d_model, len(modules), config.heads, config.inject) for _ in range(num_layers))
 
 
 def _init_switches(part: nn.Module) -> None:
