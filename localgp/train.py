@@ -176,14 +176,16 @@ class Trainer:
                 self.optimizer.zero_grad()
                 total.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.grad_clip)
-                if torch.isfinite(grad_norm):
+                finite = bool(torch.isfinite(grad_norm))
+                if finite:
                     self.optimizer.step()
                 else:
                     log.warning("step %d: non-finite gradient norm, update skipped", self.step + 1)
                 self.step += 1
                 bar.update(1)
                 row = {"step": self.step, "loss": out.loss.item(), "total": total.item(), "sparsity": sparsity.item(),
-                       "lr": lr, "grad_norm": float(grad_norm), "seconds": time.monotonic() - step_started,
+                       "lr": lr, "grad_norm": float(grad_norm) if finite else None,  # None: the update was skipped
+                       "seconds": time.monotonic() - step_started,
                        "sparsity_per_module": last_record(self.model).sparsity_per_module()}
                 if distill is not None:
                     row["distill"] = distill.item()
