@@ -42,20 +42,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
         raise SystemExit(f"flops: {seconds} s is too short for the conv2d subsampling")
     dense = flops.encoder_macs(shape, frames)
     pruned = flops.keep_ratio_macs(shape, frames, args.keep, args.granularity)
-    report = {
-        "backbone": "owsm",
-        "preset": args.preset,
-        "seconds": seconds,
-        "input_frames": frames,
-        "encoder_frames": flops.subsampled_frames(frames),
-        "keep": args.keep,
-        "granularity": args.granularity,
-        "unit": "GMACs (the papers' GFLOPs)",
-        "encoder_gflops": pruned["total"] / 1e9,
-        "dense_encoder_gflops": dense["total"] / 1e9,
-        "modules": {m: pruned[m] / 1e9 for m in flops.MODULES},
-        "dense_modules": {m: dense[m] / 1e9 for m in flops.MODULES},
-    }
+    report = _flops_report({"backbone": "owsm", "preset": args.preset, "seconds": seconds, "input_frames": frames,
+                            "encoder_frames": flops.subsampled_frames(frames)}, args, flops.MODULES, dense, pruned)
     title = (f"{args.preset} encoder, {seconds:g} s ({frames} frames -> {report['encoder_frames']}), "
              f"keep {args.keep:g} ({args.granularity}); GMACs (the papers' GFLOPs)")
     return _print_flops(report, title, flops.MODULES, dense, pruned, args.json)
@@ -75,21 +63,17 @@ def _whisper_flops(args: argparse.Namespace) -> int:
     else:  # utterance-wise: the expectation over utterances keeping each module with probability keep
         pruned = {m: round(v * args.keep) if m in ("attn", "mlp") else v for m, v in dense.items() if m != "total"}
         pruned["total"] = sum(pruned.values())
-    report = {
-        "backbone": args.backbone,
-        "seconds": 30.0,
-        "encoder_frames": shape.frames,
-        "keep": args.keep,
-        "granularity": args.granularity,
-        "unit": "GMACs (the papers' GFLOPs)",
-        "encoder_gflops": pruned["total"] / 1e9,
-        "dense_encoder_gflops": dense["total"] / 1e9,
-        "modules": {m: pruned[m] / 1e9 for m in flops.WHISPER_MODULES},
-        "dense_modules": {m: dense[m] / 1e9 for m in flops.WHISPER_MODULES},
-    }
+    report = _flops_report({"backbone": args.backbone, "seconds": 30.0, "encoder_frames": shape.frames}, args,
+                           flops.WHISPER_MODULES, dense, pruned)
     title = (f"{args.backbone} encoder, its 30 s window ({shape.frames} frames), keep {args.keep:g} "
              f"({args.granularity}: attention and MLP); GMACs (the papers' GFLOPs)")
     return _print_flops(report, title, flops.WHISPER_MODULES, dense, pruned, args.json)
+
+
+def _flops_report(head: dict, args: argparse.Namespace, modules, dense: dict, pruned: dict) -> dict:
+    return {**head, "keep": args.keep, "granularity": args.granularity, "unit": "GMACs (the papers' GFLOPs)",
+            "encoder_gflops": pruned["total"] / 1e9, "dense_encoder_gflops": dense["total"] / 1e9,
+            "modules": {m: pruned[m] / 1e9 for m in modules}, "dense_modules": {m: dense[m] / 1e9 for m in modules}}
 
 
 def _print_flops(report: dict, title: str, modules, dense: dict, pruned: dict, as_json: bool) -> int:

@@ -225,3 +225,16 @@ def test_without_injection_trained_predictors_leave_the_model_alone(inject):
         same = torch.equal(gated.encoder(mel), plain.encoder(mel))
     assert float(last_record(gated).sparsity()) == 0.0
     assert same is (not inject)
+
+
+def test_flops_command_for_whisper(capsys):
+    import json
+
+    from localgp.cli import main
+
+    assert main(["flops", "--backbone", "whisper-base", "--keep", "0.5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dense_encoder_gflops"] == pytest.approx(43.73376)
+    assert report["encoder_gflops"] < 0.5 * report["dense_encoder_gflops"]  # attention is quadratic in kept frames
+    with pytest.raises(SystemExit, match="whole 30 s window"):
+        main(["flops", "--backbone", "whisper-base", "--seconds", "5"])

@@ -213,6 +213,20 @@ def kept_share(record) -> float | None:
     return 1.0 - float(record.sparsity()) if record is not None and record.masks else None
 
 
+def gated_encoder_case(encoder, provider: str, keep: float | None, seed: int, call, macs) -> Case:
+    """A gated encoder under `provider`'s execution: call() runs it (masks forced with `keep`, or
+    its gates), macs(record) counts what that pass executed."""
+    last = {}
+
+    def run():
+        prepare_encoder(encoder, provider, keep, seed)
+        out = call()
+        last["record"] = encoder.last_record
+        return out
+
+    return Case(run, lambda: macs(last["record"]) / 1e9, lambda: kept_share(last["record"]))
+
+
 
 # ---------------------------------------------------------------------------- timing
 

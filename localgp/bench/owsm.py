@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from localgp import flops
-from localgp.bench.core import GATES, BenchError, Case, Setting, kept_share, prepare_encoder
+from localgp.bench.core import GATES, BenchError, Case, Setting, gated_encoder_case, kept_share
 from localgp.gates import GateRecord, random_keep_logits
 from localgp.model import owsm
 from localgp.model.config import DENSE, ENCODER_MODULES, GateConfig
@@ -97,19 +97,10 @@ class EncoderWorkload:
     def case(self, provider: str, keep: float | None) -> Case:
         if provider == "espnet":
             return Case(lambda: self.models.espnet_encoder(self.feats, self.lengths), lambda: self.dense_gflops)
-        last = {}
-
-        def run():
-            prepare_encoder(self.encoder, provider, keep, self.setting.seed)
-            out = self.encoder(self.feats, self.lengths)
-            last["record"] = self.encoder.last_record
-            return out
-
-        def gflops():
-            macs = flops.executed_encoder_macs(self.encoder, self.lengths.tolist(), provider, last["record"])
-            return macs["total"] / 1e9
-
-        return Case(run, gflops, lambda: kept_share(last["record"]))
+        lengths = self.lengths.tolist()
+        return gated_encoder_case(
+            self.encoder, provider, keep, self.setting.seed, lambda: self.encoder(self.feats, self.lengths),
+            lambda record: flops.executed_encoder_macs(self.encoder, lengths, provider, record)["total"])
 
 
 class LayerWorkload:

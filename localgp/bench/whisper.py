@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from localgp import flops
-from localgp.bench.core import FASTER_WHISPER, BenchError, Case, Setting, kept_share, prepare_encoder
+from localgp.bench.core import (
+    FASTER_WHISPER, BenchError, Case, Setting, gated_encoder_case, kept_share, prepare_encoder,
+)
 from localgp.model.config import GateConfig
 
 PROVIDERS = ("openai-whisper", *FASTER_WHISPER, "dense", "masked", "compact")
@@ -166,19 +168,10 @@ class EncoderWorkload:
             ct2 = self.models.faster_whisper(provider).model
             features = ctranslate2.StorageView.from_array(np.ascontiguousarray(self.mel.float().cpu().numpy()))
             return Case(lambda: ct2.encode(features, to_cpu=True), lambda: self.dense_gflops)
-        last = {}
-
-        def run():
-            prepare_encoder(self.encoder, provider, keep, self.setting.seed)
-            out = self.encoder(self.mel)
-            last["record"] = self.encoder.last_record
-            return out
-
-        def gflops():
-            macs = flops.executed_whisper_encoder_macs(self.encoder, last["record"], provider, self.setting.batch)
-            return macs["total"] / 1e9
-
-        return Case(run, gflops, lambda: kept_share(last["record"]))
+        batch = self.setting.batch
+        return gated_encoder_case(
+            self.encoder, provider, keep, self.setting.seed, lambda: self.encoder(self.mel),
+            lambda record: flops.executed_whisper_encoder_macs(self.encoder, record, provider, batch)["total"])
 
 
 class DecodeWorkload:
