@@ -61,7 +61,8 @@ def whisper_config(out: Path, manifest: Path, row: Row, target: float, minutes: 
         out_dir=str(out / "run"), backbone="whisper-base", whisper_dir=whisper_dir,
         data={"kind": "manifest", "path": str(manifest), "split": "train"}, gates=row.gates,
         context_extractors=row.context_extractors, tasks=("asr", "st"), freeze_backbone=True,
-        batch_size=4, lr=2e-2, warmup_steps=2, max_steps=steps if steps is not None else 1_000_000,
+        batch_size=4, lr=1e-3, warmup_steps=2,  # 1e-2 diverged (NaN from step 5), configs/whisper_demo.yaml
+        max_steps=steps if steps is not None else 1_000_000,
         max_minutes=None if steps is not None else minutes, target_sparsity=target, sparsity_weight=1.0,
         distill_weight=1.0, seed=0, device=device, log_every=1, save_every=5)
 
