@@ -63,38 +63,6 @@ def word_start_test(pieces: list[str], keep_rates: list[float]) -> dict:
             "welch_t": {"statistic": float(t.statistic), "p_value": float(t.pvalue)}}
 
 
-def encoder_masks(model, speech) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Runs a gated S2T model's encoder on one utterance, speech (samples,) at 16 kHz, in masked
-    execution with the inference decisions; its contexts must be set. Returns the log-mel
-    spectrogram (T_in, mels) exactly as the model's own frontend computed it for this pass
-    (ESPnet's DefaultFrontend: log mel power, 10 ms hop, before global MVN), and
-    'encoder.<layer>.<module>' -> (T_enc,) keep masks (0/1) over the valid frames."""
-    import torch
-
-    from localgp.model.convert import set_execution
-
-    pruning = getattr(model.encoder, "pruning", None)
-    if pruning is None or pruning.config.encoder != "temporal":
-        raise ValueError("encoder_masks: the mask figure needs an encoder gated per frame (gates.encoder: temporal), "
-                         f"this one is gated {pruning.config.encoder if pruning else 'not at all'}")
-    if model.frontend is None:
-        raise ValueError("encoder_masks: the model has no frontend to compute the log-mel spectrogram")
-    speech = torch.as_tensor(speech, dtype=torch.float32)
-    captured = []  # the frontend's own output: the spectrogram the masks were computed on
-    hook = model.frontend.register_forward_hook(lambda _module, _inputs, out: captured.append(out[0]))
-    set_execution(model, "masked")
-    model.eval()
-    try:
-        with torch.no_grad():
-            _, lengths = model.encode(speech[None], torch.tensor([speech.shape[0]]))
-    finally:
-        hook.remove()
-    frames = int(lengths[0])
-    record = model.encoder.last_record
-    masks = {name: mask[0, :frames].float().numpy() for name, mask in record.masks.items()}
-    return captured[0][0].numpy(), masks
-
-
 def masks_from_checkpoint(checkpoint: str | Path, audio: str | Path, language: str, out: str | Path) -> Path:
     """The mask figure of one audio file (any format PyAV decodes, resampled to 16 kHz by
     load_audio) under the model `localgp train` left in `checkpoint`, its contexts computed by

@@ -76,6 +76,12 @@ class GateRecord:
         return {k: 1 - kept[k] / total[k] if total[k] else 0.0 for k in kept}
 
 
+def utterance_record(record: GateRecord, b: int) -> GateRecord:
+    """The masks of utterance b of a batch's record."""
+    return GateRecord({k: m[b : b + 1] for k, m in record.masks.items()},
+                      {k: v[b : b + 1] for k, v in record.valid.items()})
+
+
 def module_kind(name: str) -> str:
     """'encoder.3.ffn1' -> 'encoder.ffn1'."""
     parts = name.split(".")

@@ -8,34 +8,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from localgp.decoding import MODULES
+from localgp.data.examples import record_id
 from localgp.evaluate import Decoded, append_decoded, read_decoded
-from localgp.gates import GateRecord
 
 log = logging.getLogger(__name__)
-
-
-def record_id(example) -> str:
-    """One record per utterance and task: '<utterance id>:<target language>'."""
-    return f"{example.utterance.id}:{example.target_language}"
-
-
-def utterance_record(record: GateRecord, b: int) -> GateRecord:
-    """The masks of utterance b of a batch's record."""
-    return GateRecord({k: m[b : b + 1] for k, m in record.masks.items()},
-                      {k: v[b : b + 1] for k, v in record.valid.items()})
-
-
-def decoder_keep(hypothesis, primer_length: int) -> tuple[dict[str, float], list[float]]:
-    """Skipped share per decoder module over the hypothesis' fed positions, and for each output
-    token the share of layers that kept src-attention while predicting it (the position before)."""
-    keep = hypothesis.keep
-    if keep is None:
-        return {}, []
-    skipped = {f"decoder.{m}": 1 - float(keep[:, :, i].float().mean()) for i, m in enumerate(MODULES)}
-    src = keep[:, :, MODULES.index("src_attn")].float().mean(1)  # (positions,)
-    per_token = [float(src[primer_length - 1 + j]) for j in range(len(hypothesis.token_ids))]
-    return skipped, per_token
 
 
 def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "test", options=None,

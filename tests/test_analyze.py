@@ -100,7 +100,7 @@ def trained(tmp_path_factory):
 def test_encoder_masks_of_a_trained_model(trained):
     import torch
 
-    from localgp.analyze import encoder_masks
+    from localgp.backbones.owsm import encoder_masks
     from localgp.data.audio import load_audio
     from localgp.runs import load_trained
 
@@ -156,7 +156,7 @@ def test_analyze_masks_cli(trained, tmp_path):
 def test_encoder_masks_needs_temporal_gates():
     import torch
 
-    from localgp.analyze import encoder_masks
+    from localgp.backbones.owsm import encoder_masks
     from localgp.model import owsm
     from localgp.model.config import GateConfig
     from localgp.model.convert import gate_s2t_model

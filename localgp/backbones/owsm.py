@@ -7,15 +7,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from localgp import flops
 from localgp.backbones import Backbone, StepOutput, gate_config
+from localgp.data.examples import record_id
 from localgp.data.tokenizer import Tokenizer
 from localgp.decoding import BatchBeamSearch, DecodeOptions
 from localgp.evaluate import Decoded
-from localgp.gates import GateRecord
-from localgp.transcribe import decoder_keep, record_id, utterance_record
+from localgp.decoding.beam import decoder_keep
+from localgp.gates import GateRecord, utterance_record
 
 
 class OwsmBackbone(Backbone):
@@ -90,8 +92,6 @@ class OwsmBackbone(Backbone):
         return StepOutput(loss, logits, positions[None] < (batch["text_lengths"] + 1)[:, None])
 
     def encoder_masks(self, model, speech):
-        from localgp.analyze import encoder_masks
-
         return encoder_masks(model, speech)
 
     def decode_options(self, options=None) -> DecodeOptions:
@@ -161,3 +161,35 @@ class OwsmCorpusDecoder:
                 tokens=[tok.token_list[i] for i in ids] if src_keep else [], src_attn_keep=src_keep,
                 decoder_gflops=decoder_gflops, encoder_seconds=encoder_seconds, normalizer=OwsmBackbone.normalizer))
         return records
+
+
+def encoder_masks(model, speech) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Runs a gated S2T model's encoder on one utterance, speech (samples,) at 16 kHz, in masked
+    execution with the inference decisions; its contexts must be set. Returns the log-mel
+    spectrogram (T_in, mels) exactly as the model's own frontend computed it for this pass
+    (ESPnet's DefaultFrontend: log mel power, 10 ms hop, before global MVN), and
+    'encoder.<layer>.<module>' -> (T_enc,) keep masks (0/1) over the valid frames."""
+    import torch
+
+    from localgp.model.convert import set_execution
+
+    pruning = getattr(model.encoder, "pruning", None)
+    if pruning is None or pruning.config.encoder != "temporal":
+        raise ValueError("encoder_masks: the mask figure needs an encoder gated per frame (gates.encoder: temporal), "
+                         f"this one is gated {pruning.config.encoder if pruning else 'not at all'}")
+    if model.frontend is None:
+        raise ValueError("encoder_masks: the model has no frontend to compute the log-mel spectrogram")
+    speech = torch.as_tensor(speech, dtype=torch.float32)
+    captured = []  # the frontend's own output: the spectrogram the masks were computed on
+    hook = model.frontend.register_forward_hook(lambda _module, _inputs, out: captured.append(out[0]))
+    set_execution(model, "masked")
+    model.eval()
+    try:
+        with torch.no_grad():
+            _, lengths = model.encode(speech[None], torch.tensor([speech.shape[0]]))
+    finally:
+        hook.remove()
+    frames = int(lengths[0])
+    record = model.encoder.last_record
+    masks = {name: mask[0, :frames].float().numpy() for name, mask in record.masks.items()}
+    return captured[0][0].numpy(), masks

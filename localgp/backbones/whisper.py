@@ -27,14 +27,16 @@ import torch.nn.functional as F
 
 from localgp import flops
 from localgp.backbones import Backbone, StepOutput, gate_config
+from localgp.data.examples import record_id
 from localgp.decoding import DecodeOptions
+from localgp.decoding.beam import decoder_keep
 from localgp.decoding.whisper import (
     WhisperBeamSearch,
     WhisperDecodeOptions,
     whisper_tokenizer,
 )
 from localgp.evaluate import Decoded
-from localgp.transcribe import decoder_keep, record_id, utterance_record
+from localgp.gates import utterance_record
 
 IGNORE = -100  # label of the positions the loss does not count
 WORD_START = "\u2581"  # analyze's word-start mark; Whisper's BPE marks a word start by a leading space

@@ -209,6 +209,11 @@ def prepare_encoder(encoder, provider: str, keep: float | None, seed: int) -> No
     force_keep(encoder, keep, seed=seed)  # reseeded: the same masks in every call and execution
 
 
+def pruned_label(encoder) -> str:
+    """What a gated encoder gates, e.g. 'ffn1,attn,ffn2 (temporal)'."""
+    return f"{','.join(encoder.pruning.modules_per_layer)} ({encoder.pruning.config.encoder})"
+
+
 def kept_share(record) -> float | None:
     return 1.0 - float(record.sparsity()) if record is not None and record.masks else None
 

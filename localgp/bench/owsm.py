@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from localgp import flops
-from localgp.bench.core import GATES, BenchError, Case, Setting, gated_encoder_case, kept_share
+from localgp.bench.core import GATES, BenchError, Case, Setting, gated_encoder_case, kept_share, pruned_label
 from localgp.gates import GateRecord, random_keep_logits
 from localgp.model import owsm
 from localgp.model.config import DENSE, ENCODER_MODULES, GateConfig
@@ -67,11 +67,6 @@ def speech_features(setting: Setting):
     return feats.to(setting.torch_device(), setting.torch_dtype()), lengths.to(setting.torch_device())
 
 
-def _pruned(encoder) -> str:
-    cfg = encoder.pruning.config
-    return f"{','.join(ENCODER_MODULES[cfg.encoder])} ({cfg.encoder})"
-
-
 class EncoderWorkload:
     """The whole encoder (conv2d subsampling + every layer) on fbank features."""
 
@@ -87,7 +82,7 @@ class EncoderWorkload:
                                                          device=setting.torch_device()))
         self.shape = flops.EncoderShape.of_encoder(self.encoder)
         self.masks = self.models.masks
-        self.pruned = _pruned(self.encoder)
+        self.pruned = pruned_label(self.encoder)
         frames = flops.input_frames(setting.seconds)
         self.shapes = dict(preset=self.models.preset, d_model=self.shape.d_model, layers=self.shape.layers,
                            heads=self.encoder.encoders[0].attn.h, input_frames=frames,
@@ -133,7 +128,7 @@ class LayerWorkload:
         shape = flops.EncoderShape.of_encoder(encoder)
         self.shape = dataclasses.replace(shape, layers=1)
         self.masks = self.models.masks
-        self.pruned = _pruned(encoder)
+        self.pruned = pruned_label(encoder)
         t = self.x.shape[1]
         self.shapes = dict(preset=self.models.preset, d_model=shape.d_model, layers=1, heads=self.layer.attn.h,
                            input_frames=flops.input_frames(setting.seconds), frames=t)

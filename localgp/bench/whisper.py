@@ -29,7 +29,7 @@ import torch
 
 from localgp import flops
 from localgp.bench.core import (
-    FASTER_WHISPER, BenchError, Case, Setting, gated_encoder_case, kept_share, prepare_encoder,
+    FASTER_WHISPER, BenchError, Case, Setting, gated_encoder_case, kept_share, pruned_label, prepare_encoder,
 )
 from localgp.model.config import GateConfig
 
@@ -138,11 +138,6 @@ def _shapes(models: WhisperModels, setting: Setting, clips: Clips) -> dict:
                 audio=clips.source, audio_seconds=sum(len(w) for w in clips.waves) / 16000)
 
 
-def _pruned(encoder) -> str:
-    cfg = encoder.pruning.config
-    return f"attn,mlp ({cfg.encoder})"
-
-
 class EncoderWorkload:
     """The encoder (convolutions + every block) on the clips' log-mel."""
 
@@ -155,7 +150,7 @@ class EncoderWorkload:
         self.mel = log_mel(clips.waves, setting.torch_device(), setting.torch_dtype())
         self.encoder = self.models.model.encoder
         self.shape = flops.WhisperShape.of_encoder(self.encoder)
-        self.masks, self.pruned = self.models.masks, _pruned(self.encoder)
+        self.masks, self.pruned = self.models.masks, pruned_label(self.encoder)
         self.shapes = _shapes(self.models, setting, clips)
         self.dense_gflops = setting.batch * flops.whisper_encoder_macs(self.shape)["total"] / 1e9
 
@@ -185,7 +180,7 @@ class DecodeWorkload:
         self.models = WhisperModels(setting)
         self.clips = load_clips(setting)
         self.encoder = self.models.model.encoder
-        self.masks, self.pruned = self.models.masks, _pruned(self.encoder) + ", self_attn,src_attn,ffn (decoder)"
+        self.masks, self.pruned = self.models.masks, pruned_label(self.encoder) + ", self_attn,src_attn,ffn (decoder)"
         self.shapes = dict(_shapes(self.models, setting, self.clips), beam=setting.beam)
         self.dense_encoder_gflops = setting.batch * flops.whisper_encoder_macs(
             flops.WhisperShape.of_encoder(self.encoder))["total"] / 1e9

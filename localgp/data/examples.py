@@ -58,3 +58,8 @@ def make_examples(utterances: list[Utterance], tasks,
     if not examples:
         raise ValueError("the corpus gives no example for the tasks asked")
     return examples
+
+
+def record_id(example) -> str:
+    """One record per utterance and task: '<utterance id>:<target language>'."""
+    return f"{example.utterance.id}:{example.target_language}"

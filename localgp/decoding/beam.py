@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from localgp.decoding.incremental import IncrementalDecoder
+from localgp.decoding.incremental import MODULES, IncrementalDecoder
 from localgp.model.config import EXECUTIONS
 from localgp.model.gating import profiled
 
@@ -66,6 +66,18 @@ class Hypothesis:
     def token_ids(self) -> list[int]:
         """The output tokens, without primer and <eos>."""
         return self.yseq[self.primer_length : -1]
+
+
+def decoder_keep(hypothesis, primer_length: int) -> tuple[dict[str, float], list[float]]:
+    """Skipped share per decoder module over the hypothesis' fed positions, and for each output
+    token the share of layers that kept src-attention while predicting it (the position before)."""
+    keep = hypothesis.keep
+    if keep is None:
+        return {}, []
+    skipped = {f"decoder.{m}": 1 - float(keep[:, :, i].float().mean()) for i, m in enumerate(MODULES)}
+    src = keep[:, :, MODULES.index("src_attn")].float().mean(1)  # (positions,)
+    per_token = [float(src[primer_length - 1 + j]) for j in range(len(hypothesis.token_ids))]
+    return skipped, per_token
 
 
 def timestamp_ids(token_list: list[str]) -> list[int]:

@@ -7,6 +7,7 @@ MultiHeadAttention) in one, and everything here runs on any of them."""
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -15,24 +16,25 @@ from torch import Tensor
 from localgp import ops
 
 
-class Projections:
+class Projections(abc.ABC):
     """One attention module's projections: query/key/value (..., D) -> (..., H, Dh), out
-    (..., H, Dh) -> (..., D), with the softmax scale 1/sqrt(Dh). Subclassed per module kind."""
+    (..., H, Dh) -> (..., D), with the softmax scale 1/sqrt(Dh). Subclassed per module kind
+    (owsm.EspnetAttention, whisper.WhisperAttention)."""
 
     heads: int
     head_dim: int
 
-    def query(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def query(self, x: Tensor) -> Tensor: ...
 
-    def key(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def key(self, x: Tensor) -> Tensor: ...
 
-    def value(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def value(self, x: Tensor) -> Tensor: ...
 
-    def out(self, o: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def out(self, o: Tensor) -> Tensor: ...
 
     @property
     def scale(self) -> float:
