@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <vector>
 
 namespace localgp {
 
@@ -37,10 +38,18 @@ inline void check_threshold(const char* op, double threshold) {
               ": threshold must lie strictly between 0 and 1, got ", threshold);
 }
 
-// logit(threshold): softmax(l)[1] > threshold  <=>  l[1] - l[0] > logit(threshold).
+// The keep rule of every gate op (and of localgp/reference.py): frame kept iff
+// float32(l[1]) - float32(l[0]) > float32(logit(threshold)), i.e. softmax(l)[1] > threshold up
+// to float rounding, and defined at infinite logits (+inf keep logit: kept; +inf skip logit:
+// skipped). A NaN margin (a NaN logit, or both classes the same infinity) decides nothing: an error.
 inline float keep_margin(double threshold) {
   return static_cast<float>(std::log(threshold / (1.0 - threshold)));
 }
+constexpr const char* kNanLogits =
+    "logits give no decision at valid frames: a NaN logit, or both classes the same infinity";
+constexpr const char* kNanGateLogits =
+    "the gate logits give no decision at valid frames: a NaN logit, or both classes the same "
+    "infinity";
 
 // x (B,T,D) and lengths (B,) integer, shared by both gate_compact variants.
 inline void check_frames_and_lengths(const char* op, const at::Tensor& x,
@@ -109,9 +118,9 @@ inline void check_gather_rows(const at::Tensor& src, const at::Tensor& index) {
   check_row_index(op, index, src, "src");
 }
 
-inline void check_scatter_pad(const at::Tensor& values, const at::Tensor& index,
+// scatter_pad and scatter_add_ (op names the one checked).
+inline void check_scatter_pad(const char* op, const at::Tensor& values, const at::Tensor& index,
                               const at::Tensor& residual, double scale) {
-  const char* op = "scatter_pad";
   check_dim(op, values, "values", 2, "(N, D)");
   check_floating(op, values, "values");
   TORCH_CHECK(residual.dim() >= 1, op,
@@ -127,6 +136,42 @@ inline void check_scatter_pad(const at::Tensor& values, const at::Tensor& index,
               " entries but values has N=", values.size(0), " rows");
   check_same_device(op, residual, "residual", values, "values");
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+}
+
+// Returns size as int64 (the output shape (..., D)).
+inline std::vector<int64_t> check_scatter_rows(const at::Tensor& values, const at::Tensor& index,
+                                               c10::SymIntArrayRef size) {
+  const char* op = "scatter_rows";
+  check_dim(op, values, "values", 2, "(N, D)");
+  check_floating(op, values, "values");
+  std::vector<int64_t> shape;
+  for (const c10::SymInt& s : size) {
+    shape.push_back(s.expect_int());
+    TORCH_CHECK(shape.back() >= 0, op, ": size must not be negative, got ", size);
+  }
+  TORCH_CHECK(!shape.empty() && shape.back() == values.size(1), op,
+              ": size must be (..., D) with D=", values.size(1), " as values, got ", size);
+  check_row_index(op, index, values, "values");
+  TORCH_CHECK(index.size(0) == values.size(0), op, ": index has ", index.size(0),
+              " entries but values has N=", values.size(0), " rows");
+  return shape;
+}
+
+inline void check_gate_plan(const at::Tensor& logits, const at::Tensor& lengths,
+                            double threshold) {
+  const char* op = "gate_plan";
+  check_dim(op, logits, "logits", 4, "(B, T, M, 2)");
+  check_floating(op, logits, "logits");
+  TORCH_CHECK(logits.size(3) == 2, op, ": logits must have shape (B, T, M, 2), got ",
+              logits.sizes());
+  check_dim(op, lengths, "lengths", 1, "(B,)");
+  TORCH_CHECK(!at::isFloatingType(lengths.scalar_type()) &&
+                  lengths.scalar_type() != at::kBool,
+              op, ": lengths must be an integer tensor, got ", lengths.scalar_type());
+  TORCH_CHECK(lengths.size(0) == logits.size(0), op, ": lengths has ", lengths.size(0),
+              " entries but logits has batch size B=", logits.size(0));
+  check_same_device(op, logits, "logits", lengths, "lengths");
+  check_threshold(op, threshold);
 }
 
 inline void check_group_rows(const at::Tensor& masks) {

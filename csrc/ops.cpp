@@ -25,9 +25,22 @@ TORCH_LIBRARY(localgp, m) {
       "(Tensor packed, Tensor index, Tensor cu_seqlens, Tensor max_seqlen, Tensor keep)");
   // Rows of src (..., D) flattened to (M, D), picked by index (N,) -> (N, D).
   m.def("gather_rows(Tensor src, Tensor index) -> Tensor");
+  // All of a layer's gate decisions in one step (one host read on CUDA): logits (B, T, M, 2)
+  // of M modules -> for module m, its kept frames b*T+t at index[offsets[m]:offsets[m+1]],
+  // cu_seqlens[m] (B+1,) int32, max_seqlen[m], keep[m] (B, T). offsets (M+1,) int64 is on
+  // the CPU whatever the device: the caller splits index without another device read.
+  m.def(
+      "gate_plan(Tensor logits, Tensor lengths, float threshold=0.5) -> "
+      "(Tensor index, Tensor cu_seqlens, Tensor max_seqlen, Tensor keep, Tensor offsets)");
   // residual + scale * y, y = values (N, D) scattered to the rows `index` of residual's
-  // flattened (M, D) view, zeros elsewhere. index entries must be distinct.
+  // flattened (M, D) view, zeros elsewhere. index entries must be distinct (checked).
   m.def("scatter_pad(Tensor values, Tensor index, Tensor residual, float scale=1.0) -> Tensor");
+  // The same add in place: residual[index[n]] += scale * values[n]; other rows untouched.
+  m.def(
+      "scatter_add_(Tensor(a!) residual, Tensor values, Tensor index, float scale=1.0) -> ()");
+  // A new (size) tensor, (..., D): values at the rows `index`, zeros elsewhere; every row is
+  // written once. index entries must be distinct (checked).
+  m.def("scatter_rows(Tensor values, Tensor index, SymInt[] size) -> Tensor");
   // masks (R, M) bool -> perm (R,) putting rows with equal masks together (groups ordered by
   // mask, rows in original order inside a group), offsets (G+1,), inverse (R,) of perm.
   m.def("group_rows(Tensor masks) -> (Tensor perm, Tensor offsets, Tensor inverse)");

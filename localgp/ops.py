@@ -24,12 +24,6 @@ except ImportError as err:  # pragma: no cover - only without a build
 
 _OPS = torch.ops.localgp
 
-try:  # flash-attn is optional: used for CUDA varlen attention where installed.
-    import flash_attn as _flash_attn
-except ImportError:
-    _flash_attn = None
-
-
 class Compacted(NamedTuple):
     """Kept frames packed sequence after sequence (the flash-attention varlen layout)."""
 
@@ -38,6 +32,21 @@ class Compacted(NamedTuple):
     cu_seqlens: Tensor  # (B+1,) int32 offsets of each sequence in packed
     max_seqlen: Tensor  # () int32 the most frames kept in one sequence (T is an upper bound)
     keep: Tensor  # (B, T) bool the keep mask; False past each sequence's length
+
+
+class LayerPlan(NamedTuple):
+    """All of a layer's gate decisions for M modules, from one `gate_plan` (one host read)."""
+
+    index: Tensor  # (N,) int64: module m's kept frames b*T+t at index[offsets[m]:offsets[m+1]]
+    cu_seqlens: Tensor  # (M, B+1) int32
+    max_seqlen: Tensor  # (M,) int32
+    keep: Tensor  # (M, B, T) bool
+    offsets: list[int]  # M+1 module offsets into index, on the host
+
+    def compact(self, m: int, x: Tensor) -> Compacted:
+        """Module m's kept frames of x (B, T, D) packed: a row gather, no host read."""
+        index = self.index[self.offsets[m] : self.offsets[m + 1]]
+        return Compacted(gather_rows(x, index), index, self.cu_seqlens[m], self.max_seqlen[m], self.keep[m])
 
 
 class Grouping(NamedTuple):
@@ -57,6 +66,21 @@ def has_cuda_kernels() -> bool:
     return _HAS_CUDA_KERNELS
 
 
+class _HostReads:
+    count = 0
+
+
+def count_host_reads(n: int = 1) -> None:
+    """Counts device-to-host reads (each one drains a GPU's queue): the ops that size an output
+    from the data count themselves; model code counts its own `.tolist()`/`.item()`/`.cpu()`."""
+    _HostReads.count += n
+
+
+def host_reads() -> int:
+    """Device-to-host reads counted so far in this process (`localgp profile` reports them)."""
+    return _HostReads.count
+
+
 def _require_kernels(op: str, tensor: Tensor) -> None:
     if tensor.is_cuda and not _HAS_CUDA_KERNELS:
         raise RuntimeError(
@@ -72,6 +96,7 @@ def gate_compact(x: Tensor, logits: Tensor, lengths: Tensor, threshold: float = 
     Differentiable in x (the backward scatters into zeros); the decision itself is not.
     """
     _require_kernels("gate_compact", x)
+    count_host_reads()  # N sizes the packed output
     return Compacted(*_OPS.gate_compact.default(x, logits, lengths, float(threshold)))
 
 
@@ -83,13 +108,27 @@ def gate_compact_linear(
     hidden (B, T, H) the gate's last hidden features; weight (2, H), bias (2,) its output layer.
     """
     _require_kernels("gate_compact_linear", x)
+    count_host_reads()
     return Compacted(
         *_OPS.gate_compact_linear.default(x, hidden, weight, bias, lengths, float(threshold))
     )
 
 
+def gate_plan(logits: Tensor, lengths: Tensor, threshold: float = 0.5) -> LayerPlan:
+    """Every module's decisions of a layer at once: logits (B, T, M, 2), lengths (B,).
+
+    The keep rule is gate_compact's. One host read in all (the module offsets), against one per
+    module with gate_compact; `LayerPlan.compact(m, x)` then packs module m's frames of x.
+    """
+    _require_kernels("gate_plan", logits)
+    count_host_reads()
+    index, cu_seqlens, max_seqlen, keep, offsets = _OPS.gate_plan.default(logits, lengths, float(threshold))
+    return LayerPlan(index, cu_seqlens, max_seqlen, keep, offsets.tolist())
+
+
 def gather_rows(src: Tensor, index: Tensor) -> Tensor:
-    """src (..., D) viewed as (M, D), rows `index` (N,) int64 -> (N, D)."""
+    """src (..., D) viewed as (M, D), rows `index` (N,) int64 -> (N, D). Indices may repeat
+    (their gradients add up)."""
     _require_kernels("gather_rows", src)
     return _OPS.gather_rows.default(src, index)
 
@@ -97,15 +136,35 @@ def gather_rows(src: Tensor, index: Tensor) -> Tensor:
 def scatter_pad(values: Tensor, index: Tensor, residual: Tensor, scale: float = 1.0) -> Tensor:
     """residual + scale * y, y = values (N, D) at rows `index` of residual (..., D), 0 elsewhere.
 
-    `index` entries must be distinct (as gate_compact produces them).
+    `index` entries must be distinct (as gate_compact produces them); repeats are an error.
+    Reads the residual once and writes every output row once.
     """
     _require_kernels("scatter_pad", values)
     return _OPS.scatter_pad.default(values, index, residual, float(scale))
 
 
+def scatter_add_(residual: Tensor, values: Tensor, index: Tensor, scale: float = 1.0) -> Tensor:
+    """In place: residual[index[n]] += scale * values[n] (rows of residual's (M, D) view); returns
+    residual. Touches only the kept rows: the least memory traffic, for inference (no autograd:
+    use scatter_pad where gradients are needed). residual must be contiguous; index distinct."""
+    _require_kernels("scatter_add_", values)
+    if torch.is_grad_enabled() and (residual.requires_grad or values.requires_grad):
+        raise RuntimeError("scatter_add_: in-place and not differentiable; use scatter_pad when gradients are needed")
+    _OPS.scatter_add_.default(residual, values, index, float(scale))
+    return residual
+
+
+def scatter_rows(values: Tensor, index: Tensor, size) -> Tensor:
+    """A new tensor of shape `size` (..., D): values (N, D) at rows `index`, zeros elsewhere, each
+    row written once (no zeros tensor first). `index` entries must be distinct."""
+    _require_kernels("scatter_rows", values)
+    return _OPS.scatter_rows.default(values, index, list(size))
+
+
 def group_rows(masks: Tensor) -> Grouping:
     """masks (R, M) bool -> a stable grouping of the rows by identical masks."""
     _require_kernels("group_rows", masks)
+    count_host_reads()  # the number of groups sizes offsets
     return Grouping(*_OPS.group_rows.default(masks))
 
 
@@ -115,15 +174,11 @@ def varlen_attention(
     """Softmax attention of each packed sequence over itself.
 
     q, k, v (N, H, Dh); cu_seqlens (B+1,) int32; max_seqlen an upper bound of the longest
-    sequence (T works and needs no host sync). On CUDA with fp16/bf16 it uses flash-attn's
-    varlen kernel when the flash_attn package is installed, else PyTorch's flash kernel.
+    sequence (T works and needs no host sync). One path, the op: on CUDA with fp16/bf16 it runs
+    PyTorch's varlen FlashAttention-2 kernel inside, on the CPU ATen's flash kernel.
     """
     _require_kernels("varlen_attention", q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn is not None:
-        return _flash_attn.flash_attn_varlen_func(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale
-        )
     return _OPS.varlen_attention.default(q, k, v, cu_seqlens, int(max_seqlen), scale)[0]
 
 
@@ -152,6 +207,29 @@ def _(x, logits, lengths, threshold=0.5):
 @torch.library.register_fake("localgp::gate_compact_linear")
 def _(x, hidden, weight, bias, lengths, threshold=0.5):
     return _fake_compaction(x)
+
+
+@torch.library.register_fake("localgp::gate_plan")
+def _(logits, lengths, threshold=0.5):
+    B, T, M, _ = logits.shape
+    n = torch.library.get_ctx().new_dynamic_size()
+    return (
+        logits.new_empty(n, dtype=torch.int64),
+        logits.new_empty(M, B + 1, dtype=torch.int32),
+        logits.new_empty(M, dtype=torch.int32),
+        logits.new_empty(M, B, T, dtype=torch.bool),
+        torch.empty(M + 1, dtype=torch.int64, device="cpu"),
+    )
+
+
+@torch.library.register_fake("localgp::scatter_add_")
+def _(residual, values, index, scale=1.0):
+    return None
+
+
+@torch.library.register_fake("localgp::scatter_rows")
+def _(values, index, size):
+    return values.new_empty(size)
 
 
 @torch.library.register_fake("localgp::gather_rows")
@@ -200,11 +278,7 @@ def _setup_compaction(ctx, inputs, output):
 
 def _backward_compaction(ctx, grad_packed, *_):
     (index,) = ctx.saved_tensors
-    grad_x = None
-    if grad_packed is not None:
-        zeros = grad_packed.new_zeros(ctx.x_shape)
-        grad_x = _OPS.scatter_pad.default(grad_packed, index, zeros, 1.0)
-    return grad_x
+    return None if grad_packed is None else _OPS.scatter_rows.default(grad_packed, index, list(ctx.x_shape))
 
 
 def _backward_gate_compact(ctx, grad_packed, *rest):
@@ -230,9 +304,11 @@ def _setup_gather_rows(ctx, inputs, output):
 
 
 def _backward_gather_rows(ctx, grad):
+    # Accumulates: a row gathered twice gets both gradients (scatter_rows requires distinct rows).
     (index,) = ctx.saved_tensors
-    zeros = grad.new_zeros(ctx.src_shape)
-    return _OPS.scatter_pad.default(grad, index, zeros, 1.0), None
+    D = ctx.src_shape[-1]
+    grad_src = grad.new_zeros(ctx.src_shape).view(-1, D)
+    return grad_src.index_add_(0, index, grad).view(ctx.src_shape), None
 
 
 torch.library.register_autograd(
@@ -256,6 +332,20 @@ def _backward_scatter_pad(ctx, grad):
 
 torch.library.register_autograd(
     "localgp::scatter_pad", _backward_scatter_pad, setup_context=_setup_scatter_pad
+)
+
+
+def _setup_scatter_rows(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _backward_scatter_rows(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return _OPS.gather_rows.default(grad, index), None, None
+
+
+torch.library.register_autograd(
+    "localgp::scatter_rows", _backward_scatter_rows, setup_context=_setup_scatter_rows
 )
 
 

@@ -5,16 +5,24 @@ Slow and simple on purpose; never called by the fast paths.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
 def keep_mask(logits: Tensor, lengths: Tensor, threshold: float) -> Tensor:
-    """(B, T) bool: softmax(logits)[..., 1] > threshold, and t < lengths[b]."""
-    prob = torch.softmax(logits.float(), dim=-1)[..., 1]
+    """(B, T) bool: the keep rule of every gate op (csrc/checks.h), t < lengths[b] and
+    float32(l[1]) - float32(l[0]) > float32(log(threshold / (1 - threshold))):
+    softmax(l)[1] > threshold up to float rounding, and defined at infinite logits. A NaN margin
+    (a NaN logit, or both classes the same infinity) at a valid frame decides nothing: an error."""
+    margin = logits[..., 1].float() - logits[..., 0].float()
     valid = torch.arange(logits.shape[1], device=logits.device) < lengths[:, None]
-    return (prob > threshold) & valid
+    if bool((margin.isnan() & valid).any()):
+        raise ValueError("keep_mask: logits give no decision at valid frames (a NaN margin)")
+    bound = torch.tensor(math.log(threshold / (1 - threshold)), dtype=torch.float32)
+    return (margin > bound) & valid
 
 
 def compact(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -37,6 +45,18 @@ def gate_compact_linear(x, hidden, weight, bias, lengths, threshold: float = 0.5
     return gate_compact(x, logits, lengths, threshold)
 
 
+def gate_plan(logits: Tensor, lengths: Tensor, threshold: float = 0.5):
+    """logits (B, T, M, 2): (index, cu_seqlens (M, B+1), max_seqlen (M,), keep (M, B, T), offsets)."""
+    B, T, M, _ = logits.shape
+    keep = keep_mask(logits.permute(2, 0, 1, 3).reshape(M * B, T, 2), lengths.repeat(M), threshold).view(M, B, T)
+    index = [k.reshape(-1).nonzero().squeeze(1) for k in keep]
+    counts = keep.sum(2)  # (M, B)
+    cu_seqlens = torch.cat([counts.new_zeros(M, 1), counts.cumsum(1)], dim=1).int()
+    max_seqlen = counts.amax(1).int() if B else counts.new_zeros(M).int()
+    offsets = torch.tensor([0] + [i.numel() for i in index]).cumsum(0)
+    return torch.cat([torch.zeros(0, dtype=torch.int64), *index]), cu_seqlens, max_seqlen, keep, offsets
+
+
 def gather_rows(src: Tensor, index: Tensor) -> Tensor:
     return src.reshape(-1, src.shape[-1])[index]
 
@@ -45,6 +65,12 @@ def scatter_pad(values: Tensor, index: Tensor, residual: Tensor, scale: float = 
     y = values.new_zeros(residual.reshape(-1, residual.shape[-1]).shape)
     y[index] = values
     return residual + scale * y.reshape(residual.shape)
+
+
+def scatter_rows(values: Tensor, index: Tensor, size) -> Tensor:
+    out = values.new_zeros(math.prod(size[:-1]), size[-1])
+    out[index] = values
+    return out.reshape(size)
 
 
 def group_rows(masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -5,7 +5,7 @@ for B utterances x K hypotheses as rows, with caches.
   its prefix through its ancestry (slot ids), so beam selection never copies the cache. The
   memory is projected to src-attention keys/values once per utterance (ESPnet re-projects it
   for every hypothesis at every step).
-- With gates, each layer groups the rows whose masks agree (`group_rows`); a module runs only on
+- With gates, each layer reads its (rows, modules) decisions to the host once; a module runs only on
   the rows that keep it and its weights are not touched when no row does. A row that skips
   self-attention still writes its keys/values, so later tokens see what they see in the masked
   reference (the gated decoder's full-prefix forward).
@@ -24,10 +24,14 @@ from localgp import ops
 from localgp.gates import gate_mask, random_keep_logits
 from localgp.model.attention import memory_attention
 from localgp.model.config import EXECUTIONS
-from localgp.model.gating import profiled
+from localgp.model.gating import device_rows, profiled
 from localgp.model.layout import DecoderView
 
 MODULES = ("self_attn", "src_attn", "ffn")  # the gated modules of a decoder layer, in order
+# On a GPU a decode step of this many rows or fewer is bound by reading the weights: selecting the
+# rows that keep a module saves nothing, skipping it for all of them saves its weight reads.
+# (A guess from the H100's balance point, not yet measured here: no GPU has run the decoder.)
+WHOLE_MODULE_ROWS = 64
 
 
 def decoder_view(decoder) -> DecoderView:
@@ -53,6 +57,9 @@ class RowSet(NamedTuple):
 
     index: Tensor
     counts: list[int]
+
+
+MASKED = RowSet(None, [])  # a module run on every row, its output multiplied by the rows' masks
 
 
 class DecoderCache:
@@ -237,19 +244,21 @@ class IncrementalDecoder:
         return cache.utterance_keep[:, index], x
 
     def _row_sets(self, keep: Tensor, rows_per_utterance: int) -> list[RowSet | None]:
-        """For each module, the rows that keep it (None: every row), from one grouping of the rows
-        by their masks, one transfer to the host and one index tensor back."""
+        """For each module, the rows that keep it (None: every row), from one transfer of the
+        layer's decisions to the host and one index tensor back. Rows that share a mask end up in
+        the same row sets: each module runs once on all the rows that keep it."""
         n, M = keep.shape
-        grouping = ops.group_rows(keep)
-        groups = grouping.offsets.numel() - 1
-        host = torch.cat([grouping.offsets, grouping.perm, keep.flatten().long()]).tolist()
-        offsets, perm, flags = host[: groups + 1], host[groups + 1 : groups + 1 + n], host[groups + 1 + n :]
-        members = [perm[offsets[g] : offsets[g + 1]] for g in range(groups)]
-        kept = [sorted(r for g in range(groups) if flags[members[g][0] * M + m] for r in members[g])
-                for m in range(M)]
+        ops.count_host_reads()
+        flags = keep.t().tolist()  # the one host read of the layer and step
+        kept = [[r for r in range(n) if flags[m][r]] for m in range(M)]
+        if self.whole_modules(keep):
+            # Few rows on a GPU: reading the weights is the cost, so a module runs on every row
+            # (its output masked) unless no row keeps it.
+            return [RowSet(keep.new_empty(0, dtype=torch.long), []) if not rows else
+                    None if len(rows) == n else MASKED for rows in kept]
         partial = [rows for rows in kept if len(rows) < n]
-        indices = iter(torch.tensor([r for rows in partial for r in rows], dtype=torch.long)
-                       .to(keep.device).split([len(rows) for rows in partial]))
+        indices = iter(device_rows([r for rows in partial for r in rows], keep.device)
+                       .split([len(rows) for rows in partial]))
         sets = []
         for rows in kept:
             if len(rows) == n:
@@ -260,6 +269,10 @@ class IncrementalDecoder:
                 counts[r // rows_per_utterance] += 1
             sets.append(RowSet(next(indices), counts))
         return sets
+
+    def whole_modules(self, keep: Tensor) -> bool:
+        """Whether modules run on all rows or none (GPU, at most WHOLE_MODULE_ROWS rows)."""
+        return keep.is_cuda and keep.shape[0] <= WHOLE_MODULE_ROWS
 
     def _layer(self, index, layer, x, cache: DecoderCache, slots: Tensor, keep: Tensor | None) -> Tensor:
         kv = cache.kv[index]
@@ -282,8 +295,15 @@ class IncrementalDecoder:
         with profiled("compaction"):
             row_sets = self._row_sets(keep, cache.rows_per_utterance)
         for m, (module, rows) in enumerate(zip(MODULES, row_sets, strict=True)):
-            if rows is not None and not rows.index.numel():
+            if rows is not None and rows is not MASKED and not rows.index.numel():
                 continue  # no row keeps it: its weights are not touched
+            if rows is MASKED:
+                with profiled(module):
+                    y = self.branch(module, index, x, h, cache, None)
+                with profiled("scatter"):
+                    x = x + y * keep[:, m, None].to(x.dtype)
+                self.macs += n * per_row[m]
+                continue
             with profiled(module):
                 y = self.branch(module, index, x, h, cache, rows)
             with profiled("scatter"):

@@ -64,15 +64,18 @@ class GatedEBranchformerEncoder(GatedEncoderMixin, EBranchformerEncoder):
             if gated:
                 with profiled("gate"):
                     logits, xs_pad, context = self.layer_logits(index, xs_pad, context, valid)
-            xs_pad = run_layer(layer, xs_pad, masks, lengths, logits, cfg, self.execution, record, f"encoder.{index}")
+            # In place: the layers' inputs are this forward's own tensors (the embedding's output on).
+            xs_pad = run_layer(layer, xs_pad, masks, lengths, logits, cfg, self.execution, record, f"encoder.{index}",
+                               inplace=True)
         self.last_record = record
         return self.after_norm(xs_pad), lengths, None
 
 
 def run_layer(layer, x: Tensor, pad_mask: Tensor, lengths: Tensor, logits: Tensor | None, cfg: GateConfig,
-              execution: str, record: GateRecord, prefix: str) -> Tensor:
+              execution: str, record: GateRecord, prefix: str, inplace: bool = False) -> Tensor:
     """One E-Branchformer layer under its gates. x (B, T, D); pad_mask (B, 1, T).
-    execution "dense" takes no logits and runs every module on every frame."""
+    execution "dense" takes no logits and runs every module on every frame. inplace: compact
+    execution may overwrite x (inference only; the caller does not need x afterwards)."""
     names = ENCODER_MODULES[cfg.encoder]
     valid = pad_mask.squeeze(1)
     ffn1 = lambda h, *_: layer.dropout(layer.feed_forward_macaron(layer.norm_ff_macaron(h)))  # noqa: E731
@@ -85,13 +88,13 @@ def run_layer(layer, x: Tensor, pad_mask: Tensor, lengths: Tensor, logits: Tenso
         with profiled("cgmlp"):
             x_mlp = _cgmlp(layer, x, pad_mask)
     elif cfg.encoder == "temporal":
-        gate = PositionGate(logits, valid, lengths, names, cfg, execution, layer.training, record, prefix)
+        gate = PositionGate(logits, valid, lengths, names, cfg, execution, layer.training, record, prefix, inplace)
         x = gate.residual("ffn1", x, ffn1, layer.ff_scale)
         x_attn = _temporal_attention(gate, layer, x, pad_mask)
         with profiled("cgmlp"):
             x_mlp = _cgmlp(layer, x, pad_mask)
     else:
-        gate = UtteranceGate(logits, names, cfg, execution, layer.training, record, prefix)
+        gate = UtteranceGate(logits, names, cfg, execution, layer.training, record, prefix, inplace)
         x = gate.residual("ffn1", x, ffn1, layer.ff_scale)
         x_attn = gate.branch("attn", x, lambda h, m: _attention(layer, h, m), (pad_mask,))
         x_mlp = gate.branch("cgmlp", x, lambda h, m: _cgmlp(layer, h, m), (pad_mask,))
@@ -121,7 +124,7 @@ def _temporal_attention(gate: PositionGate, layer, x: Tensor, pad_mask: Tensor) 
             out = packed_self_attention(EspnetAttention(layer.attn), layer.norm_mha(c.packed), c.cu_seqlens, x.shape[1])
             out = layer.dropout(out)
         with profiled("scatter"):
-            return ops.scatter_pad(out, c.index, torch.zeros_like(x))
+            return ops.scatter_rows(out, c.index, x.shape)
     mask = gate.mask("attn")
     with profiled("attention"):
         out = _attention(layer, x, pad_mask & (mask > 0)[:, None, :])

@@ -51,17 +51,34 @@ class NoGate:
         return x + scale * y
 
 
+def device_rows(rows: list[int], device: torch.device) -> Tensor:
+    """Row indices decided on the host, on `device`: through pinned memory on a GPU, so that the
+    copy is queued instead of waiting for the GPU to drain."""
+    index = torch.tensor(rows, dtype=torch.long)
+    if device.type != "cuda":
+        return index.to(device)
+    return index.pin_memory().to(device, non_blocking=True)
+
+
 class PositionGate:
     """Per-position decisions (frames of the encoder, tokens of the decoder).
 
     logits (B, T, M, 2) for the M module names; valid (B, T) bool; lengths (B,).
+    Compact execution decides every module of the layer at once (`ops.gate_plan`: one host read
+    per layer). inplace: compact residual adds write into x itself (inference only, and only
+    where the caller owns x: the layer's input is not needed afterwards).
     """
 
     def __init__(self, logits: Tensor, valid: Tensor, lengths: Tensor, names, cfg: GateConfig,
-                 execution: str, training: bool, record: GateRecord, prefix: str):
+                 execution: str, training: bool, record: GateRecord, prefix: str, inplace: bool = False):
         self.logits, self.valid, self.lengths, self.names = logits, valid, lengths, names
         self.cfg, self.execution, self.training = cfg, execution, training
         self.record, self.prefix = record, prefix
+        self.inplace = inplace and not torch.is_grad_enabled()
+        self.plan = None
+        if execution == "compact":
+            with profiled("compaction"):
+                self.plan = ops.gate_plan(logits, lengths, cfg.threshold)
 
     def logits_of(self, name: str) -> Tensor:
         return self.logits[:, :, self.names.index(name)]
@@ -77,9 +94,16 @@ class PositionGate:
     def compact(self, name: str, x: Tensor) -> ops.Compacted:
         """Compact execution: the kept positions of x packed."""
         with profiled("compaction"):
-            c = ops.gate_compact(x, self.logits_of(name), self.lengths, self.cfg.threshold)
+            c = self.plan.compact(self.names.index(name), x)
             self.record.add(f"{self.prefix}.{name}", c.keep.to(x.dtype), self.valid)
         return c
+
+    def add_kept(self, x: Tensor, y: Tensor, index: Tensor, scale: float = 1.0) -> Tensor:
+        """x + scale * y at the rows `index` of x: in place where allowed, else a new tensor."""
+        with profiled("scatter"):
+            if self.inplace and x.is_contiguous():
+                return ops.scatter_add_(x, y, index, scale)
+            return ops.scatter_pad(y, index, x, scale)
 
     def residual(self, name: str, x: Tensor, fn, scale: float = 1.0) -> Tensor:
         """x + scale * fn(x) where the module is kept, x elsewhere."""
@@ -87,8 +111,7 @@ class PositionGate:
             c = self.compact(name, x)
             with profiled(module_label(name)):
                 y = fn(c.packed)
-            with profiled("scatter"):
-                return ops.scatter_pad(y, c.index, x, scale)
+            return self.add_kept(x, y, c.index, scale)
         with profiled(module_label(name)):
             y = fn(x)
         mask = self.mask(name)
@@ -113,18 +136,26 @@ class PositionGate:
             batch_of_row, position = c.index // L, c.index % L
             key_mask = mask.expand(B, L, -1)[batch_of_row, position]  # (N, S) of each kept token
             out = dropout(rows_attention(attn, norm(c.packed), batch_of_row, keys, values, key_mask))
-        with profiled("scatter"):
-            return ops.scatter_pad(out, c.index, x)
+        return self.add_kept(x, out, c.index)
 
 
 class UtteranceGate:
-    """Per-utterance decisions: logits (B, M, 2)."""
+    """Per-utterance decisions: logits (B, M, 2). Compact execution reads every module's
+    decisions to the host once per layer; inplace as for PositionGate."""
 
     def __init__(self, logits: Tensor, names, cfg: GateConfig, execution: str, training: bool,
-                 record: GateRecord, prefix: str):
+                 record: GateRecord, prefix: str, inplace: bool = False):
         self.logits, self.names, self.cfg = logits, names, cfg
         self.execution, self.training = execution, training
         self.record, self.prefix = record, prefix
+        self.inplace = inplace and not torch.is_grad_enabled()
+        self.kept_rows = None
+        if execution == "compact":
+            with profiled("compaction"):
+                keep = gate_mask(logits, training=False, threshold=cfg.threshold) > 0  # (B, M)
+                ops.count_host_reads()
+                host = keep.t().tolist()
+                self.kept_rows = {n: [b for b, k in enumerate(host[m]) if k] for m, n in enumerate(names)}
 
     def mask(self, name: str) -> Tensor:
         """(B,) float mask; with gradients in masked training."""
@@ -135,16 +166,15 @@ class UtteranceGate:
             self.record.add(f"{self.prefix}.{name}", mask)
         return mask
 
-    @staticmethod
-    def _on_kept_rows(name: str, mask: Tensor, x: Tensor, fn, row_args):
+    def _on_kept_rows(self, name: str, x: Tensor, fn, row_args):
         """(kept rows, fn on those rows), or None when no utterance keeps the module."""
         with profiled("compaction"):
-            rows = mask.nonzero().squeeze(1)
-            if rows.numel() == 0:
+            kept = self.kept_rows[name]
+            if not kept:
                 return None
-            every_row = rows.numel() == x.shape[0]
-            if not every_row:
-                x, row_args = x[rows], tuple(a[rows] for a in row_args)
+            rows = device_rows(kept, x.device)
+            if len(kept) < x.shape[0]:
+                x, row_args = x.index_select(0, rows), tuple(a.index_select(0, rows) for a in row_args)
         with profiled(module_label(name)):
             return rows, fn(x, *row_args)
 
@@ -158,11 +188,13 @@ class UtteranceGate:
             y = self._masked(name, x, fn, row_args)
             with profiled("scatter"):
                 return x + scale * y * mask.to(x.dtype)[:, None, None]
-        done = self._on_kept_rows(name, mask, x, fn, row_args)
+        done = self._on_kept_rows(name, x, fn, row_args)
         if done is None:
             return x
         rows, y = done
         with profiled("scatter"):
+            if self.inplace:
+                return x.index_add_(0, rows, y, alpha=scale)
             return x.index_add(0, rows, y, alpha=scale)
 
     def branch(self, name: str, x: Tensor, fn, row_args=()) -> Tensor:
@@ -172,7 +204,7 @@ class UtteranceGate:
             y = self._masked(name, x, fn, row_args)
             with profiled("scatter"):
                 return y * mask.to(x.dtype)[:, None, None]
-        done = self._on_kept_rows(name, mask, x, fn, row_args)
+        done = self._on_kept_rows(name, x, fn, row_args)
         with profiled("scatter"):
             out = torch.zeros_like(x)
             if done is not None:

@@ -102,14 +102,17 @@ class GatedWhisperEncoder(GatedEncoderMixin, AudioEncoder):
             if gated:
                 with profiled("gate"):
                     logits, x, context = self.layer_logits(index, x, context, valid)
-            x = run_encoder_block(block, x, valid, lengths, logits, cfg, self.execution, record, f"encoder.{index}")
+            # In place: the blocks' inputs are this forward's own tensors (x + positions on).
+            x = run_encoder_block(block, x, valid, lengths, logits, cfg, self.execution, record, f"encoder.{index}",
+                                  inplace=True)
         self.last_record = record
         return self.ln_post(x)
 
 
 def run_encoder_block(block: ResidualAttentionBlock, x: Tensor, valid: Tensor, lengths: Tensor, logits: Tensor | None,
-                      cfg: GateConfig, execution: str, record: GateRecord, prefix: str) -> Tensor:
-    """One Whisper encoder block under its gates: x + attn(attn_ln(x)), then x + mlp(mlp_ln(x))."""
+                      cfg: GateConfig, execution: str, record: GateRecord, prefix: str, inplace: bool = False) -> Tensor:
+    """One Whisper encoder block under its gates: x + attn(attn_ln(x)), then x + mlp(mlp_ln(x)).
+    inplace: compact execution may overwrite x (inference only; the caller does not need x afterwards)."""
     names = ENCODER_MODULES[cfg.encoder]
     attention = lambda h, *_: block.attn(block.attn_ln(h))[0]  # noqa: E731
     mlp = lambda h, *_: block.mlp(block.mlp_ln(h))  # noqa: E731
@@ -117,10 +120,10 @@ def run_encoder_block(block: ResidualAttentionBlock, x: Tensor, valid: Tensor, l
         gate = NoGate()
         x = gate.residual("attn", x, attention)
     elif cfg.encoder == "temporal":
-        gate = PositionGate(logits, valid, lengths, names, cfg, execution, block.training, record, prefix)
+        gate = PositionGate(logits, valid, lengths, names, cfg, execution, block.training, record, prefix, inplace)
         x = _temporal_attention(gate, block, x)
     else:
-        gate = UtteranceGate(logits, names, cfg, execution, block.training, record, prefix)
+        gate = UtteranceGate(logits, names, cfg, execution, block.training, record, prefix, inplace)
         x = gate.residual("attn", x, attention)
     return gate.residual("mlp", x, mlp)
 
@@ -132,11 +135,11 @@ def _temporal_attention(gate: PositionGate, block: ResidualAttentionBlock, x: Te
         c = gate.compact("attn", x)
         with profiled("attention"):
             out = packed_self_attention(attn, block.attn_ln(c.packed), c.cu_seqlens, x.shape[1])
-        with profiled("scatter"):
-            return ops.scatter_pad(out, c.index, x)
+        return gate.add_kept(x, out, c.index)
     mask = gate.mask("attn")
     with profiled("attention"):
         keys = mask > 0
+        ops.count_host_reads()
         if bool(keys.all()):  # every frame kept: Whisper's own call, bit for bit
             out = block.attn(block.attn_ln(x))[0]
         else:
