@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from localgp import flops
+from localgp import flops, ops
 from localgp.gates import GateRecord, gate_mask, sparsity_loss
 from localgp.model import owsm
 from localgp.model.config import GateConfig
@@ -117,6 +117,22 @@ def test_masked_equals_compact(tiny, name, masks):
         lengths = outs["masked"][1] if i == 0 else ylens
         m, c = valid_rows(outs["masked"][i], lengths), valid_rows(outs["compact"][i], lengths)
         assert float((m - c).abs().max()) <= 1e-5 * float(m.abs().max())
+
+
+@pytest.mark.parametrize("name", ["local_temporal_token", "local_utterance"])
+def test_compact_encoder_reads_the_host_once_per_layer_and_adds_in_place(tiny, name):
+    model = gated_copy(tiny, name)
+    feats, flens = speech([400, 250])
+    set_execution(model, "compact")
+    outs = []
+    for grad in (False, True):  # in place under no_grad; a new tensor per add with autograd
+        force_keep(model, 0.5, seed=1)
+        with torch.set_grad_enabled(grad):
+            before = ops.host_reads()
+            outs.append(model.encoder(feats, flens)[0].detach())
+            if not grad:
+                assert ops.host_reads() - before == len(model.encoder.encoders)
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_compact_skips_work_and_counts_it(tiny):

@@ -21,7 +21,12 @@ def opcheck_cases(device):
     out, lse = OPS.varlen_attention(q, k, v, cu, max_len, 0.3)
     q_grad, k_grad, v_grad = (t.clone().requires_grad_(True) for t in (q, k, v))
     masks = torch.rand(12, 5, device=device) > 0.5
+    plan_logits = torch.randn(B, T, 3, 2, device=device)
+    residual = x.clone().contiguous()
     return [
+        ("gate_plan", OPS.gate_plan.default, (plan_logits, lengths, 0.4)),
+        ("scatter_add_", OPS.scatter_add_.default, (residual, values.detach(), c.index, 0.5)),
+        ("scatter_rows", OPS.scatter_rows.default, (values, c.index, list(x.shape))),
         ("gate_compact", OPS.gate_compact.default, (x_grad, logits, lengths, 0.5)),
         ("gate_compact_linear", OPS.gate_compact_linear.default, (x_grad, hidden, weight, bias, lengths, 0.4)),
         ("gather_rows", OPS.gather_rows.default, (x_grad, c.index)),
@@ -33,7 +38,7 @@ def opcheck_cases(device):
     ]
 
 
-@pytest.mark.parametrize("which", range(7))
+@pytest.mark.parametrize("which", range(10))
 def test_opcheck(device, which):
     name, op, args = opcheck_cases(device)[which]
     torch.library.opcheck(op, args)
@@ -94,3 +99,24 @@ def test_compiled_fused_gate_and_gather(device):
     rows, keep = fused(x, hidden, weight, bias, lengths)
     want = ops.gate_compact_linear(x, hidden, weight, bias, lengths)
     assert torch.equal(keep, want.keep) and torch.equal(rows, want.packed * 2)
+
+
+def test_compiled_layer_plan(device):
+    """gate_plan + per-module gathers + the scatters compile into one graph."""
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, dynamic=True)
+    def layer(x, logits, lengths):
+        index, cu_seqlens, max_seqlen, keep, offsets = OPS.gate_plan(logits, lengths, 0.5)
+        kept = index[: offsets[1]]  # module 0's rows: offsets is a host tensor, its value unbacked
+        y = ops.gather_rows(x, kept) * 2
+        return ops.scatter_pad(y, kept, x), ops.scatter_rows(y, kept, x.shape), keep
+
+    for seed in range(2):
+        x, _, lengths = make_case("random", device, torch.float32, seed=seed)
+        logits = torch.randn(*x.shape[:2], 2, 2, device=device)
+        got_pad, got_rows, keep = layer(x, logits, lengths)
+        want = ops.gate_plan(logits, lengths, 0.5).compact(0, x)
+        assert torch.equal(keep[0], want.keep)
+        torch.testing.assert_close(got_pad, reference.scatter_pad(want.packed * 2, want.index, x))
+        torch.testing.assert_close(got_rows, reference.scatter_rows(want.packed * 2, want.index, x.shape))

@@ -117,6 +117,73 @@ def test_gate_compact_linear_equals_gate_compact_on_its_logits(device):
     assert torch.equal(fused.keep, reference.keep_mask(logits, lengths, 0.5))
 
 
+# ----------------------------------------------------------------------------- gate_plan
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("modules", [1, 3])
+def test_gate_plan_matches_reference_and_gate_compact(device, case, dtype, modules):
+    for seed in range(2):
+        x, _, lengths = make_case(case, device, dtype, seed=seed)
+        B, T, _ = x.shape
+        gen = torch.Generator().manual_seed(seed)
+        logits = torch.stack([make_logits(B, T, CASES[case][4], 0.4, gen, device) for _ in range(modules)], dim=2)
+        if seed:  # a non-contiguous view
+            logits = torch.cat([logits, logits], dim=-1)[..., 1:3].flip(-1)
+        logits = logits.to(dtype)
+        plan = ops.gate_plan(logits, lengths, 0.4)
+        want = reference.gate_plan(logits, lengths, 0.4)
+        for name, got, w in zip(("index", "cu_seqlens", "max_seqlen", "keep"), plan, want, strict=False):
+            assert torch.equal(got.cpu(), w.cpu()), name
+        assert plan.offsets == want[4].tolist()
+        for m in range(modules):
+            assert_compaction_equal(plan.compact(m, x), ops.gate_compact(x, logits[:, :, m], lengths, 0.4))
+
+
+def test_gate_plan_reads_the_host_once(device):
+    logits = torch.randn(2, 40, 3, 2, device=device)
+    x = torch.randn(2, 40, 8, device=device)
+    before = ops.host_reads()
+    plan = ops.gate_plan(logits, torch.tensor([40, 17], device=device))
+    for m in range(3):
+        plan.compact(m, x)
+    assert ops.host_reads() - before == 1
+    assert plan.offsets[-1] == plan.index.numel()
+
+
+def test_infinite_logits_follow_the_margin_rule(device):
+    """+inf keep logit: kept; +inf skip logit: skipped; the same infinity twice: an error. The
+    reference states the same rule (it used softmax, which gives NaN at any infinity)."""
+    inf = float("inf")
+    logits = torch.tensor([[[0.0, inf], [inf, 0.0], [-inf, 0.0], [0.0, -inf], [1.0, 2.0]]], device=device)
+    lengths = torch.tensor([5], device=device)
+    x = torch.randn(1, 5, 3, device=device)
+    got = ops.gate_compact(x, logits, lengths)
+    assert got.keep.tolist() == [[True, False, True, False, True]]
+    assert_compaction_equal(got, reference.gate_compact(x, logits, lengths))
+    for same in (inf, -inf):
+        bad = logits.clone()
+        bad[0, 2] = same
+        with pytest.raises(RuntimeError, match=r"both classes the same infinity \(first at b=0, t=2\)"):
+            ops.gate_compact(x, bad, lengths)
+        with pytest.raises(ValueError, match="no decision"):
+            reference.gate_compact(x, bad, lengths)
+
+
+def test_threshold_at_float_rounding_is_decided_alike():
+    """Margins that straddle logit(threshold) by one float32 ulp: the reference and the kernel
+    compare the same float32 numbers, so they agree frame for frame."""
+    threshold = 0.3
+    bound = torch.tensor(math.log(threshold / (1 - threshold)), dtype=torch.float32)
+    near = torch.stack([torch.nextafter(bound, torch.tensor(-10.0)), bound, torch.nextafter(bound, torch.tensor(10.0))])
+    logits = torch.stack([torch.zeros(3), near], dim=-1)[None]
+    lengths = torch.tensor([3])
+    got = ops.gate_compact(torch.randn(1, 3, 2), logits, lengths, threshold).keep
+    assert got.tolist() == [[False, False, True]]
+    assert torch.equal(got, reference.keep_mask(logits, lengths, threshold))
+
+
 # ----------------------------------------------------------------------------- gather / scatter
 
 
@@ -163,6 +230,81 @@ def test_compact_then_scatter_roundtrip(device):
     assert torch.equal(out, x * c.keep[..., None])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_scatter_add_and_scatter_rows_match_reference(device, case, dtype):
+    x, logits, lengths = make_case(case, device, dtype)
+    c = ops.gate_compact(x, logits, lengths)
+    values = torch.randn_like(c.packed)
+    residual = x.clone()
+    assert ops.scatter_add_(residual, values, c.index, 0.5) is residual
+    assert torch.equal(residual, ops.scatter_pad(values, c.index, x, 0.5))  # the same rounding
+    rows = ops.scatter_rows(values, c.index, x.shape)
+    assert rows.dtype == dtype and torch.equal(rows, reference.scatter_rows(values, c.index, x.shape))
+
+
+def test_scatters_reject_repeated_and_out_of_range_indices(device):
+    """Distinct indices are the scatters' contract: a repeat is an error, not a silent sum
+    (scatter_pad used to add repeated rows together)."""
+    residual = torch.randn(4, 5, 3, device=device)
+    values = torch.randn(3, 3, device=device)
+    repeated = torch.tensor([7, 2, 7], device=device)
+    with pytest.raises(RuntimeError, match=r"scatter_pad: index entries must be distinct, but index\[2\]=7 repeats index\[0\]"):
+        ops.scatter_pad(values, repeated, residual)
+    with pytest.raises(RuntimeError, match="scatter_rows: index entries must be distinct"):
+        ops.scatter_rows(values, repeated, residual.shape)
+    before = residual.clone()
+    with pytest.raises(RuntimeError, match="scatter_add_: index entries must be distinct"):
+        ops.scatter_add_(residual, values, repeated)
+    assert torch.equal(residual, before)  # checked before anything is written
+    with pytest.raises(RuntimeError, match=r"scatter_rows: index\[1\]=20 is outside \[0, 20\)"):
+        ops.scatter_rows(values, torch.tensor([0, 20, 1], device=device), residual.shape)
+
+
+def test_scatter_add_refuses_autograd_and_noncontiguous(device):
+    residual = torch.randn(2, 4, 3, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not differentiable; use scatter_pad"):
+        ops.scatter_add_(residual, torch.randn(1, 3, device=device), torch.tensor([0], device=device))
+    strided = torch.randn(4, 2, 3, device=device).transpose(0, 1)
+    with pytest.raises(RuntimeError, match="residual must be contiguous"):
+        ops.scatter_add_(strided, torch.randn(1, 3, device=device), torch.tensor([0], device=device))
+
+
+def test_gather_rows_gradient_accumulates_repeated_rows(device):
+    """Rows gathered twice get both gradients. The old backward scattered with scatter_pad, whose
+    contract is distinct rows: on a GPU its read-modify-write per row lost one of the updates."""
+    src = torch.randn(5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    index = torch.tensor([3, 1, 3, 3, 0], device=device)
+    grad = torch.randn(5, 4, dtype=torch.float64, device=device)
+    ops.gather_rows(src, index).backward(grad)
+    want = torch.zeros(5, 4, dtype=torch.float64, device=device).index_add_(0, index, grad)
+    assert torch.equal(src.grad, want)
+    torch.autograd.gradcheck(lambda s: ops.gather_rows(s, index), (src.detach().requires_grad_(True),))
+
+
+def test_cpu_kernels_use_threads_and_agree_with_one_thread():
+    """OpenMP: 2 threads give the results of 1 thread, bit for bit (the speedup is measured in
+    benchmarks/threads.py, not here)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 300, 64, generator=gen)
+    logits = torch.randn(8, 300, 3, 2, generator=gen)
+    lengths = torch.randint(0, 301, (8,), generator=gen)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            plan = ops.gate_plan(logits, lengths)
+            c = plan.compact(1, x)
+            y = torch.randn(c.packed.shape, generator=torch.Generator().manual_seed(1))
+            results.append((*plan[:4], c.packed, ops.scatter_pad(y, c.index, x, 0.5),
+                            ops.scatter_rows(y, c.index, x.shape), ops.gate_compact(x, logits[:, :, 0], lengths).packed))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- gradients
 
 
@@ -185,6 +327,7 @@ def test_gradients(device, case):
     residual = torch.randn_like(x, requires_grad=True)
     torch.autograd.gradcheck(lambda v, r: ops.scatter_pad(v, index, r, 0.5), (values, residual))
     torch.autograd.gradcheck(lambda s: ops.gather_rows(s, index), (x,))
+    torch.autograd.gradcheck(lambda v: ops.scatter_rows(v, index, x.shape), (values,))
 
 
 def test_gradient_of_compact_block_equals_masked_block(device):

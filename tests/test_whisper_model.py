@@ -7,6 +7,7 @@ import pytest
 import torch
 from whisper.model import ModelDimensions, Whisper
 
+from localgp import ops
 from localgp.model.config import GateConfig
 from localgp.model.convert import force_keep, gate_state_dict, last_record, pruning_loss, set_execution
 from localgp.model.whisper import frames_sparsity, gate_whisper, speech_frames
@@ -110,6 +111,26 @@ def test_masked_and_compact_agree(name, keep):
         force_keep(model, None)
         with torch.no_grad():
             assert not torch.allclose(model.encoder(mel), a_m, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_compact_encoder_reads_the_host_once_per_layer_and_adds_in_place(name):
+    """Inference adds the kept rows into the residual in place; with autograd on it cannot, and
+    the two give the same numbers. Either way one host read per layer (ops.gate_plan)."""
+    model = gate_whisper(tiny_whisper(), CONFIGS[name])
+    mel, _ = inputs(B=4)
+    feed_context(model, name, mel.shape[0])
+    set_execution(model, "compact")
+    force_keep(model, 0.5, seed=5)
+    with torch.no_grad():
+        before = ops.host_reads()
+        in_place = model.encoder(mel)
+        assert ops.host_reads() - before == DIMS.n_audio_layer
+    force_keep(model, 0.5, seed=5)  # the same random masks again
+    with torch.enable_grad():
+        out_of_place = model.encoder(mel)
+    assert out_of_place.requires_grad or not any(p.requires_grad for p in model.parameters())
+    assert torch.equal(in_place, out_of_place.detach())
 
 
 @pytest.mark.parametrize("name", ["temporal_token", "global"])

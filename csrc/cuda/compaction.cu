@@ -1,5 +1,8 @@
-// CUDA kernels of the compaction ops: gate_compact, gate_compact_linear, gather_rows and
-// scatter_pad.
+// CUDA kernels of the compaction ops: gate_compact, gate_compact_linear, gate_plan,
+// gather_rows and the scatters (scatter_pad, scatter_add_, scatter_rows).
+//
+// gate_plan is gate_compact over M*B sequences (module m of sequence b is sequence m*B+b) and
+// no row data: its one host read returns every module's kept count at once.
 //
 // gate_compact(_linear) runs three kernels and makes exactly one device->host transfer:
 //   1. gate_keep_kernel, one block per tile of frames of one sequence: margin, threshold,
@@ -13,18 +16,26 @@
 //      the tile offsets, writes index, and copies the row of x with 16-byte accesses where
 //      the row size and alignment allow.
 #include <ATen/Dispatch.h>
+#include <ATen/Functions.h>
 #include <ATen/OpMathType.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <initializer_list>
+#include <string>
+#include <vector>
 #include <tuple>
 #include <type_traits>
 
@@ -325,7 +336,7 @@ enum StatusEntry : int {
   kBadLengthValue,   // lengths[b] for that b
   kNanFrame,         // b*T+t of the first valid frame with a NaN margin, or -1
   kOverflow,         // 1 when N does not fit the int32 cu_seqlens
-  kStatusSize
+  kStatusSize        // then groups+1 entries: packed offset of each group's first sequence
 };
 
 constexpr int kFinalizeThreads = 1024;
@@ -363,7 +374,7 @@ __device__ int64_t block_exclusive_sum(int64_t value, int64_t* total) {
 // the tile counts, tiles ordered b then t); tile_offset[E] = N.
 __global__ void __launch_bounds__(kFinalizeThreads)
     gate_finalize_kernel(const uint32_t* __restrict__ tile_info, Lengths lengths, int64_t B,
-                         int64_t T, int64_t n_tiles, int tile_size,
+                         int64_t T, int64_t n_tiles, int tile_size, int64_t groups,
                          int64_t* __restrict__ tile_offset, int32_t* __restrict__ cu_seqlens,
                          int32_t* __restrict__ max_seqlen, int64_t* __restrict__ status) {
   __shared__ unsigned long long bad_length_b;
@@ -421,6 +432,10 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     local_max = ::max(local_max, static_cast<long long>(end - begin));
   }
   atomicMax(&max_kept, local_max);
+  const int64_t seqs_per_group = B / groups;
+  for (int64_t g = tid; g <= groups; g += kFinalizeThreads) {
+    status[kStatusSize + g] = tile_offset[g * seqs_per_group * n_tiles];
+  }
   __syncthreads();
 
   if (tid == 0) {
@@ -452,6 +467,7 @@ struct TileRowMap {
   int64_t n_tiles;
   int tile_size;
   int64_t T;
+  int64_t group_frames;  // frames of one group (B*T): index counts from its group's start
   int64_t* index;
 
   __device__ int64_t operator()(int64_t row, bool leader) const {
@@ -459,19 +475,21 @@ struct TileRowMap {
     const int64_t b = lo / n_tiles;
     const int64_t tile_frame0 = b * T + (lo - b * n_tiles) * tile_size;
     const int64_t frame = b * T + tile_frames[tile_frame0 + (row - tile_offset[lo])];
-    if (leader) index[row] = frame;
+    if (leader) index[row] = frame % group_frames;
     return frame;
   }
 };
 
 using CompactOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-// What both gate_compact variants share. x is contiguous; launch_keep(lengths, keep,
-// tile_frames, tile_info, n_tiles, n_entries, stream) launches gate_keep_kernel<kTile> with
-// the variant's margin.
+// What all gate ops share. x (B, T, D) is contiguous; its B sequences form `groups` equal
+// groups (gate_plan: the modules; else 1), whose packed offsets group_starts (groups+1) gets
+// from the one host read. launch_keep(lengths, keep, tile_frames, tile_info, n_tiles,
+// n_entries, stream) launches gate_keep_kernel<kTile> with the op's margin.
 template <int kTile, typename LaunchKeep>
 CompactOutputs compact_frames(const char* op, const char* nan_message, const Tensor& x,
-                              const Tensor& lengths_in, const LaunchKeep& launch_keep) {
+                              const Tensor& lengths_in, const LaunchKeep& launch_keep,
+                              int64_t groups = 1, std::vector<int64_t>* group_starts = nullptr) {
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const auto on_device = at::TensorOptions().device(x.device());
   Tensor keep = at::empty({B, T}, on_device.dtype(at::kBool));
@@ -480,6 +498,7 @@ CompactOutputs compact_frames(const char* op, const char* nan_message, const Ten
   if (B == 0) {  // no data to check: no sync
     cu_seqlens.zero_();
     max_seqlen.zero_();
+    if (group_starts != nullptr) group_starts->assign(groups + 1, 0);
     return {at::empty({0, D}, x.options()), at::empty({0}, on_device.dtype(at::kLong)),
             cu_seqlens, max_seqlen, keep};
   }
@@ -497,13 +516,14 @@ CompactOutputs compact_frames(const char* op, const char* nan_message, const Ten
 
   // One scratch allocation: tile_offset (E+1), status, tile_info (E x u32), tile_frames
   // (B*T x i32: a tile's kept frames are listed from its own first frame on).
+  const int64_t status_size = kStatusSize + groups + 1;
   const int64_t n_words =
-      (n_entries + 1) + kStatusSize + ceil_div(n_entries, 2) + ceil_div(B * T, 2);
+      (n_entries + 1) + status_size + ceil_div(n_entries, 2) + ceil_div(B * T, 2);
   Tensor scratch = at::empty({n_words}, on_device.dtype(at::kLong));
   int64_t* tile_offset = scratch.data_ptr<int64_t>();
   int64_t* status = tile_offset + n_entries + 1;
-  uint32_t* tile_info = reinterpret_cast<uint32_t*>(status + kStatusSize);
-  int32_t* tile_frames = reinterpret_cast<int32_t*>(status + kStatusSize + ceil_div(n_entries, 2));
+  uint32_t* tile_info = reinterpret_cast<uint32_t*>(status + status_size);
+  int32_t* tile_frames = reinterpret_cast<int32_t*>(status + status_size + ceil_div(n_entries, 2));
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (n_entries > 0) {
@@ -511,20 +531,25 @@ CompactOutputs compact_frames(const char* op, const char* nan_message, const Ten
                 stream);
   }
   gate_finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(
-      tile_info, lengths_ref, B, T, n_tiles, kTile, tile_offset, cu_seqlens.data_ptr<int32_t>(),
+      tile_info, lengths_ref, B, T, n_tiles, kTile, groups, tile_offset, cu_seqlens.data_ptr<int32_t>(),
       max_seqlen.data_ptr<int32_t>(), status);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // The one device->host transfer of the op (and its only sync).
-  int64_t host_status[kStatusSize];
-  c10::cuda::memcpy_and_sync(host_status, status, sizeof(host_status), cudaMemcpyDeviceToHost,
-                             stream);
+  std::vector<int64_t> host_status(status_size);
+  c10::cuda::memcpy_and_sync(host_status.data(), status, status_size * sizeof(int64_t),
+                             cudaMemcpyDeviceToHost, stream);
   TORCH_CHECK(host_status[kBadLengthIndex] < 0, op, ": lengths must lie in [0, T=", T,
               "], got lengths[", host_status[kBadLengthIndex], "]=",
               host_status[kBadLengthValue]);
   if (host_status[kNanFrame] >= 0) {
-    TORCH_CHECK(false, op, ": ", nan_message, " (first at b=", host_status[kNanFrame] / T,
+    const int64_t s = host_status[kNanFrame] / T, per_group = B / groups;
+    const std::string module = groups == 1 ? "" : "module " + std::to_string(s / per_group) + ", ";
+    TORCH_CHECK(false, op, ": ", nan_message, " (first at ", module, "b=", s % per_group,
                 ", t=", host_status[kNanFrame] % T, ")");
+  }
+  if (group_starts != nullptr) {
+    group_starts->assign(host_status.begin() + kStatusSize, host_status.end());
   }
   TORCH_CHECK(host_status[kOverflow] == 0, op, ": ", host_status[kKeptTotal],
               " kept frames are more than the int32 cu_seqlens can index");
@@ -534,7 +559,7 @@ CompactOutputs compact_frames(const char* op, const char* nan_message, const Ten
   Tensor index = at::empty({N}, on_device.dtype(at::kLong));
   if (N > 0) {
     const TileRowMap row_map{tile_offset, n_entries, tile_frames, n_tiles, kTile, T,
-                             index.data_ptr<int64_t>()};
+                             (B / groups) * T, index.data_ptr<int64_t>()};
     launch_copy_rows(op, x.const_data_ptr(), packed.data_ptr(), N, D * x.element_size(), row_map,
                      stream);
   }
@@ -559,8 +584,7 @@ CompactOutputs gate_compact_cuda(const Tensor& x_in, const Tensor& logits_in,
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
   };
-  return compact_frames<kLogitsTile>("gate_compact", "logits contain NaN at valid frames", x,
-                                     lengths, launch_keep);
+  return compact_frames<kLogitsTile>("gate_compact", kNanLogits, x, lengths, launch_keep);
 }
 
 template <typename scalar_t, int kVec>
@@ -607,9 +631,50 @@ CompactOutputs gate_compact_linear_cuda(const Tensor& x_in, const Tensor& hidden
           });
         });
   };
-  return compact_frames<kLinearTile>("gate_compact_linear",
-                                     "the gate logits contain NaN at valid frames", x, lengths,
+  return compact_frames<kLinearTile>("gate_compact_linear", kNanGateLogits, x, lengths,
                                      launch_keep);
+}
+
+// ------------------------------------------------------------------------------------------
+// gate_plan: gate_compact's kernels over the M*B sequences (m, b) of logits (B, T, M, 2),
+// arranged module-major (a copy of the logits: 8*M*B*T bytes, small next to any row data), and
+// no rows to copy (D = 0).
+
+using PlanOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+PlanOutputs gate_plan_cuda(const Tensor& logits_in, const Tensor& lengths_in, double threshold) {
+  check_gate_plan(logits_in, lengths_in, threshold);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const int64_t B = logits_in.size(0), T = logits_in.size(1), M = logits_in.size(2);
+  const Tensor logits = logits_in.permute({2, 0, 1, 3}).contiguous();  // (M, B, T, 2)
+  const Tensor lengths = lengths_in.repeat({M});
+  const Tensor x = at::empty({M * B, T, 0}, logits.options());
+  const float margin = keep_margin(threshold);
+  auto launch_keep = [&](const Lengths& len, bool* keep, int32_t* tile_frames, uint32_t* tile_info,
+                         int64_t n_tiles, int64_t n_entries, cudaStream_t stream) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, logits.scalar_type(), "gate_plan (logits)", [&] {
+          const LogitsMargin<scalar_t> m{logits.const_data_ptr<scalar_t>()};
+          gate_keep_kernel<kLogitsTile><<<static_cast<unsigned>(n_entries), kThreads, 0, stream>>>(
+              m, len, T, n_tiles, margin, keep, tile_frames, tile_info);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  };
+  std::vector<int64_t> starts;
+  auto [packed, index, cu_all, max_all, keep] = compact_frames<kLogitsTile>(
+      "gate_plan", kNanLogits, x, lengths, launch_keep, std::max<int64_t>(M, 1), &starts);
+  starts.resize(M + 1, starts.empty() ? 0 : starts.back());
+  Tensor offsets = at::empty({M + 1}, at::TensorOptions().dtype(at::kLong));
+  std::copy(starts.begin(), starts.end(), offsets.mutable_data_ptr<int64_t>());
+  // Per module: cu_seqlens from 0, and the longest kept sequence (device ops, no host read).
+  const auto long_opts = logits.options().dtype(at::kLong);
+  const Tensor rows = at::arange(M, long_opts).unsqueeze(1) * B + at::arange(B + 1, long_opts);
+  const Tensor cu_rows = cu_all.to(at::kLong).index_select(0, rows.reshape(-1)).view({M, B + 1});
+  const Tensor cu_seqlens = (cu_rows - cu_rows.narrow(1, 0, 1)).to(at::kInt);
+  const Tensor max_seqlen =
+      B == 0 ? at::zeros({M}, logits.options().dtype(at::kInt))
+             : (cu_seqlens.narrow(1, 1, B) - cu_seqlens.narrow(1, 0, B)).amax(1).to(at::kInt);
+  return {index, cu_seqlens, max_seqlen, keep.view({M, B, T}), offsets};
 }
 
 // ------------------------------------------------------------------------------------------
@@ -631,14 +696,79 @@ Tensor gather_rows_cuda(const Tensor& src_in, const Tensor& index_in) {
 }
 
 // ------------------------------------------------------------------------------------------
-// scatter_pad: out = residual (copied), then out[index[i]] += scale * values[i] row by row.
-// Indices are distinct, so rows never collide: no atomics.
+// The scatters. Index entries must be distinct and in range; both are checked on the device
+// (CUDA_KERNEL_ASSERT, like index_select's bounds check): a repeat is caught by the first of its
+// rows to claim an output row. Each output row is then written exactly once, so no atomics on
+// the data.
+//  * scatter_add_ (in place): one kernel over the N kept rows, reading each value row and
+//    residual row once and writing the residual row once. The claim is a 4-byte flag per row.
+//  * scatter_pad / scatter_rows (new tensor): positions_kernel records each output row's value
+//    row (-1: none), then write_rows_kernel writes every output row once: residual (+ scale *
+//    value), or the value / zeros. The residual is read once; no copy of it first.
 
+// position[index[n]] = n; asserts range and distinctness.
+__global__ void __launch_bounds__(kThreads)
+    positions_kernel(const int64_t* __restrict__ index, int64_t n_rows, int64_t n_out_rows,
+                     unsigned long long* __restrict__ position) {
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (n >= n_rows) return;
+  const int64_t r = index[n];
+  CUDA_KERNEL_ASSERT_MSG(r >= 0 && r < n_out_rows, "scatter: index out of range [0, M)");
+  const unsigned long long previous =
+      atomicCAS(position + r, ~0ull, static_cast<unsigned long long>(n));
+  CUDA_KERNEL_ASSERT_MSG(previous == ~0ull, "scatter: index entries must be distinct");
+}
+
+// out[r] = base(r) + scale * values[position[r]] where position[r] >= 0, else base(r); base is
+// the residual row, or zeros when residual is null (then values are copied as they are).
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    write_rows_kernel(const scalar_t* __restrict__ values, const scalar_t* __restrict__ residual,
+                      const long long* __restrict__ position, scalar_t* __restrict__ out,
+                      int64_t n_out_rows, int64_t vecs_per_row, int group_log2,
+                      at::opmath_type<scalar_t> scale) {
+  using V = Vec<scalar_t, kVec>;
+  using acc_t = at::opmath_type<scalar_t>;
+  const int group = 1 << group_log2;
+  const int lane = threadIdx.x & (group - 1);
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads >> group_log2) +
+                    (threadIdx.x >> group_log2);
+  if (r >= n_out_rows) return;
+  const int64_t n = position[r];
+  const V* src = reinterpret_cast<const V*>(values) + n * vecs_per_row;
+  const V* base = residual == nullptr ? nullptr : reinterpret_cast<const V*>(residual) + r * vecs_per_row;
+  V* dst = reinterpret_cast<V*>(out) + r * vecs_per_row;
+  for (int64_t u = lane; u < vecs_per_row; u += group) {
+    V o;
+    if (base == nullptr) {
+      if (n >= 0) {
+        o = src[u];
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) o.val[j] = static_cast<scalar_t>(0);
+      }
+    } else {
+      o = base[u];
+      if (n >= 0) {
+        const V v = src[u];
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          // residual + scale * value in the op-math type (float32; float64 for double), one rounding.
+          o.val[j] = static_cast<scalar_t>(static_cast<acc_t>(o.val[j]) +
+                                           scale * static_cast<acc_t>(v.val[j]));
+        }
+      }
+    }
+    dst[u] = o;
+  }
+}
+
+// out[index[i]] += scale * values[i], row by row, in place; claimed[r] marks rows written.
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     scatter_add_rows_kernel(const scalar_t* __restrict__ values, const int64_t* __restrict__ index,
-                            scalar_t* __restrict__ out, int64_t n_rows, int64_t n_out_rows,
-                            int64_t vecs_per_row, int group_log2,
+                            scalar_t* __restrict__ out, int* __restrict__ claimed, int64_t n_rows,
+                            int64_t n_out_rows, int64_t vecs_per_row, int group_log2,
                             at::opmath_type<scalar_t> scale) {
   using V = Vec<scalar_t, kVec>;
   using acc_t = at::opmath_type<scalar_t>;
@@ -648,7 +778,11 @@ __global__ void __launch_bounds__(kThreads)
                       (threadIdx.x >> group_log2);
   if (row >= n_rows) return;
   const int64_t r = index[row];
-  CUDA_KERNEL_ASSERT_MSG(r >= 0 && r < n_out_rows, "scatter_pad: index out of range [0, M)");
+  CUDA_KERNEL_ASSERT_MSG(r >= 0 && r < n_out_rows, "scatter_add_: index out of range [0, M)");
+  if (lane == 0) {
+    CUDA_KERNEL_ASSERT_MSG(atomicExch(claimed + r, 1) == 0,
+                           "scatter_add_: index entries must be distinct");
+  }
   const V* src = reinterpret_cast<const V*>(values) + row * vecs_per_row;
   V* dst = reinterpret_cast<V*>(out) + r * vecs_per_row;
   for (int64_t u = lane; u < vecs_per_row; u += group) {
@@ -656,7 +790,6 @@ __global__ void __launch_bounds__(kThreads)
     V o = dst[u];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      // residual + scale * value in the op-math type (float32; float64 for double), one rounding.
       o.val[j] = static_cast<scalar_t>(static_cast<acc_t>(o.val[j]) +
                                        scale * static_cast<acc_t>(v.val[j]));
     }
@@ -664,29 +797,78 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-Tensor scatter_pad_cuda(const Tensor& values_in, const Tensor& index_in, const Tensor& residual,
-                        double scale) {
-  check_scatter_pad(values_in, index_in, residual, scale);
-  const c10::cuda::CUDAGuard guard(residual.device());
-  Tensor out = residual.clone(at::MemoryFormat::Contiguous);
-  const int64_t N = values_in.size(0), D = values_in.size(1), M = leading_rows(residual);
-  if (N == 0) return out;
+// The out-of-place scatters: residual is undefined for scatter_rows (zeros elsewhere).
+Tensor write_rows(const char* op, const Tensor& values_in, const Tensor& index_in,
+                  const Tensor& residual_in, at::IntArrayRef size, double scale) {
   const Tensor values = values_in.contiguous();
   const Tensor index = index_in.contiguous();
+  const Tensor residual = residual_in.defined() ? residual_in.contiguous() : residual_in;
+  Tensor out = at::empty(size, values.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t N = values.size(0), D = values.size(1), M = leading_rows(out);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "scatter_pad", [&] {
+  Tensor position = at::full({std::max<int64_t>(M, 1)}, -1, index.options());
+  if (N > 0) {  // also for D = 0 or M = 0, so that bad indices are reported
+    TORCH_CHECK(ceil_div(N, kThreads) <= INT_MAX, op, ": ", N, " rows are more than one launch can cover");
+    positions_kernel<<<static_cast<unsigned>(ceil_div(N, kThreads)), kThreads, 0, stream>>>(
+        index.const_data_ptr<int64_t>(), N, M,
+        reinterpret_cast<unsigned long long*>(position.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (M == 0 || D == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "scatter", [&] {
     const scalar_t* v = values.const_data_ptr<scalar_t>();
+    const scalar_t* res = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* o = out.data_ptr<scalar_t>();
-    with_vec_width<scalar_t>(vec_width<scalar_t>(D, {v, o}), [&](auto vec) {
-      constexpr int kVec = decltype(vec)::value;
-      const RowGrid grid = row_grid("scatter_pad", N, D / kVec);
-      scatter_add_rows_kernel<scalar_t, kVec><<<grid.blocks, kThreads, 0, stream>>>(
-          v, index.const_data_ptr<int64_t>(), o, N, M, D / kVec, grid.group_log2,
-          static_cast<at::opmath_type<scalar_t>>(scale));
+    const int vec = res == nullptr ? vec_width<scalar_t>(D, {v, o}) : vec_width<scalar_t>(D, {v, o, res});
+    with_vec_width<scalar_t>(vec, [&](auto vec_tag) {
+      constexpr int kVec = decltype(vec_tag)::value;
+      const RowGrid grid = row_grid(op, M, D / kVec);
+      write_rows_kernel<scalar_t, kVec><<<grid.blocks, kThreads, 0, stream>>>(
+          v, res, reinterpret_cast<const long long*>(position.const_data_ptr<int64_t>()), o, M,
+          D / kVec, grid.group_log2, static_cast<at::opmath_type<scalar_t>>(scale));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return out;
+}
+
+Tensor scatter_pad_cuda(const Tensor& values, const Tensor& index, const Tensor& residual,
+                        double scale) {
+  check_scatter_pad("scatter_pad", values, index, residual, scale);
+  const c10::cuda::CUDAGuard guard(residual.device());
+  return write_rows("scatter_pad", values, index, residual, residual.sizes(), scale);
+}
+
+Tensor scatter_rows_cuda(const Tensor& values, const Tensor& index, c10::SymIntArrayRef size) {
+  const std::vector<int64_t> shape = check_scatter_rows(values, index, size);
+  const c10::cuda::CUDAGuard guard(values.device());
+  return write_rows("scatter_rows", values, index, Tensor(), shape, 1.0);
+}
+
+void scatter_add__cuda(const Tensor& residual, const Tensor& values_in, const Tensor& index_in,
+                       double scale) {
+  check_scatter_pad("scatter_add_", values_in, index_in, residual, scale);
+  TORCH_CHECK(residual.is_contiguous(), "scatter_add_: residual must be contiguous (it is updated in place)");
+  const c10::cuda::CUDAGuard guard(residual.device());
+  const int64_t N = values_in.size(0), D = values_in.size(1), M = leading_rows(residual);
+  if (N == 0) return;
+  const Tensor values = values_in.contiguous();
+  const Tensor index = index_in.contiguous();
+  Tensor claimed = at::zeros({std::max<int64_t>(M, 1)}, index.options().dtype(at::kInt));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, residual.scalar_type(), "scatter_add_", [&] {
+    const scalar_t* v = values.const_data_ptr<scalar_t>();
+    scalar_t* o = residual.data_ptr<scalar_t>();
+    with_vec_width<scalar_t>(vec_width<scalar_t>(D, {v, o}), [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      // D = 0 still launches (one lane per row), so that bad indices are reported.
+      const RowGrid grid = row_grid("scatter_add_", N, D / kVec);
+      scatter_add_rows_kernel<scalar_t, kVec><<<grid.blocks, kThreads, 0, stream>>>(
+          v, index.const_data_ptr<int64_t>(), o, claimed.data_ptr<int>(), N, M, D / kVec,
+          grid.group_log2, static_cast<at::opmath_type<scalar_t>>(scale));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
 }
 
 }  // namespace
@@ -695,7 +877,10 @@ TORCH_LIBRARY_IMPL(localgp, CUDA, m) {
   m.impl("gate_compact", &gate_compact_cuda);
   m.impl("gate_compact_linear", &gate_compact_linear_cuda);
   m.impl("gather_rows", &gather_rows_cuda);
+  m.impl("gate_plan", &gate_plan_cuda);
   m.impl("scatter_pad", &scatter_pad_cuda);
+  m.impl("scatter_rows", &scatter_rows_cuda);
+  m.impl("scatter_add_", &scatter_add__cuda);
 }
 
 }  // namespace localgp

@@ -1,4 +1,4 @@
-// gate_compact, gate_compact_linear, gather_rows and scatter_pad of csrc/cuda/compaction.cu
+// gate_compact, gate_compact_linear, gate_plan, gather_rows and the scatters of csrc/cuda/compaction.cu
 // against references built from ATen ops.
 #include "common.h"
 #include "compaction.cpp"  // csrc/cuda/compaction.cu after rewrite.py
@@ -75,7 +75,7 @@ void test_gate_compact() {
   EXPECT_ERROR(run({3, 514, -1}), "gate_compact: lengths must lie in [0, T=513], got lengths[1]=514");
   EXPECT_ERROR(run({-1, 3, 3}), "got lengths[0]=-1");
   logits[2][300][1] = NAN;  // in the second tile of sequence 2
-  EXPECT_ERROR(run({513, 513, 513}), "gate_compact: logits contain NaN at valid frames (first at b=2, t=300)");
+  EXPECT_ERROR(run({513, 513, 513}), "gate_compact: logits give no decision at valid frames: a NaN logit, or both classes the same infinity (first at b=2, t=300)");
   logits[1][7][0] = NAN;
   EXPECT_ERROR(run({513, 513, 513}), "(first at b=1, t=7)");
   EXPECT_ERROR(run({513, 8, 0}), "(first at b=1, t=7)");
@@ -125,7 +125,7 @@ void test_gate_compact_linear() {
   const auto run = [&](std::vector<int64_t> lengths) {
     localgp::gate_compact_linear_cuda(x, hidden, at::randn({2, 16}), at::randn({2}), at::tensor(lengths), 0.5);
   };
-  EXPECT_ERROR(run({10, 10}), "gate_compact_linear: the gate logits contain NaN at valid frames (first at b=1, t=2)");
+  EXPECT_ERROR(run({10, 10}), "gate_compact_linear: the gate logits give no decision at valid frames: a NaN logit, or both classes the same infinity (first at b=1, t=2)");
   EXPECT(error_of([&] { run({10, 2}); }) == "(no error)", "NaN past the lengths is ignored");
   EXPECT_ERROR(run({10, 11}), "gate_compact_linear: lengths must lie in [0, T=10], got lengths[1]=11");
 }
@@ -148,7 +148,51 @@ void test_gather_rows() {
                "gather_rows: src must be float16, bfloat16, float32 or float64, got Int");
 }
 
-void test_scatter_pad() {
+void test_gate_plan() {
+  // Module m of the plan = gate_compact on logits[:, :, m]; offsets on the host; infinite logits
+  // follow the margin rule (+inf keep logit: kept) and the same infinity twice is an error.
+  for (int64_t M : {0, 1, 3}) {
+    for (int64_t B : {0, 1, 3}) {
+      for (int64_t T : {0, 1, 37, 300}) {
+        Tensor logits = at::randn({B, T, M, 2}).mul(2);
+        if (B * T * M > 1) {  // one infinite logit per frame: a decision
+          logits.select(3, 1).view(-1)[0] = INFINITY;
+          logits.select(3, 0).view(-1)[B * T * M - 1] = INFINITY;
+        }
+        logits = logits.to(pick(kFloats));
+        const Tensor lengths = random_lengths(B, T);
+        const double threshold = std::uniform_real_distribution<double>(0.05, 0.95)(rng);
+        auto [index, cu_seqlens, max_seqlen, keep, offsets] = localgp::gate_plan_cuda(logits, lengths, threshold);
+        const std::string what = "gate_plan M=" + str(M) + " B=" + str(B) + " T=" + str(T);
+        EXPECT(offsets.device().is_cpu() && offsets.size(0) == M + 1, what << ": offsets");
+        EXPECT(keep.sizes() == at::IntArrayRef({M, B, T}) && cu_seqlens.sizes() == at::IntArrayRef({M, B + 1}) &&
+                   max_seqlen.sizes() == at::IntArrayRef({M}), what << ": shapes");
+        const Tensor x = at::randn({B, T, 2});
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t begin = offsets[m].item<int64_t>(), end = offsets[m + 1].item<int64_t>();
+          auto [p, ref_index, ref_cu, ref_max, ref_keep] = localgp::gate_compact_cuda(
+              x, logits.select(2, m), lengths, threshold);
+          EXPECT(keep[m].equal(ref_keep) && index.narrow(0, begin, end - begin).equal(ref_index) &&
+                     cu_seqlens[m].equal(ref_cu) && max_seqlen[m].item<int>() == ref_max.item<int>(),
+                 what << ": module " << m);
+        }
+      }
+    }
+  }
+  Tensor logits = at::randn({2, 300, 3, 2});
+  logits[1][260][2][0] = INFINITY;
+  logits[1][260][2][1] = INFINITY;
+  EXPECT_ERROR(localgp::gate_plan_cuda(logits, at::tensor({300, 300}), 0.5),
+               "gate_plan: logits give no decision at valid frames: a NaN logit, or both classes the same infinity (first at module 2, b=1, t=260)");
+  EXPECT(error_of([&] { localgp::gate_plan_cuda(logits, at::tensor({300, 260}), 0.5); }) == "(no error)",
+         "infinite logits past the lengths are ignored");
+  EXPECT_ERROR(localgp::gate_plan_cuda(at::randn({2, 5, 3}), at::tensor({5, 5}), 0.5),
+               "gate_plan: logits must have shape (B, T, M, 2)");
+}
+
+// The three scatters against residual + scale * (values scattered into zeros), in the op-math
+// type, rounded once.
+void test_scatters() {
   for (int64_t D : {0, 1, 3, 8, 16, 100, 1000}) {
     for (auto dtype : kFloats) {
       Tensor residual = at::randn({3, 9, D}).to(dtype);
@@ -158,17 +202,33 @@ void test_scatter_pad() {
       Tensor values = at::randn({N, D}).to(dtype);
       if (D > 1 && rng() % 2) values = at::randn({N, D + 1}).to(dtype).narrow(1, 1, D);
       const double scale = std::uniform_real_distribution<double>(-2, 2)(rng);
-      const Tensor got = localgp::scatter_pad_cuda(values, index, residual, scale);
-      // residual + scale * (values scattered into zeros), in the op-math type, rounded once.
       const auto acc = at::toOpMathType(dtype);
       const Tensor y = at::zeros({27, D}, acc).index_copy_(0, index, values.to(acc));
       const Tensor ref = (residual.to(acc).reshape({27, D}) + y * scale).to(dtype).view({3, 9, D});
-      EXPECT(got.sizes() == residual.sizes() && got.is_contiguous() && got.equal(ref),
-             "scatter_pad D=" << D << " N=" << N << " " << dtype);
+      const std::string what = "D=" + str(D) + " N=" + str(N) + " " + str(dtype);
+      const Tensor got = localgp::scatter_pad_cuda(values, index, residual, scale);
+      EXPECT(got.sizes() == residual.sizes() && got.is_contiguous() && got.equal(ref), "scatter_pad " << what);
+      Tensor in_place = residual.contiguous().clone();
+      localgp::scatter_add__cuda(in_place, values, index, scale);
+      EXPECT(in_place.equal(ref), "scatter_add_ " << what);
+      const Tensor rows = localgp::scatter_rows_cuda(values, index, c10::fromIntArrayRefSlow({3, 9, D}));
+      EXPECT(rows.equal(y.to(dtype).view({3, 9, D})), "scatter_rows " << what);
     }
   }
+  const Tensor repeated = at::tensor({3, 0, 3}, at::kLong);
   EXPECT_ERROR(localgp::scatter_pad_cuda(at::randn({1, 3}), at::tensor({10}, at::kLong), at::randn({2, 5, 3}), 1.0),
-               "device-side assert triggered: scatter_pad: index out of range");
+               "device-side assert triggered: scatter: index out of range");
+  EXPECT_ERROR(localgp::scatter_pad_cuda(at::randn({3, 3}), repeated, at::randn({2, 5, 3}), 1.0),
+               "scatter: index entries must be distinct");
+  EXPECT_ERROR(localgp::scatter_rows_cuda(at::randn({3, 3}), repeated, c10::fromIntArrayRefSlow({10, 3})),
+               "scatter: index entries must be distinct");
+  Tensor residual = at::randn({10, 3});
+  EXPECT_ERROR(localgp::scatter_add__cuda(residual, at::randn({3, 3}), repeated, 1.0),
+               "scatter_add_: index entries must be distinct");
+  EXPECT_ERROR(localgp::scatter_add__cuda(residual, at::randn({1, 3}), at::tensor({10}, at::kLong), 1.0),
+               "scatter_add_: index out of range");
+  EXPECT_ERROR(localgp::scatter_rows_cuda(at::randn({1, 0}), at::tensor({4}, at::kLong), c10::fromIntArrayRefSlow({2, 0})),
+               "scatter: index out of range");
 }
 
 int main() {
@@ -177,6 +237,7 @@ int main() {
     test_gate_compact();
     test_gate_compact_linear();
     test_gather_rows();
-    test_scatter_pad();
+    test_gate_plan();
+    test_scatters();
   });
 }

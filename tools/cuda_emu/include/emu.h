@@ -285,3 +285,5 @@ template <class T> T __ldg(const T* p) { return *p; }
 // Fibers never run at the same time: plain read-modify-write is atomic here.
 template <class T> T atomicMin(T* p, T v) { const T old = *p; if (v < old) *p = v; return old; }
 template <class T> T atomicMax(T* p, T v) { const T old = *p; if (old < v) *p = v; return old; }
+template <class T> T atomicCAS(T* p, T compare, T v) { const T old = *p; if (old == compare) *p = v; return old; }
+template <class T> T atomicExch(T* p, T v) { const T old = *p; *p = v; return old; }
