@@ -47,7 +47,8 @@ def resolve_cuda():
 
 
 def cuda_arch_list():
-    """The GPUs present, or Ampere + Hopper when none is visible at build time."""
+    """The GPUs present, or Ampere + Hopper when none is visible at build time, with PTX for the
+    newest: GPUs after Hopper compile it at load instead of failing with "no kernel image"."""
     import torch
 
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -55,7 +56,7 @@ def cuda_arch_list():
     if torch.cuda.is_available():
         caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
         return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
-    return "8.0;9.0"
+    return "8.0;9.0+PTX"
 
 
 class CMakeExtension(Extension):

@@ -7,7 +7,10 @@
 # 1. installs the wheels of `bash benchmarks/gpu_wheels.sh` (WHEELS, default wheels/) that its
 #    Python lacks, into that Python (PYTHON, default python3; a package it has is never moved);
 # 2. builds the op library with its CUDA kernels (LOCALGP_CUDA=1: fails loudly if it cannot);
-# 3. runs the CUDA tests (pytest -m requires_cuda, on the test files that have them);
+# 3. runs the CUDA tests (pytest -m requires_cuda, on the test files that have them), then the op
+#    tests again under compute-sanitizer's memcheck, racecheck and synccheck (OUTDIR/sanitizer/,
+#    one report per tool; a finding fails the step), and benchmarks/compaction.py (bytes and time
+#    of one layer's compaction and scatters) -> OUTDIR/compaction.json/.md;
 # 4. the matrix: presets base/small/medium, bf16, batch 1 and 8, keep 1.0/0.7/0.5/0.3, 30 s,
 #    part encoder (batch 1 and 8), part decode (batch 1 and 32, 50 steps of beam 5):
 #    `localgp bench` -> OUTDIR/bench_<part>_<preset>_b<batch>.json/.csv;
@@ -111,6 +114,20 @@ step "build (LOCALGP_CUDA=1)" 300 "$PY" -m pip install --no-build-isolation --no
 # ---- 3. CUDA tests: only files with CUDA tests are collected (others import packages not carried)
 mapfile -t CUDA_TESTS < <(grep -lE 'requires_cuda|DEVICES' tests/test_*.py)
 step "CUDA tests (${CUDA_TESTS[*]})" "$TESTS_S" "$PY" -m pytest -q -m requires_cuda -p no:cacheprovider "${CUDA_TESTS[@]}"
+SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)"
+if [[ -n $SANITIZER ]]; then
+  mkdir -p "$OUT/sanitizer"
+  for tool in memcheck racecheck synccheck; do
+    # The op tests only (the kernels are ours; the rest is torch's); --error-exitcode makes a finding fail.
+    step "compute-sanitizer $tool" 90 "$SANITIZER" --tool "$tool" --error-exitcode 1 --log-file "$OUT/sanitizer/$tool.txt" \
+      "$PY" -m pytest -q -x -m requires_cuda -p no:cacheprovider tests/test_ops.py -k "not varlen"
+  done
+else
+  say "compute-sanitizer not found: sanitizer runs skipped"
+  FAILED+=("compute-sanitizer (missing)")
+fi
+step "compaction traffic and time" 90 "$PY" benchmarks/compaction.py --device cuda --json "$OUT/compaction.json" \
+  --markdown "$OUT/compaction.md"
 
 # ---- 4. + 5. the matrix, the profile
 bench() {  # PART PRESET BATCH [more flags]

@@ -10,7 +10,10 @@ Python), so a call's labels add up to its time.
 On the CPU the labels' host time is the time. On a GPU it is the device time of the kernels
 launched inside each label (the profiler's GPU-side spans of the labels), and host-device
 synchronisations are counted with torch.cuda.set_sync_debug_mode in a separate, unprofiled call;
-on the CPU there are none to count ("n/a").
+on the CPU there are none to count ("n/a"). On every device, `host_reads` counts the device-to-host
+reads of one call as the op wrappers and model code report them (localgp.ops.count_host_reads:
+the ops that size an output from the data, the decoder's per-step decisions), and
+`host_reads_per_layer` divides them by the part's layers (a decode call: over all its steps).
 
 Outputs under `out`: profile.json and profile.txt (the table), a stacked-bar PNG per mode
 (profile_<mode>.png, one bar per keep ratio) and a Chrome trace per mode and keep ratio
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from localgp import bench
+from localgp import bench, ops
 from localgp.model.gating import LABEL_PREFIX
 
 STEP = "localgp_profile_step"  # wraps one call; not a `localgp.` label itself
@@ -85,11 +88,21 @@ def count_syncs(fn, device: torch.device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def profile_case(case: bench.Case, device: torch.device, repeats: int, warmup: int, trace: Path) -> dict:
+def count_host_reads(fn) -> int:
+    """Device-to-host reads in one call of fn, as the op wrappers and model code count them
+    (localgp.ops.count_host_reads): the same number on every device."""
+    before = ops.host_reads()
+    fn()
+    return ops.host_reads() - before
+
+
+def profile_case(case: bench.Case, device: torch.device, repeats: int, warmup: int, trace: Path,
+                 layers: int) -> dict:
     for _ in range(warmup):
         case.run()
     bench.synchronize(device)
     syncs = count_syncs(case.run, device)
+    host_reads = count_host_reads(case.run)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -102,7 +115,8 @@ def profile_case(case: bench.Case, device: torch.device, repeats: int, warmup: i
     calls = breakdown(prof.events(), device)
     labels = list(dict.fromkeys(label for call in calls for label in call))
     modules = {label: sum(call.get(label, 0.0) for call in calls) / len(calls) / 1e3 for label in labels}
-    return dict(total_ms=sum(modules.values()), modules_ms=ordered(modules), syncs=syncs, calls=len(calls),
+    return dict(total_ms=sum(modules.values()), modules_ms=ordered(modules), syncs=syncs, host_reads=host_reads,
+                host_reads_per_layer=host_reads / layers, calls=len(calls),
                 gflops=case.gflops(), kept_share=case.kept_share(), trace=trace.name)
 
 
@@ -132,7 +146,8 @@ def run_profile(part: str, setting: bench.Setting, modes=MODES, keeps=(0.5,), re
         for mode in modes:
             for keep in (keeps or [None]) if mode in bench.GATED else [1.0]:
                 name = f"{mode}_keep{'gates' if keep is None else f'{keep:g}'}"
-                result = profile_case(workload.case(mode, keep), device, repeats, warmup, out / f"trace_{name}.json")
+                result = profile_case(workload.case(mode, keep), device, repeats, warmup, out / f"trace_{name}.json",
+                                      workload.shapes["layers"])
                 results.append(dict(mode=mode, keep=keep if keep is not None else result["kept_share"], **result))
     report = dict(part=part, batch=setting.batch, seconds=setting.seconds, dtype=setting.dtype, **workload.shapes,
                   pruned=workload.pruned, masks=workload.masks, repeats=repeats, warmup=warmup,
@@ -166,6 +181,7 @@ def table(report: dict) -> str:
     lines.append(f"{'gate+c+s %':12s}" + "".join(f"{100 * o:>{width}.1f}" for o in overhead))
     lines.append(f"{'syncs':12s}" + "".join(f"{'n/a' if r['syncs'] is None else r['syncs']:>{width}}"
                                              for r in results))
+    lines.append(f"{'host reads/l':12s}" + "".join(f"{r['host_reads_per_layer']:>{width}.2f}" for r in results))
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ def keep_mask(logits: Tensor, lengths: Tensor, threshold: float) -> Tensor:
 def compact(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Packs the kept frames of x (B, T, D): (packed, index, cu_seqlens, max_seqlen)."""
     index = keep.reshape(-1).nonzero().squeeze(1)
-    packed = x.reshape(-1, x.shape[-1])[index]
+    packed = x.reshape(x.shape[0] * x.shape[1], x.shape[2])[index]
     counts = keep.sum(1)
     cu_seqlens = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()
     max_seqlen = counts.max().int() if counts.numel() else counts.new_zeros(()).int()
@@ -57,12 +57,17 @@ def gate_plan(logits: Tensor, lengths: Tensor, threshold: float = 0.5):
     return torch.cat([torch.zeros(0, dtype=torch.int64), *index]), cu_seqlens, max_seqlen, keep, offsets
 
 
+def _rows(t: Tensor) -> Tensor:
+    """t (..., D) viewed as (M, D), also for D = 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def gather_rows(src: Tensor, index: Tensor) -> Tensor:
-    return src.reshape(-1, src.shape[-1])[index]
+    return _rows(src)[index]
 
 
 def scatter_pad(values: Tensor, index: Tensor, residual: Tensor, scale: float = 1.0) -> Tensor:
-    y = values.new_zeros(residual.reshape(-1, residual.shape[-1]).shape)
+    y = values.new_zeros(_rows(residual).shape)
     y[index] = values
     return residual + scale * y.reshape(residual.shape)
 

@@ -83,6 +83,9 @@ def test_profile_labels_add_up(tmp_path, capsys):
     for r in report["results"]:
         assert sum(r["modules_ms"].values()) == pytest.approx(r["total_ms"])
         assert r["syncs"] is None  # counted on CUDA only
+        # One host read per gated layer in compact execution (the layer's gate_plan), none else.
+        assert r["host_reads_per_layer"] == (1 if r["mode"] == "compact" else 0)
+        assert r["host_reads"] == r["host_reads_per_layer"] * report["layers"]
         trace = json.loads((out / r["trace"]).read_text())
         assert any(e.get("name") == "localgp.ffn1" for e in trace["traceEvents"])
     for mode in ("dense", "masked", "compact"):

@@ -120,3 +120,19 @@ def test_compiled_layer_plan(device):
         assert torch.equal(keep[0], want.keep)
         torch.testing.assert_close(got_pad, reference.scatter_pad(want.packed * 2, want.index, x))
         torch.testing.assert_close(got_rows, reference.scatter_rows(want.packed * 2, want.index, x.shape))
+
+
+@pytest.mark.requires_cuda
+def test_bf16_varlen_attention_on_cuda_is_the_op_opchecked_and_compiled():
+    """The one varlen path: on CUDA in bf16 the op runs PyTorch's FlashAttention-2 inside (no
+    shortcut around it in Python), so what opcheck and torch.compile see is what the encoder runs."""
+    torch._dynamo.reset()
+    q, k, v, cu, max_len = make_attention([37, 0, 64, 1], 4, 64, torch.bfloat16, torch.device("cuda"))
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    torch.library.opcheck(OPS.varlen_attention.default, (q, k, v, cu, max_len, 0.125))
+    compiled = torch.compile(ops.varlen_attention, fullgraph=True, dynamic=True)
+    got = compiled(q, k, v, cu, max_len, 0.125)
+    want = ops.varlen_attention(q, k, v, cu, max_len, 0.125)
+    torch.testing.assert_close(got, want)
+    got.float().sum().backward()
+    assert all(t.grad is not None and t.grad.isfinite().all() for t in (q, k, v))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-check every csrc/**/*.cu with nvcc for sm_80 and sm_90, without a GPU and against
+# Compile-check every csrc/**/*.cu with nvcc for sm_80 and sm_90 (+ PTX of compute_90), without a GPU and against
 # the CPU torch wheel. Objects go to a temporary directory and are thrown away.
 #
 # The CPU wheel lacks two headers that a CUDA build of torch generates
@@ -44,6 +44,7 @@ FLAGS=(
   -DLOCALGP_WITH_CUDA
   -gencode arch=compute_80,code=sm_80
   -gencode arch=compute_90,code=sm_90
+  -gencode arch=compute_90,code=compute_90  # the PTX of setup.py's default "8.0;9.0+PTX"
   --threads 2
 )
 

@@ -22,6 +22,13 @@ using at::Tensor;
 using CompactResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 using PlanResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
+// Rows of a (..., D) tensor viewed as (M, D); counted from the sizes so that D = 0 works.
+int64_t leading_rows(const Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
+
 // lengths as int64, each in [0, T].
 Tensor checked_lengths(const char* op, const Tensor& lengths_in, int64_t T) {
   const Tensor lengths = lengths_in.to(at::kLong).contiguous();
@@ -212,8 +219,7 @@ Tensor gather_rows_cpu(const Tensor& src_in, const Tensor& index_in) {
   const Tensor src = src_in.contiguous();
   const Tensor index = index_in.contiguous();
   const int64_t D = src.size(-1);
-  const int64_t rows = D == 0 ? 0 : src.numel() / D;
-  if (D != 0) check_index_range("gather_rows", index, rows);
+  check_index_range("gather_rows", index, leading_rows(src));
   Tensor out = at::empty({index.size(0), D}, src.options());
   copy_rows(src, index, out);
   return out;
@@ -239,7 +245,7 @@ Tensor scatter_pad_cpu(const Tensor& values_in, const Tensor& index_in, const Te
   const Tensor residual = residual_in.contiguous();
   Tensor out = at::empty_like(residual);
   const int64_t D = out.size(-1);
-  const int64_t rows = D == 0 ? 0 : out.numel() / D;
+  const int64_t rows = leading_rows(out);
   const std::vector<int64_t> position = row_positions("scatter_pad", index, rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(),
                                   "scatter_pad_cpu", [&] {
@@ -269,7 +275,7 @@ Tensor scatter_rows_cpu(const Tensor& values_in, const Tensor& index_in, c10::Sy
   const Tensor index = index_in.contiguous();
   Tensor out = at::empty(shape, values.options());
   const int64_t D = values.size(1);
-  const int64_t rows = D == 0 ? 0 : out.numel() / D;
+  const int64_t rows = leading_rows(out);
   const std::vector<int64_t> position = row_positions("scatter_rows", index, rows);
   const size_t row_bytes = D * values.element_size();
   const char* v = static_cast<const char*>(values.const_data_ptr());
@@ -291,7 +297,7 @@ void scatter_add__cpu(const Tensor& residual, const Tensor& values_in, const Ten
   const Tensor values = values_in.contiguous();
   const Tensor index = index_in.contiguous();
   const int64_t D = residual.size(-1);
-  const int64_t rows = D == 0 ? 0 : residual.numel() / D;
+  const int64_t rows = leading_rows(residual);
   row_positions("scatter_add_", index, rows);
   const int64_t* idx = index.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, residual.scalar_type(),
