@@ -171,9 +171,14 @@ def test_compact_runs_modules_only_on_rows_that_keep_them(tiny, keep):
         assert len(utterance[0].token_ids) == steps and utterance[0].yseq[-1] == model.eos
 
 
+@pytest.mark.parametrize("whole_modules", [False, True], ids=["row_sets", "whole_modules"])
 @pytest.mark.parametrize("keep", [0.3, 0.7])
-def test_forced_masks_compact_equals_masked(tiny, keep):
-    """Benchmark masks (random per token and module) give the same search in both executions."""
+def test_forced_masks_compact_equals_masked(tiny, keep, whole_modules, monkeypatch):
+    """Benchmark masks (random per token and module) give the same search in both executions;
+    also when modules run on every row or none (what a GPU does at few rows)."""
+    from localgp.decoding.incremental import IncrementalDecoder
+
+    monkeypatch.setattr(IncrementalDecoder, "whole_modules", lambda self, keep: whole_modules)
     model = gate_s2t_model(copy.deepcopy(tiny[0]), GATED["token"]).eval()
     mem, lens = memory(11, [16, 10, 7, 16])
     prompts = torch.tensor([primer(tiny[1])] * 4)
