@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from localgp.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------ Whisper base
@@ -126,7 +128,7 @@ def run_whisper_demo(out: Path, data: Path, rows=("localgp+speaker",), targets=(
 
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
-        raise ValueError(f"demo: unknown rows {unknown}; choose from {', '.join(ROWS)}")
+        raise UserError(f"demo: unknown rows {unknown}; choose from {', '.join(ROWS)}")
     weights = prepare_whisper(whisper_dir, log=log.info)
     manifest = data / "manifest.jsonl"
     if not manifest.is_file():
@@ -229,7 +231,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"demo: --device {device}: torch {torch.__version__} sees no CUDA GPU")
+        raise UserError(f"demo: --device {device}: torch {torch.__version__} sees no CUDA GPU")
     return device
 
 
@@ -241,6 +243,6 @@ def run_demo(out: str | Path = "out/demo", data: str | Path = "data/demo", backb
     if backbone == "owsm":
         return run_owsm_demo(out, data, steps, 8.0 if minutes is None else minutes, device, beam, batch, limit)
     if backbone != "whisper-base":
-        raise ValueError(f"demo: --backbone must be whisper-base or owsm, got {backbone!r}")
+        raise UserError(f"demo: --backbone must be whisper-base or owsm, got {backbone!r}")
     return run_whisper_demo(out, data, rows, targets, 4.0 if minutes is None else minutes, steps, device, beam, batch,
                             limit, whisper_dir)

@@ -46,6 +46,7 @@ from typing import Callable, Protocol
 import torch
 
 from localgp import flops
+from localgp.errors import UserError
 from localgp.model import owsm
 from localgp.model.config import ENCODER_MODULES
 
@@ -63,7 +64,7 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
 GATES = "gates"  # the keep "ratio" of a run whose masks come from trained gates
 
 
-class BenchError(ValueError):
+class BenchError(UserError):
     """A bad setting, named by its command-line flag."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from localgp.errors import UserError
 from localgp.model.owsm import LANGUAGES, language_token, owsm_token_list
 
 NO_TIMESTAMPS = "<notimestamps>"
@@ -69,6 +70,6 @@ class Tokenizer:
         tokens = [language_token(language), task, NO_TIMESTAMPS]
         missing = [t for t in tokens if t not in self.id_of]
         if missing:
-            raise ValueError(f"Tokenizer.prompt: {missing} not in the token list (languages of this model: "
+            raise UserError(f"Tokenizer.prompt: {missing} not in the token list (languages of this model: "
                              f"{[t for t in self.token_list if len(t) == 4 and t.startswith('<')]})")
         return [self.id_of[t] for t in tokens]
