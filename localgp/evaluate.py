@@ -239,10 +239,11 @@ def markdown_table(report: dict, label: str = "this run") -> str:
     bleu = [k for k in report["bleu"] if k != "average"]
     head = ["model", *(f"WER {k}" for k in wer), "WER avg", *(f"BLEU {k}" for k in bleu), "BLEU avg",
             "GFLOPs (Enc)", "s/utt"]
-    fmt = lambda d, k: f"{d[k]:.1f}" if k in d else "-"  # noqa: E731
+    # "-": not measured, or undefined (null in report.json, with its reason under "notes")
+    fmt = lambda d, k, spec=".1f": "-" if d.get(k) is None else format(d[k], spec)  # noqa: E731
     row = [label, *(fmt(report["wer"], k) for k in wer), fmt(report["wer"], "average"),
            *(fmt(report["bleu"], k) for k in bleu), fmt(report["bleu"], "average"),
-           f"{report['encoder_gflops']:.3g}", f"{report['seconds_per_utterance']:.3f}"]
+           fmt(report, "encoder_gflops", ".3g"), fmt(report, "seconds_per_utterance", ".3f")]
     # Columns of the newer measurements, where the records carry them.
     for key, title, spec in (("decoder_gflops", "GFLOPs (Dec)", ".3g"), ("encoder_seconds_per_utterance", "enc s/utt", ".3f"),
                              ("encoder_sparsity", "enc skipped (all frames)", ".3f"),
@@ -253,7 +254,7 @@ def markdown_table(report: dict, label: str = "this run") -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |"]
     if report["sparsity"]:
         lines += ["", "| module | skipped |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in report["sparsity"].items()]
+        lines += [f"| {k} | {fmt(report['sparsity'], k, '.3f')} |" for k in report["sparsity"]]
     return "\n".join(lines) + "\n"
 
 

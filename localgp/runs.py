@@ -232,7 +232,8 @@ def _check_gates(gates) -> None:
         raise UserError(f"TrainConfig.gates: {err}") from err
     for name, hint in typing.get_type_hints(type(config)).items():
         if not has_type(getattr(config, name), hint):
-            raise UserError(f"TrainConfig.gates.{name} must be {hint}, got {getattr(config, name)!r}")
+            raise UserError(f"TrainConfig.gates.{name} must be {getattr(hint, '__name__', hint)}, "
+                            f"got {getattr(config, name)!r}")
 
 
 def _is_number(value) -> bool:
