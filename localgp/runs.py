@@ -244,6 +244,19 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_device(name: str, field: str = "--device") -> torch.device:
+    """The torch device `name` names, refused (UserError) when unknown or absent here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"{field}: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{field}: {name!r} but torch {torch.__version__} sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"{field}: {name!r}; localgp runs on cpu or cuda")
+    return device
+
+
 # ------------------------------------------------------------------ run directories
 
 def recorded_config(out_dir: str | Path) -> dict | None:

@@ -30,6 +30,7 @@ from localgp.errors import UserError
 from localgp.runs import (
     LOG,
     TrainConfig,
+    check_device,
     checkpoint_path,
     claim_run_dir,
     model_state,
@@ -97,12 +98,7 @@ class Trainer:
         self.backbone = get_backbone(config)
         utterances = load_corpus(config.data, config.skip_bad_audio, self.backbone.max_seconds)
         self.examples = make_examples(utterances, config.tasks, self.backbone.supports)
-        try:
-            self.device = torch.device(config.device)
-        except RuntimeError as err:
-            raise UserError(f"TrainConfig.device: {err}") from err
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"TrainConfig.device: {config.device!r} but torch {torch.__version__} sees no CUDA GPU")
+        self.device = check_device(config.device, "TrainConfig.device")
         claim_run_dir(config, overwrite)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)

@@ -38,12 +38,15 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
 
     from localgp.context.feeder import ContextFeeder
     from localgp.data.examples import load_corpus, make_examples
-    from localgp.runs import checkpoint_path, dense_model, file_sha256, load_run
+    from localgp.runs import check_device, checkpoint_path, dense_model, file_sha256, load_run
 
     if batch_size < 1:
         raise UserError(f"decode: batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise UserError(f"decode: limit must be >= 1 (or None: every example), got {limit}")
+    if not tasks or not set(tasks) <= {"asr", "st"}:
+        raise UserError(f"decode: tasks must be asr, st or both, got {','.join(tasks)!r}")
+    check_device(device)
     if isinstance(data, (str, Path)):
         data = {"kind": "manifest", "path": str(data)}
     out_path = Path(out_path)

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 import yaml
 
 from localgp import flops
@@ -252,6 +253,26 @@ def test_records_that_nothing_says_who_produced_are_not_resumed(run_dir, tmp_pat
 def test_decode_limit_must_be_a_positive_count(run_dir, tmp_path, cli_error, limit):
     cli_error(["decode", run_dir, "--out", tmp_path / "d.jsonl", "--limit", limit], "argument --limit")
     assert not (tmp_path / "d.jsonl").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "tts"], "tasks must be asr, st or both, got 'tts'"),
+    (["--device", "tpu"], "--device: .*tpu"),
+    (["--device", "meta"], "--device: 'meta'; localgp runs on cpu or cuda"),
+    pytest.param(["--device", "cuda"], "sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")),
+])
+def test_decode_refuses_tasks_and_devices_it_has_not(run_dir, tmp_path, cli_error, argv, message):
+    cli_error(["decode", run_dir, "--out", tmp_path / "d.jsonl", *DECODE, *argv], message)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("segment", ["de0 de0 1.0 0.5", "de0 de0 0.1", "de0 de0 zero 0.5", "de0 de0 0 nan"])
+def test_a_kaldi_segment_that_is_no_segment_is_named(tmp_path, cli_error, segment):
+    cfg = config(tmp_path, max_steps=1)
+    (tmp_path / "data_run" / "de" / "segments").write_text(segment + "\n")
+    cli_error(["train", write_config(tmp_path / "c.yaml", cfg)], "segments .de0.: expected '<recording> <start> <end>'")
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ numbers

@@ -30,6 +30,18 @@ def _read_lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
+def _segment(text: str, where: str, layout: str) -> tuple[str, float, float]:
+    """(id, start, end) of a segment line '<id> <start> <end>' (seconds, finite, start < end)."""
+    parts = text.split()
+    try:
+        start, end = float(parts[1]), float(parts[2])
+    except (IndexError, ValueError):
+        start = end = None
+    if len(parts) != 3 or start is None or not 0 <= start < end < float("inf"):
+        raise UserError(f"{where}: expected '{layout}' with 0 <= start < end in seconds, got {text!r}")
+    return parts[0], start, end
+
+
 def europarl_st(root: str | Path, source: str, targets: list[str] | str, split: str) -> list[Utterance]:
     """Europarl-ST v1.1: <root>/<src>/<tgt>/<split>/segments.{lst,<src>,<tgt>}, audio in
     <root>/<src>/audios/<id>.m4a. Segments present in every target pair are returned, with their
@@ -51,10 +63,7 @@ def europarl_st(root: str | Path, source: str, targets: list[str] | str, split: 
                              f"{len(translations)} target lines; they must match")
         seen = {}
         for line_no, (seg, text, translation) in enumerate(zip(segments, sources, translations, strict=True), 1):
-            parts = seg.split()
-            if len(parts) != 3:
-                raise UserError(f"{folder / 'segments.lst'}:{line_no}: expected '<audio id> <start> <end>', got {seg!r}")
-            audio_id, start, end = parts[0], float(parts[1]), float(parts[2])
+            audio_id, start, end = _segment(seg, f"{folder / 'segments.lst'}:{line_no}", "<audio id> <start> <end>")
             if not text.strip() or not translation.strip():
                 raise UserError(f"europarl_st: segment {line_no} of {folder} has an empty transcript or translation")
             key = (audio_id, start, end)
@@ -106,8 +115,7 @@ def kaldi_dir(directory: str | Path, language: str, audio_root: str | Path | Non
         if segments:
             if utt not in segments:
                 raise UserError(f"kaldi_dir: utterance {utt!r} is not in segments")
-            rec, start, end = segments[utt].split()
-            start, end = float(start), float(end)
+            rec, start, end = _segment(segments[utt], f"{directory / 'segments'} ({utt})", "<recording> <start> <end>")
         else:
             rec, start, end = utt, None, None
         if rec not in recordings:

@@ -36,7 +36,7 @@ def load_corpus(data: dict, skip_bad_audio: bool = False, max_seconds: float | N
         splits = load_manifest(data["path"])
         split = data.get("split", "train")
         if split not in splits:
-            raise ValueError(f"{data['path']}: no split {split!r}; it has {sorted(splits)}")
+            raise UserError(f"{data['path']}: no split {split!r}; it has {sorted(splits)}")
         utterances = splits[split]
     elif kind == "kaldi":
         utterances = [u for lang, d in data["dirs"].items() for u in kaldi_dir(d, lang, data.get("audio_root"))]
