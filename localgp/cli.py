@@ -142,7 +142,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     records = decode_run(args.run, args.out, split=args.split, options=options, batch_size=args.batch,
                          tasks=tuple(args.tasks.split(",")), device=args.device, limit=args.limit,
                          model=args.model, data=args.data, whisper_dir=args.whisper_dir,
-                         skip_bad_audio=args.skip_bad_audio)
+                         skip_bad_audio=args.skip_bad_audio, overwrite=args.overwrite)
     print(f"{len(records)} decoded records in {args.out}")
     return 0
 
@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--limit", type=positive_int, help="decode only the first N examples")
     decode.add_argument("--skip-bad-audio", action="store_true",
                         help="leave out (and list) audio that cannot be used instead of stopping")
+    decode.add_argument("--overwrite", action="store_true",
+                        help="start over: discard the records in --out instead of resuming them (or refusing them "
+                             "when another model or other options produced them)")
     decode.set_defaults(func=cmd_decode)
 
     demo = sub.add_parser("demo", help="the main job: prepare weights and corpus, train the gates, decode, report")

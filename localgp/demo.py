@@ -151,11 +151,15 @@ def run_whisper_demo(out: Path, data: Path, rows=("localgp+speaker",), targets=(
             config = whisper_config(folder, manifest, row, target, minutes, steps, device, str(weights))
             log.info("demo: training %s, target sparsity %g", row.label, target)
             started = time.monotonic()
-            last = Trainer(config).train()
+            trainer = Trainer(config)
+            resumed_at = trainer.step
+            last = trainer.train()
             training = {"steps": last.get("step"), "minutes": (time.monotonic() - started) / 60,
                         "sparsity": last.get("sparsity"), "loss": last.get("loss")}
+            # records decoded before this training (a rerun) are of another model: decoded afresh
             records = decode_run(config.out_dir, folder / "decoded.jsonl", options=options, batch_size=batch,
-                                 device=device, limit=limit, skip_bad_audio=True)
+                                 device=device, limit=limit, skip_bad_audio=True,
+                                 overwrite=trainer.step != resumed_at)
             report = score(records)
             table.append(table_row(row, target, report, dense, training))
             if main is None:
@@ -210,10 +214,12 @@ def run_owsm_demo(out: Path, data: Path, steps: int | None = None, minutes: floa
         log.info("demo: preparing the demo corpus in %s", data)
         prepare_demo(data)
     config = owsm_config(out, manifest, steps, minutes, device)
-    last = Trainer(config).train()
+    trainer = Trainer(config)
+    resumed_at = trainer.step
+    last = trainer.train()
     log.info("demo: training ended at step %s (loss %.3f)", last.get("step"), last.get("loss", float("nan")))
     records = decode_run(config.out_dir, out / "decoded.jsonl", split="test", options=DecodeOptions(beam_size=beam),
-                         batch_size=batch, device=device, limit=limit)
+                         batch_size=batch, device=device, limit=limit, overwrite=trainer.step != resumed_at)
     report = score(records)
     report["training"] = {"steps": last.get("step"), "loss": last.get("loss"), "device": device}
     test = load_manifest(manifest)["test"][0]

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "test", options=None,
                batch_size: int = 8, tasks=("asr", "st"), device: str = "cpu", limit: int | None = None,
                model: str | None = None, data: dict | str | None = None,
-               whisper_dir: str | None = None, skip_bad_audio: bool = False) -> list[Decoded]:
+               whisper_dir: str | None = None, skip_bad_audio: bool = False,
+               overwrite: bool = False) -> list[Decoded]:
     """Decodes `split` of a corpus into out_path, resuming after the records already there.
     Returns all records.
 
@@ -33,6 +34,8 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
     ungated (the zero-shot baseline), on `data` (TrainConfig.data, or a manifest path).
     options: the backbone's decode options (None: its defaults; see Backbone.decode_options).
     skip_bad_audio: leave out (and log) utterances whose audio cannot be used, instead of stopping.
+    overwrite: start over, discarding the records in out_path (and their source), instead of
+    resuming them or refusing them as another decode's.
     """
     from tqdm import tqdm
 
@@ -71,6 +74,11 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
     utterances = load_corpus(data, skip_bad_audio, run.backbone.max_seconds)
     examples = make_examples(utterances, tasks, run.backbone.supports)[:limit]
     corpus = {**data, "path": str(Path(data["path"]).resolve())} if "path" in data else data
+    if overwrite:
+        for path in (out_path, source_path(out_path)):
+            if path.is_file():
+                path.unlink()
+                log.info("decode: removed %s (overwrite)", path)
     claim_output(out_path, {"model": produced_by, "data": corpus, "options": dataclasses.asdict(options)})
     done = {r.id for r in read_decoded(out_path)} if out_path.exists() else set()
     # ASR before ST: batches of one task where the backbone searches task by task (Whisper).
@@ -100,15 +108,16 @@ def claim_output(out_path: Path, source: dict) -> None:
     if has_records:
         if not recorded_at.is_file():
             raise UserError(f"{out_path} holds decoded records but not what produced them ({recorded_at.name} is "
-                            f"missing): decode into another --out, or move it away")
+                            f"missing): decode into another --out, or start over with --overwrite")
         try:
             recorded = json.loads(recorded_at.read_text())
         except ValueError as err:
-            raise UserError(f"{recorded_at} is not valid JSON ({err}): decode into another --out") from err
+            raise UserError(f"{recorded_at} is not valid JSON ({err}): decode into another --out, or start over "
+                            f"with --overwrite") from err
         changes = differences(recorded, source)
         if changes:
             raise UserError(f"{out_path} holds records of another decode ({'; '.join(changes)}): decode into another "
-                            f"--out, or move it away to decode afresh")
+                            f"--out, or start over with --overwrite")
         return
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = recorded_at.with_suffix(".tmp")

@@ -239,6 +239,9 @@ def test_a_decode_resumes_only_what_the_same_model_and_options_produced(run_dir,
     # the same decode, further: resumed
     assert main(["decode", str(run_dir), "--out", str(out), *DECODE]) == 0
     assert len(read_decoded(out)) == 8
+    # or, asked for, another one from scratch
+    assert main(["decode", str(other), "--out", str(out), *DECODE, "--limit", "2", "--overwrite"]) == 0
+    assert len(read_decoded(out)) == 2 and json.loads((tmp_path / "decoded.jsonl.source.json").read_text()) != source
 
 
 def test_records_that_nothing_says_who_produced_are_not_resumed(run_dir, tmp_path, cli_error):
