@@ -393,8 +393,11 @@ def markdown(rows: list[dict]) -> str:
 
 
 def write_json(rows: list[dict], path: str | Path) -> None:
+    """Strict JSON: a number that is not finite is null, its reason under the row's "notes"."""
+    from localgp.evaluate import finite_report
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(rows, indent=2) + "\n")
+    Path(path).write_text(json.dumps([finite_report(r) for r in rows], indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:

@@ -27,6 +27,12 @@ def build_extractor(spec: dict):
     kind = options.pop("kind", None)
     if kind not in kinds:
         raise UserError(f"context extractor kind must be one of {sorted(kinds)}, got {kind!r}")
+    import inspect
+
+    try:  # an option the extractor does not take is the config's error, named here
+        inspect.signature(kinds[kind]).bind(**options)
+    except TypeError as err:
+        raise UserError(f"context extractor {kind!r}: {err} (options given: {sorted(options)})") from err
     return kinds[kind](**options)
 
 
