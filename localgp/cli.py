@@ -256,13 +256,6 @@ def positive_float(text: str) -> float:
     return value
 
 
-def non_negative_float(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def keep_ratio(text: str) -> float:
     value = finite_float(text)
     if not 0 <= value <= 1:

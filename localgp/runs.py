@@ -305,7 +305,10 @@ def claim_run_dir(config: TrainConfig, overwrite: bool = False) -> None:
             return
         removed = [out / "tokenizer"] if (out / "tokenizer" / "tokens.txt").is_file() else []
     for path in removed:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
         log.info("removed %s (%s)", path, "--overwrite" if overwrite else "left by a setup that failed")
 
 
@@ -393,7 +396,7 @@ def restore_model(model: torch.nn.Module, state: dict, backbone: Backbone, path:
     result = model.load_state_dict(state["model"], strict=False)
     if result.unexpected_keys:
         raise UserError(f"{path}: the checkpoint has tensors the {backbone.name} model does not: "
-                         f"{result.unexpected_keys[:5]}")
+                        f"{result.unexpected_keys[:5]}")
 
 
 @dataclass
