@@ -136,7 +136,7 @@ class TrainConfig:
             if not _is_number(value) or not (value > low if strict else value >= low):
                 raise UserError(f"TrainConfig.{name} must be a number {'>' if strict else '>='} {low}, got {value!r}")
         if not _is_number(self.target_sparsity) or not 0 <= self.target_sparsity <= 1:
-            raise UserError(f"TrainConfig.target_sparsity must be a number in [0, 1], got {self.target_sparsity!r}")
+            raise UserError(f"TrainConfig.target_sparsity must lie in [0, 1], got {self.target_sparsity!r}")
         if self.max_minutes is not None and (not _is_number(self.max_minutes) or self.max_minutes <= 0):
             raise UserError(f"TrainConfig.max_minutes must be a positive number or null, got {self.max_minutes!r}")
         _check_data(self.data)
@@ -167,9 +167,8 @@ class TrainConfig:
         unknown = set(raw) - set(known)
         if unknown:
             raise UserError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
-        for name in ("out_dir", "data"):
-            if not raw.get(name):
-                raise UserError(f"{path}: TrainConfig.{name} must be given")
+        if not raw.get("out_dir"):
+            raise UserError(f"{path}: TrainConfig.out_dir must be given")
         for name, value in raw.items():
             # YAML 1.1 reads 1e-3 (no dot) as a string; a float field takes it as the number meant
             if isinstance(value, str) and "float" in str(known[name].type):
@@ -190,7 +189,7 @@ DATA_KEYS = {"manifest": ({"path"}, {"split"}), "kaldi": ({"dirs"}, {"audio_root
 
 def _check_data(data) -> None:
     """TrainConfig.data: a mapping naming a corpus kind and its keys (load_corpus reads it). Empty:
-    not given (a config file must give it: from_yaml)."""
+    not given (load_corpus refuses it where a corpus is needed)."""
     if not isinstance(data, dict):
         raise UserError(f"TrainConfig.data must be a mapping such as {{kind: manifest, path: ...}}, got {data!r}")
     if not data:

@@ -128,7 +128,7 @@ def test_the_mask_figure_refuses_an_empty_file(run_dir, tmp_path, cli_error):
     ({"data": {"kind": "manifest", "path": "m.jsonl", "splt": "dev"}}, r"unknown \['splt'\]"),
     ({"data": {"kind": "kaldi", "dirs": ["de"]}}, "TrainConfig.data.dirs must be a mapping"),
     ({"data": "data/demo"}, "TrainConfig.data must be a mapping"),
-    ({"target_sparsity": 1.7}, r"TrainConfig.target_sparsity must be a number in \[0, 1\], got 1.7"),
+    ({"target_sparsity": 1.7}, r"TrainConfig.target_sparsity must lie in \[0, 1\], got 1.7"),
     ({"lr": "fast"}, "TrainConfig.lr must be a number > 0, got 'fast'"),
     ({"lr": float("nan")}, "TrainConfig.lr must be a number > 0, got nan"),
     ({"grad_clip": float("inf")}, "TrainConfig.grad_clip must be a number > 0, got inf"),
@@ -149,7 +149,7 @@ def test_config_fields_are_checked_before_anything_is_written(tmp_path, cli_erro
     ("- out_dir: x\n", "expected a mapping of TrainConfig fields"),
     ("out_dir: [x\n", "is not valid YAML"),
     ("data: {kind: manifest, path: m.jsonl}\n", "TrainConfig.out_dir must be given"),
-    ("out_dir: x\n", "TrainConfig.data must be given"),
+    ("out_dir: x\n", "TrainConfig.data.kind must be 'manifest', 'kaldi' or 'europarl', got None"),
 ])
 def test_config_files_that_are_no_config(tmp_path, cli_error, text, message):
     (tmp_path / "c.yaml").write_text(text)
