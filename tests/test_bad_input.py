@@ -55,31 +55,34 @@ DECODE = ["--beam", "2", "--maxlenratio", "-3", "--batch", "4"]
 # ------------------------------------------------------------------ audio that cannot be used
 
 def spoil(folder):
-    """Four ways audio cannot be used, in a kaldi corpus written by write_kaldi: {utterance: file}."""
+    """Five ways audio cannot be used, in a kaldi corpus written by write_kaldi: {utterance: file}."""
     bad = {"de0": folder / "de" / "de0.wav", "de1": folder / "de" / "de1.wav", "fr0": folder / "fr" / "fr0.wav",
-           "fr1": folder / "fr" / "fr1.wav"}
+           "fr1": folder / "fr" / "fr1.wav", "fr2": folder / "fr" / "fr2.wav"}
     sf.write(bad["de0"], np.zeros(800, np.float32), 16000)  # 0.05 s
     sf.write(bad["de1"], np.zeros(0, np.float32), 16000)  # no sample
     bad["fr0"].write_bytes(b"RIFF\x00\x00\x00\x00WAVEgarbage")  # undecodable
     data = bad["fr1"].read_bytes()
     bad["fr1"].write_bytes(data[: len(data) // 2])  # cut short: the header declares twice as much
+    wav, _ = sf.read(bad["fr2"], dtype="float32")
+    wav[100] = np.nan
+    sf.write(bad["fr2"], wav, 16000, subtype="FLOAT")  # a float file with a NaN sample
     return bad
 
 
 def test_training_refuses_unusable_audio_listing_every_file_or_skips_it_when_asked(tmp_path, cli_error, caplog):
     cfg = config(tmp_path, max_steps=1, save_every=1)
     bad = spoil(tmp_path / "data_run")
-    line = cli_error(["train", write_config(tmp_path / "c.yaml", cfg)], "4 of 8 utterances have audio that cannot "
+    line = cli_error(["train", write_config(tmp_path / "c.yaml", cfg)], "5 of 8 utterances have audio that cannot "
                                                                          "be used")
     for uid, path in bad.items():
         assert f"{uid}: " in line and str(path) in line
-    assert "shorter than 0.1 s" in line and "cut short" in line and "cannot decode" in line
+    assert "shorter than 0.1 s" in line and "cut short" in line and "cannot decode" in line and "NaN" in line
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
     caplog.set_level("WARNING")
     assert main(["train", str(write_config(tmp_path / "skip.yaml", cfg, skip_bad_audio=True))]) == 0
     warning = next(r.getMessage() for r in caplog.records if "left out" in r.getMessage())
-    assert "left out 4 of 8 utterances" in warning and all(str(path) in warning for path in bad.values())
+    assert "left out 5 of 8 utterances" in warning and all(str(path) in warning for path in bad.values())
 
 
 def test_decoding_refuses_unusable_audio_or_skips_it_when_asked(run_dir, tmp_path, cli_error):
@@ -123,6 +126,8 @@ def test_the_mask_figure_refuses_an_empty_file(run_dir, tmp_path, cli_error):
     ({"gates": "temporal"}, "TrainConfig.gates must be a mapping"),
     ({"gates": {"encoder": "temporal", "heads": 2.5}}, "TrainConfig.gates.heads must be int, got 2.5"),
     ({"gates": {"encoder": "frames"}}, "TrainConfig.gates: GateConfig.encoder must be one of"),
+    ({"gates": {"encoder": "temporal", "tau": float("nan")}}, "TrainConfig.gates.tau must be float, got nan"),
+    ({"gates": {"encoder": "temporal", "heads": 0}}, "TrainConfig.gates: heads must be >= 1"),
     ({"gates": {"encoder": "temporal", "contexts": [["speaker"]]}}, "TrainConfig.gates.contexts must be a list of"),
     ({"data": {"kind": "manifest"}}, r"TrainConfig.data of kind 'manifest' needs \['path'\].*missing \['path'\]"),
     ({"data": {"kind": "manifest", "path": "m.jsonl", "splt": "dev"}}, r"unknown \['splt'\]"),
@@ -155,6 +160,12 @@ def test_config_files_that_are_no_config(tmp_path, cli_error, text, message):
     (tmp_path / "c.yaml").write_text(text)
     cli_error(["train", tmp_path / "c.yaml"], message)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_vocab_size_the_corpus_cannot_fill_is_named_and_leaves_no_tokenizer(tmp_path, cli_error):
+    cli_error(["train", write_config(tmp_path / "c.yaml", config(tmp_path, max_steps=1, vocab_size=5))],
+              "vocab_size 5: sentencepiece cannot train on this corpus: Vocabulary size is smaller than")
+    assert files_under(tmp_path / "run") == {}
 
 
 def test_yaml_1_1_numbers_are_taken_as_the_numbers_meant(tmp_path):

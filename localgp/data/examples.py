@@ -7,6 +7,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from localgp.data.audio import MIN_SAMPLES, SAMPLE_RATE, declared_seconds, load_audio
 from localgp.data.corpora import Utterance, europarl_st, kaldi_dir
 from localgp.errors import UserError
@@ -49,15 +51,18 @@ def load_corpus(data: dict, skip_bad_audio: bool = False, max_seconds: float | N
 
 def audio_problems(utterances: list[Utterance], max_seconds: float | None = None) -> dict[str, str]:
     """{utterance id: why its audio cannot be used}: a missing or undecodable file, no samples,
-    shorter than MIN_SAMPLES (0.1 s), shorter than its header declares (cut short), a segment
+    NaN or infinite samples, shorter than MIN_SAMPLES (0.1 s), shorter than its header declares (cut short), a segment
     outside its file, longer than `max_seconds` (what the model reads of it: Whisper's window).
     Each file is decoded once, however many segments it holds."""
-    files: dict = {}  # path -> (samples, declared seconds) or the error
+    files: dict = {}  # path -> (samples, declared seconds) or what is wrong with it
     problems = {}
     for u in utterances:
         if u.audio not in files:
             try:
-                files[u.audio] = (len(load_audio(u.audio)), declared_seconds(u.audio))
+                wav = load_audio(u.audio)
+                files[u.audio] = (len(wav), declared_seconds(u.audio))
+                if not np.isfinite(wav).all():  # a float file can hold them; they would turn every loss NaN
+                    files[u.audio] = f"{u.audio} holds samples that are NaN or infinite"
             except (UserError, OSError) as err:
                 files[u.audio] = str(err)
         found = files[u.audio]
