@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from localgp.errors import UserError
+
 WORD_START = "\u2581"  # sentencepiece's word-boundary mark
 
 
@@ -24,7 +26,7 @@ def mask_figure(log_mel: np.ndarray, masks: dict[str, np.ndarray], path: str | P
     import matplotlib.pyplot as plt
 
     if not masks:
-        raise ValueError("mask_figure: no temporal masks (was the encoder gated per frame?)")
+        raise UserError("mask_figure: no temporal masks (was the encoder gated per frame?)")
     names = sorted(masks, key=lambda n: (int(n.split(".")[1]), n.split(".")[2]))
     grid = np.stack([np.asarray(masks[n], dtype=float) for n in names])
     seconds = log_mel.shape[0] / 100  # 10 ms hop
@@ -54,7 +56,7 @@ def word_start_test(pieces: list[str], keep_rates: list[float]) -> dict:
     starts = [r for p, r in zip(pieces, keep_rates, strict=True) if p.startswith(WORD_START)]
     others = [r for p, r in zip(pieces, keep_rates, strict=True) if not p.startswith(WORD_START)]
     if len(starts) < 2 or len(others) < 2:
-        raise ValueError("word_start_test: needs at least two tokens of each kind")
+        raise UserError("word_start_test: needs at least two tokens of each kind")
     u = stats.mannwhitneyu(starts, others, alternative="two-sided")
     t = stats.ttest_ind(starts, others, equal_var=False)
     return {"word_start": {"count": len(starts), "mean_keep": float(np.mean(starts))},
@@ -74,11 +76,15 @@ def masks_from_checkpoint(checkpoint: str | Path, audio: str | Path, language: s
 
     from localgp.context.feeder import ContextFeeder
     from localgp.data.corpora import Utterance
-    from localgp.data.examples import Example
+    from localgp.data.examples import Example, audio_problems
     from localgp.runs import load_run
 
     utterance = Utterance(Path(audio).stem, Path(audio), language, "", "")
-    speech = utterance.load()  # fails on a missing or undecodable file before the model loads
+    # a missing, undecodable, empty, too short or cut short file fails before the model loads
+    problems = audio_problems([utterance])
+    if problems:
+        raise UserError(problems[utterance.id])
+    speech = utterance.load()
     run = load_run(checkpoint)
     model, example = run.model, Example(utterance, language, "")
     run.backbone.check_examples([example])  # refuses a language the model has no token for
@@ -97,12 +103,12 @@ def word_start_from_records(records, language: str | None = None, task: str = "a
     src-attention keep rates, optionally only those whose speech is in `language` and of one
     task ('asr', 'st' or 'all'); the paper's Table 2 is German ASR."""
     if task not in ("asr", "st", "all"):
-        raise ValueError(f"word_start: task must be 'asr', 'st' or 'all', got {task!r}")
+        raise UserError(f"word_start: task must be 'asr', 'st' or 'all', got {task!r}")
     chosen = [r for r in records if (language is None or r.language == language)
               and (task == "all" or (task == "asr") == (r.language == r.target_language))]
     with_tokens = [r for r in chosen if r.tokens]
     if not with_tokens:
-        raise ValueError(f"word_start: none of the {len(chosen)} records (language {language or 'any'}, task {task}) "
+        raise UserError(f"word_start: none of the {len(chosen)} records (language {language or 'any'}, task {task}) "
                          f"has per-token src-attention keep rates (tokens, src_attn_keep): decode with a decoder "
                          f"gated per token")
     result = word_start_test([t for r in with_tokens for t in r.tokens],

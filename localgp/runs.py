@@ -12,16 +12,31 @@ random weights) it holds the whole model, as before.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
 import math
+import shutil
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
-from localgp.backbones import BACKBONES, Backbone, backbone_class, get_backbone
+from localgp.backbones import BACKBONES, Backbone, backbone_class, get_backbone, gate_config
+from localgp.errors import UserError
+from localgp.evaluate import has_type
 
 CHECKPOINT = "checkpoint.pth"
+RECORD = "config.json"  # the config a run directory was trained with
+LOG = "log.jsonl"
+# What `localgp train` writes into its out_dir (and --overwrite removes): nothing else there is touched.
+RUN_FILES = (CHECKPOINT, "checkpoint.tmp", LOG, "tokenizer", "context", RECORD)
+# Fields that may change between a run and its resume: how long, how often, where, where from.
+RESUMABLE = ("out_dir", "max_steps", "max_minutes", "log_every", "save_every", "device")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,45 +81,70 @@ class TrainConfig:
     distill_temperature: float = 1.0
     seed: int = 0
     device: str = "cpu"  # cpu, cuda or cuda:N
+    # Audio that cannot be used (unreadable, empty, shorter than 0.1 s, cut short, longer than the
+    # model reads): false stops before training with the list; true leaves it out, logged.
+    skip_bad_audio: bool = False
     log_every: int = 10
     save_every: int = 50
 
     def __post_init__(self):
-        if not self.tasks or not set(self.tasks) <= {"asr", "st"}:
-            raise ValueError(f"TrainConfig.tasks must be a non-empty subset of ('asr', 'st'), got {self.tasks}")
-        for name in ("batch_size", "max_steps", "log_every", "save_every"):
+        # Every field's type and range, before anything is written; UserError names the field.
+        for name in ("out_dir", "backbone", "preset", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise UserError(f"TrainConfig.{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("init", "whisper_dir"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise UserError(f"TrainConfig.{name} must be a directory path (string) or null, "
+                                f"got {getattr(self, name)!r}")
+        tasks = self.tasks
+        if isinstance(tasks, str) or not isinstance(tasks, (list, tuple)) or not tasks \
+                or not set(tasks) <= {"asr", "st"}:
+            raise UserError(f"TrainConfig.tasks must be a non-empty subset of ('asr', 'st'), got {tasks!r}")
+        object.__setattr__(self, "tasks", tuple(tasks))
+        for name in ("batch_size", "max_steps", "log_every", "save_every", "vocab_size"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
-            raise ValueError(f"TrainConfig.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+                raise UserError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "seed"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise UserError(f"TrainConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.backbone not in BACKBONES:
-            raise ValueError(f"TrainConfig.backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
+            raise UserError(f"TrainConfig.backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
+        from localgp.model.owsm import PRESETS
+
+        if self.preset not in PRESETS:
+            raise UserError(f"TrainConfig.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if self.backbone != "owsm" and self.init is not None:
-            raise ValueError(f"TrainConfig.init is an OWSM snapshot; backbone {self.backbone!r} does not take one")
+            raise UserError(f"TrainConfig.init is an OWSM snapshot; backbone {self.backbone!r} does not take one")
         if self.backbone != "whisper-base" and self.whisper_dir is not None:
-            raise ValueError(f"TrainConfig.whisper_dir only applies to backbone 'whisper-base', not {self.backbone!r}")
-        if self.whisper_dir is not None and not isinstance(self.whisper_dir, str):
-            raise ValueError(f"TrainConfig.whisper_dir must be a directory path (string), got {self.whisper_dir!r}")
+            raise UserError(f"TrainConfig.whisper_dir only applies to backbone 'whisper-base', not {self.backbone!r}")
         if self.freeze_backbone is not None and not isinstance(self.freeze_backbone, bool):
-            raise ValueError(f"TrainConfig.freeze_backbone must be true, false or null, got {self.freeze_backbone!r}")
+            raise UserError(f"TrainConfig.freeze_backbone must be true, false or null, got {self.freeze_backbone!r}")
+        if not isinstance(self.skip_bad_audio, bool):
+            raise UserError(f"TrainConfig.skip_bad_audio must be true or false, got {self.skip_bad_audio!r}")
         unfreeze = self.unfreeze
         if isinstance(unfreeze, str) or not isinstance(unfreeze, (list, tuple)) \
                 or not all(isinstance(p, str) and p for p in unfreeze):
-            raise ValueError(f"TrainConfig.unfreeze must be a list of parameter key prefixes, got {unfreeze!r}")
+            raise UserError(f"TrainConfig.unfreeze must be a list of parameter key prefixes, got {unfreeze!r}")
         object.__setattr__(self, "unfreeze", tuple(unfreeze))
         if self.unfreeze and self.freeze_backbone is False:
-            raise ValueError("TrainConfig.unfreeze: the backbone is not frozen (freeze_backbone: false), so every "
-                             "parameter trains already; drop unfreeze or freeze the backbone")
+            raise UserError("TrainConfig.unfreeze: the backbone is not frozen (freeze_backbone: false), so every "
+                            "parameter trains already; drop unfreeze or freeze the backbone")
         for name, low, strict in (("lr", 0, True), ("grad_clip", 0, True), ("sparsity_weight", 0, False),
                                   ("distill_weight", 0, False), ("distill_temperature", 0, True)):
             value = getattr(self, name)
             if not _is_number(value) or not (value > low if strict else value >= low):
-                raise ValueError(f"TrainConfig.{name} must be a number {'>' if strict else '>='} {low}, got {value!r}")
+                raise UserError(f"TrainConfig.{name} must be a number {'>' if strict else '>='} {low}, got {value!r}")
         if not _is_number(self.target_sparsity) or not 0 <= self.target_sparsity <= 1:
-            raise ValueError(f"TrainConfig.target_sparsity must lie in [0, 1], got {self.target_sparsity!r}")
+            raise UserError(f"TrainConfig.target_sparsity must lie in [0, 1], got {self.target_sparsity!r}")
         if self.max_minutes is not None and (not _is_number(self.max_minutes) or self.max_minutes <= 0):
-            raise ValueError(f"TrainConfig.max_minutes must be a positive number or null, got {self.max_minutes!r}")
+            raise UserError(f"TrainConfig.max_minutes must be a positive number or null, got {self.max_minutes!r}")
+        _check_data(self.data)
+        _check_gates(self.gates)
+        if not isinstance(self.context_extractors, dict) or not all(
+                isinstance(spec, dict) and isinstance(spec.get("kind"), str) for spec in self.context_extractors.values()):
+            raise UserError("TrainConfig.context_extractors must map context names to {kind: ..., options}, got "
+                            f"{self.context_extractors!r}")
 
     @property
     def frozen(self) -> bool:
@@ -115,15 +155,87 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - known
+        """The config of a YAML file; a UserError naming the file and the field for anything amiss."""
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise UserError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a mapping of TrainConfig fields, got {raw!r}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(raw) - set(known)
         if unknown:
-            raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
-        if isinstance(raw.get("tasks"), list):
-            raw["tasks"] = tuple(raw["tasks"])
-        return cls(**raw)
+            raise UserError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        if not raw.get("out_dir"):
+            raise UserError(f"{path}: TrainConfig.out_dir must be given")
+        for name, value in raw.items():
+            # YAML 1.1 reads 1e-3 (no dot) as a string; a float field takes it as the number meant
+            if isinstance(value, str) and "float" in str(known[name].type):
+                try:
+                    raw[name] = float(value)
+                except ValueError:
+                    pass  # __post_init__ names the field
+        try:
+            return cls(**raw)
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from err
+
+
+# data's keys per corpus kind: (required, optional)
+DATA_KEYS = {"manifest": ({"path"}, {"split"}), "kaldi": ({"dirs"}, {"audio_root"}),
+             "europarl": ({"root", "source", "targets", "split"}, set())}
+
+
+def _check_data(data) -> None:
+    """TrainConfig.data: a mapping naming a corpus kind and its keys (load_corpus reads it). Empty:
+    not given (load_corpus refuses it where a corpus is needed)."""
+    if not isinstance(data, dict):
+        raise UserError(f"TrainConfig.data must be a mapping such as {{kind: manifest, path: ...}}, got {data!r}")
+    if not data:
+        return
+    kind = data.get("kind")
+    if kind not in DATA_KEYS:
+        raise UserError(f"TrainConfig.data.kind must be one of {list(DATA_KEYS)}, got {kind!r}")
+    required, optional = DATA_KEYS[kind]
+    missing, unknown = sorted(required - set(data)), sorted(set(data) - required - optional - {"kind"})
+    if missing or unknown:
+        raise UserError(f"TrainConfig.data of kind {kind!r} needs {sorted(required)} (optional: {sorted(optional)}); "
+                        f"missing {missing}, unknown {unknown}")
+    for key, value in data.items():
+        if key == "dirs":
+            ok = isinstance(value, dict) and value and all(isinstance(v, str) for v in value.values())
+        elif key == "targets":
+            ok = isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))
+        else:
+            ok = isinstance(value, str) and value
+        if not ok:
+            expected = {"dirs": "a mapping of language -> data directory",
+                        "targets": "a language or a list of languages"}.get(key, "a non-empty string")
+            raise UserError(f"TrainConfig.data.{key} must be {expected}, got {value!r}")
+
+
+def _check_gates(gates) -> None:
+    """TrainConfig.gates: a mapping of GateConfig fields that makes a GateConfig."""
+    if not isinstance(gates, dict):
+        raise UserError(f"TrainConfig.gates must be a mapping of GateConfig fields (e.g. {{encoder: temporal}}), "
+                        f"got {gates!r}")
+    for key in ("contexts", "decoder_contexts"):
+        items = gates.get(key, [])
+        if not isinstance(items, (list, tuple)) or not all(
+                isinstance(i, (list, tuple)) and len(i) == 2 and isinstance(i[0], str) and _is_int(i[1]) for i in items):
+            raise UserError(f"TrainConfig.gates.{key} must be a list of [name, feature size] pairs, got {items!r}")
+    try:
+        config = gate_config(gates)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"TrainConfig.gates: {err}") from err
+    for name, hint in typing.get_type_hints(type(config)).items():
+        value = getattr(config, name)
+        if not has_type(value, hint) or isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"TrainConfig.gates.{name} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    if config.heads < 1 or any(size < 0 for _, size in config.contexts + config.decoder_contexts):
+        raise UserError(f"TrainConfig.gates: heads must be >= 1 and context sizes >= 0, got heads {config.heads}, "
+                        f"contexts {config.contexts}, decoder_contexts {config.decoder_contexts}")
 
 
 def _is_number(value) -> bool:
@@ -134,19 +246,124 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_device(name: str, field: str = "--device") -> torch.device:
+    """The torch device `name` names, refused (UserError) when unknown or absent here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"{field}: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{field}: {name!r} but torch {torch.__version__} sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"{field}: {name!r}; localgp runs on cpu or cuda")
+    return device
+
+
+# ------------------------------------------------------------------ run directories
+
+def recorded_config(out_dir: str | Path) -> dict | None:
+    """The config a run directory records: its config.json, else (a run from before that file) its
+    checkpoint's; None when it holds neither (a new run, or a setup that failed before training)."""
+    out = Path(out_dir)
+    if (out / RECORD).is_file():
+        try:
+            return json.loads((out / RECORD).read_text())
+        except ValueError as err:
+            raise UserError(f"{out / RECORD} is not valid JSON ({err}); use another out_dir, or start over "
+                            f"(localgp train --overwrite)") from err
+    if checkpoint_path(out).is_file():
+        return read_checkpoint(checkpoint_path(out), "cannot resume from {path}: {err}; move it away to start "
+                                                     "afresh")["config"]
+    return None
+
+
+def config_changes(recorded: dict, config: TrainConfig) -> list[str]:
+    """'field: old -> new' for every field but RESUMABLE's where `config` differs from a recorded
+    one (a field the record lacks, from an older version, has its default)."""
+    as_json = lambda value: json.loads(json.dumps(value))  # noqa: E731 (tuples -> lists, as recorded)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainConfig) if f.name != "out_dir"}
+    old, new = as_json({**defaults, **recorded}), as_json(dataclasses.asdict(config))
+    return [f"{name}: {old.get(name)!r} -> {value!r}" for name, value in new.items()
+            if name not in RESUMABLE and old.get(name) != value]
+
+
+def claim_run_dir(config: TrainConfig, overwrite: bool = False) -> None:
+    """Makes config.out_dir the run of `config`, before anything is written there: refuses a
+    directory that recorded another config (with overwrite: removes its RUN_FILES first). Without
+    a record, a tokenizer there was left by a setup that failed: it goes, as another config (its
+    vocab_size, its corpus) must not reuse it."""
+    out = Path(config.out_dir)
+    if overwrite:
+        removed = [out / name for name in RUN_FILES if (out / name).exists()]
+    else:
+        recorded = recorded_config(out)
+        if recorded is not None:
+            changes = config_changes(recorded, config)
+            if changes:
+                raise UserError(f"{out} holds a run of another config ({'; '.join(changes)}): use another out_dir, "
+                                f"or start over (localgp train --overwrite removes its checkpoint, log, tokenizer "
+                                f"and context cache)")
+            return
+        removed = [out / "tokenizer"] if (out / "tokenizer" / "tokens.txt").is_file() else []
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        log.info("removed %s (%s)", path, "--overwrite" if overwrite else "left by a setup that failed")
+
+
+def record_config(config: TrainConfig) -> None:
+    """Writes out_dir/config.json (atomically): the run's config, once its setup succeeded."""
+    out = Path(config.out_dir)
+    tmp = out / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    tmp.replace(out / RECORD)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drops the rows of log.jsonl after `step` (written after the checkpoint a run resumes from,
+    by a process that was killed): the resumed run writes them again."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] > step:
+                break
+        except (ValueError, KeyError, TypeError):
+            break  # a row cut short by the kill, or not a row: nothing after it is kept
+        kept.append(line)
+    if len(kept) < len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+        log.info("%s: dropped %d rows after step %d (the checkpoint resumed from)", path, len(lines) - len(kept), step)
+
+
 # ------------------------------------------------------------------ checkpoints
 
 def checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_checkpoint(path: Path, message: str) -> dict:
-    """torch.load of a training checkpoint; a corrupt file raises RuntimeError(message) with
+    """torch.load of a training checkpoint; a corrupt file raises UserError(message) with
     {path} and {err} filled in, never a half-loaded model."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise RuntimeError(message.format(path=path, err=err)) from err
+        raise UserError(message.format(path=path, err=err)) from err
 
 
 def write_checkpoint(state: dict, path: Path) -> None:
@@ -177,11 +394,11 @@ def restore_model(model: torch.nn.Module, state: dict, backbone: Backbone, path:
         return
     current = backbone.weights_identity()
     if weights != current:
-        raise ValueError(f"{path}: trained on backbone weights {weights}, but the weights found now are {current}")
+        raise UserError(f"{path}: trained on backbone weights {weights}, but the weights found now are {current}")
     result = model.load_state_dict(state["model"], strict=False)
     if result.unexpected_keys:
-        raise ValueError(f"{path}: the checkpoint has tensors the {backbone.name} model does not: "
-                         f"{result.unexpected_keys[:5]}")
+        raise UserError(f"{path}: the checkpoint has tensors the {backbone.name} model does not: "
+                        f"{result.unexpected_keys[:5]}")
 
 
 @dataclass
@@ -202,7 +419,7 @@ def load_run(out_dir: str | Path) -> Run:
     out = Path(out_dir)
     path = checkpoint_path(out)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (localgp train CONFIG.yaml writes it into out_dir)")
+        raise UserError(f"checkpoint {path} does not exist (localgp train CONFIG.yaml writes it into out_dir)")
     state = read_checkpoint(path, "cannot load the trained model {path}: {err}")
     config = dataclasses.replace(TrainConfig(**state["config"]), out_dir=str(out))
     backbone = get_backbone(config)

@@ -26,12 +26,18 @@ from localgp.model.convert import (
     pruning_loss,
     set_execution,
 )
+from localgp.errors import UserError
 from localgp.runs import (
+    LOG,
     TrainConfig,
+    check_device,
     checkpoint_path,
+    claim_run_dir,
     model_state,
     read_checkpoint,
+    record_config,
     restore_model,
+    truncate_log,
     write_checkpoint,
 )
 
@@ -61,14 +67,14 @@ def select_trainable(model: torch.nn.Module, frozen: bool, unfreeze: tuple[str, 
     names = [name for name, _ in model.named_parameters()]
     for prefix in unfreeze:
         if not any(name.startswith(prefix) for name in names):
-            raise ValueError(f"TrainConfig.unfreeze: {prefix!r} is the prefix of no parameter of the model "
+            raise UserError(f"TrainConfig.unfreeze: {prefix!r} is the prefix of no parameter of the model "
                              f"(its keys look like {names[0]!r}, {names[-1]!r})")
     trainable = [n for n in names if not frozen or GATE_KEY in n or n.startswith(tuple(unfreeze))]
     chosen = set(trainable)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in chosen)
     if not trainable:
-        raise ValueError("training: no parameter trains (a frozen backbone without gates?)")
+        raise UserError("training: no parameter trains (a frozen backbone without gates?)")
     return trainable
 
 
@@ -82,19 +88,23 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: tor
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, overwrite: bool = False):
+        """Sets up the run (resuming from out_dir's checkpoint). Nothing is written before the
+        corpus and its audio are checked and out_dir is known to hold no other config's run
+        (runs.claim_run_dir; overwrite: start that run over); out_dir records the config once
+        the whole setup has succeeded."""
         self.config = config
         self.out = Path(config.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.backbone = get_backbone(config)
-        self.examples = make_examples(load_corpus(config.data), config.tasks, self.backbone.supports)
+        utterances = load_corpus(config.data, config.skip_bad_audio, self.backbone.max_seconds)
+        self.examples = make_examples(utterances, config.tasks, self.backbone.supports)
+        self.device = check_device(config.device, "TrainConfig.device")
+        claim_run_dir(config, overwrite)
+        self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         self.model, self.tokenizer = self.backbone.build(
             lambda: [e.target_text for e in self.examples] + [e.utterance.text for e in self.examples])
         self.backbone.check_examples(self.examples)
-        self.device = torch.device(config.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"TrainConfig.device: {config.device!r} but torch {torch.__version__} sees no CUDA GPU")
         self.model.to(self.device)
         self.contexts = ContextFeeder(self.model, config.context_extractors, self.out / "context",
                                       self.backbone.prompt_context)
@@ -106,6 +116,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam([parameters[n] for n in self.trainable], lr=config.lr)
         self.step = 0
         self._resume()
+        truncate_log(self.out / LOG, self.step)
+        record_config(config)
 
     def _checkpoint_path(self) -> Path:
         return checkpoint_path(self.out)
@@ -152,7 +164,7 @@ class Trainer:
         started = time.monotonic()
         self.model.train()
         row = {}
-        with open(self.out / "log.jsonl", "a") as log_file, tqdm(
+        with open(self.out / LOG, "a") as log_file, tqdm(
                 total=None if cfg.max_minutes is not None else end,  # a time limit: no step count to aim at
                 initial=self.step, desc="train") as bar:
             while self.step < end:

@@ -1,14 +1,21 @@
 """`localgp decode`: a trained run's model (or a backbone's plain pretrained model) decodes a
 corpus split, batch by batch, into Decoded records (JSONL, appended and flushed per batch: an
 interrupted decode keeps what it finished and a new call resumes after it). The batches go
-through the backbone's own corpus decoder (localgp.backbones)."""
+through the backbone's own corpus decoder (localgp.backbones).
+
+Beside the records, `<out>.source.json` says what produced them (the model: the run's checkpoint
+or the pretrained weights; the corpus and split; the decode options): a resume by anything else
+is refused, as its records would be mixed with these."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 
 from localgp.data.examples import record_id
+from localgp.errors import UserError
 from localgp.evaluate import Decoded, append_decoded, read_decoded
 
 log = logging.getLogger(__name__)
@@ -17,7 +24,8 @@ log = logging.getLogger(__name__)
 def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "test", options=None,
                batch_size: int = 8, tasks=("asr", "st"), device: str = "cpu", limit: int | None = None,
                model: str | None = None, data: dict | str | None = None,
-               whisper_dir: str | None = None) -> list[Decoded]:
+               whisper_dir: str | None = None, skip_bad_audio: bool = False,
+               overwrite: bool = False) -> list[Decoded]:
     """Decodes `split` of a corpus into out_path, resuming after the records already there.
     Returns all records.
 
@@ -25,44 +33,105 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
     Or run_dir=None and model= a backbone name (e.g. "whisper-base"): its plain pretrained model,
     ungated (the zero-shot baseline), on `data` (TrainConfig.data, or a manifest path).
     options: the backbone's decode options (None: its defaults; see Backbone.decode_options).
+    skip_bad_audio: leave out (and log) utterances whose audio cannot be used, instead of stopping.
+    overwrite: start over, discarding the records in out_path (and their source), instead of
+    resuming them or refusing them as another decode's.
     """
     from tqdm import tqdm
 
     from localgp.context.feeder import ContextFeeder
     from localgp.data.examples import load_corpus, make_examples
-    from localgp.runs import dense_model, load_run
+    from localgp.runs import check_device, checkpoint_path, dense_model, file_sha256, load_run
 
     if batch_size < 1:
-        raise ValueError(f"decode: batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"decode: batch_size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise UserError(f"decode: limit must be >= 1 (or None: every example), got {limit}")
+    if not tasks or not set(tasks) <= {"asr", "st"}:
+        raise UserError(f"decode: tasks must be asr, st or both, got {','.join(tasks)!r}")
+    check_device(device)
     if isinstance(data, (str, Path)):
         data = {"kind": "manifest", "path": str(data)}
     out_path = Path(out_path)
     if run_dir is not None:
         if model is not None or data is not None or whisper_dir is not None:
-            raise ValueError("decode: a run directory brings its own model and corpus; model=, data= and whisper_dir= "
+            raise UserError("decode: a run directory brings its own model and corpus; model=, data= and whisper_dir= "
                              "are for decoding a plain pretrained model without one")
         run = load_run(run_dir)
         data, cache = dict(run.config.data), Path(run_dir) / "context"
+        produced_by = {"checkpoint sha256": file_sha256(checkpoint_path(run_dir))}
     elif model is None or data is None:
-        raise ValueError("decode: give a run directory, or model= (a backbone name) and data= (its corpus)")
+        raise UserError("decode: give a run directory, or model= (a backbone name) and data= (its corpus)")
     else:
         run = dense_model(model, data, whisper_dir)
         cache = out_path.parent / "context"  # the plain model has no gates: no context is computed
+        produced_by = {"model": model, **(run.backbone.weights_identity() or {"init": run.config.init})}
     if data.get("kind") in ("manifest", "europarl"):
         data["split"] = split
     elif split != "test":
-        raise ValueError(f"decode: the data kind {data.get('kind')!r} has no splits; leave split at 'test'")
-    examples = make_examples(load_corpus(data), tasks, run.backbone.supports)[:limit]
+        raise UserError(f"decode: the data kind {data.get('kind')!r} has no splits; leave split at 'test'")
+    options = run.backbone.decode_options(options)
+    utterances = load_corpus(data, skip_bad_audio, run.backbone.max_seconds)
+    examples = make_examples(utterances, tasks, run.backbone.supports)[:limit]
+    corpus = {**data, "path": str(Path(data["path"]).resolve())} if "path" in data else data
+    if overwrite:
+        for path in (out_path, source_path(out_path)):
+            if path.is_file():
+                path.unlink()
+                log.info("decode: removed %s (overwrite)", path)
+    claim_output(out_path, {"model": produced_by, "data": corpus, "options": dataclasses.asdict(options)})
     done = {r.id for r in read_decoded(out_path)} if out_path.exists() else set()
     # ASR before ST: batches of one task where the backbone searches task by task (Whisper).
     todo = sorted((e for e in examples if record_id(e) not in done), key=lambda e: e.is_translation)
     if done:
         log.info("decode: %d records already in %s, %d to go", len(done), out_path, len(todo))
     contexts = ContextFeeder(run.model, run.config.context_extractors, cache, run.backbone.prompt_context)
-    decoder = run.backbone.corpus_decoder(run.model, contexts, run.backbone.decode_options(options), device)
+    decoder = run.backbone.corpus_decoder(run.model, contexts, options, device)
     with tqdm(total=len(todo), desc="decode") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             append_decoded(decoder.batch(batch), out_path)
             bar.update(len(batch))
     return read_decoded(out_path)
+
+
+def source_path(out_path: Path) -> Path:
+    return out_path.with_name(out_path.name + ".source.json")
+
+
+def claim_output(out_path: Path, source: dict) -> None:
+    """Makes out_path the records of `source` (what produces them): refuses records there that
+    something else produced, or that nothing says who produced; else writes <out>.source.json."""
+    recorded_at = source_path(out_path)
+    has_records = out_path.is_file() and out_path.stat().st_size > 0
+    source = json.loads(json.dumps(source))  # tuples -> lists, as read back
+    if has_records:
+        if not recorded_at.is_file():
+            raise UserError(f"{out_path} holds decoded records but not what produced them ({recorded_at.name} is "
+                            f"missing): decode into another --out, or start over with --overwrite")
+        try:
+            recorded = json.loads(recorded_at.read_text())
+        except ValueError as err:
+            raise UserError(f"{recorded_at} is not valid JSON ({err}): decode into another --out, or start over "
+                            f"with --overwrite") from err
+        changes = differences(recorded, source)
+        if changes:
+            raise UserError(f"{out_path} holds records of another decode ({'; '.join(changes)}): decode into another "
+                            f"--out, or start over with --overwrite")
+        return
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = recorded_at.with_suffix(".tmp")
+    tmp.write_text(json.dumps(source, indent=2) + "\n")
+    tmp.replace(recorded_at)
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key.subkey: old -> new' for every value of `new` that `old` does not have."""
+    changes = []
+    for key, value in new.items():
+        before = old.get(key) if isinstance(old, dict) else None
+        if isinstance(value, dict) and isinstance(before, dict):
+            changes += differences(before, value, f"{prefix}{key}.")
+        elif before != value:
+            changes.append(f"{prefix}{key}: {before!r} -> {value!r}")
+    return changes

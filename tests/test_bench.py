@@ -94,7 +94,7 @@ def test_profile_labels_add_up(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("part", ["layer", "encoder"])
-def test_bench_with_trained_gates(part, trained_run, tmp_path):
+def test_bench_with_trained_gates(part, trained_run, tmp_path, cli_error):
     out = tmp_path / "rows.json"
     main(["bench", "--part", part, "--checkpoint", str(trained_run), "--seconds", "2", "--repeats", "1",
           "--warmup", "0", "--json", str(out)])
@@ -104,8 +104,7 @@ def test_bench_with_trained_gates(part, trained_run, tmp_path):
     # the gates decide: the same masks in masked and compact, and their share is the row's keep
     assert by["compact"]["kept_share"] == by["masked"]["kept_share"]
     assert all(r["keep"] == by["masked"]["kept_share"] for r in rows)
-    with pytest.raises(SystemExit, match="--preset and --checkpoint"):
-        main(["bench", "--part", part, "--checkpoint", str(trained_run), "--preset", "tiny"])
+    cli_error(["bench", "--part", part, "--checkpoint", trained_run, "--preset", "tiny"], "--preset and --checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -137,23 +136,19 @@ def test_attribution_gives_each_moment_to_the_innermost_label():
     (["profile", "--keep", "-0.1"], "--keep"),
     (["profile", "--checkpoint", "/nonexistent/run"], "--checkpoint"),
 ])
-def test_bad_settings_name_their_flag(argv, message):
-    with pytest.raises(SystemExit, match=message):
-        main([*argv, "--preset", "tiny"] if "--checkpoint" not in argv else argv)
+def test_bad_settings_name_their_flag(argv, message, cli_error):
+    cli_error([*argv, "--preset", "tiny"] if "--checkpoint" not in argv else argv, message)
 
 
-def test_unknown_part_is_refused(capsys):
-    with pytest.raises(SystemExit):
-        main(["bench", "--part", "everything"])
-    assert "--part" in capsys.readouterr().err
+def test_unknown_part_is_refused(cli_error):
+    cli_error(["bench", "--part", "everything"], "--part")
     with pytest.raises(bench.BenchError, match="--part"):
         bench.run_bench("everything", bench.Setting(preset="tiny"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
-def test_cuda_without_a_gpu_is_refused():
-    with pytest.raises(SystemExit, match="--device cuda"):
-        main(["bench", *TINY, "--device", "cuda"])
+def test_cuda_without_a_gpu_is_refused(cli_error):
+    cli_error(["bench", *TINY, "--device", "cuda"], "--device cuda")
 
 
 @requires_cuda

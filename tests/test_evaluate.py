@@ -103,7 +103,7 @@ def test_read_decoded_refuses_malformed_lines(tmp_path):
     assert path.read_text() == f"{good}\n{good[:30]}"
 
 
-def test_evaluate_cli(tmp_path, capsys):
+def test_evaluate_cli(tmp_path, capsys, cli_error):
     from localgp.cli import main
     from localgp.evaluate import append_decoded
 
@@ -115,12 +115,9 @@ def test_evaluate_cli(tmp_path, capsys):
     assert out.startswith("| model | WER de | WER avg | BLEU fr-de |") and "| localGP | 25.0 |" in out
     assert (tmp_path / "report" / "report.md").read_text() == out
     assert json.loads((tmp_path / "report" / "report.json").read_text())["wer"]["de"] == pytest.approx(25.0)
-    with pytest.raises(FileNotFoundError, match="nothing.jsonl do not exist"):
-        main(["evaluate", str(tmp_path / "nothing.jsonl"), "--out", str(tmp_path / "r")])
+    cli_error(["evaluate", tmp_path / "nothing.jsonl", "--out", tmp_path / "r"], "nothing.jsonl do not exist")
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(ValueError, match="empty.jsonl is empty: no decoded record"):
-        main(["evaluate", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "r")])
+    cli_error(["evaluate", tmp_path / "empty.jsonl", "--out", tmp_path / "r"], "empty.jsonl is empty: no decoded record")
     append_decoded([Decoded("utt7", "fr", "de", " ", "hallo", 1.0, 0.1)], path)
-    with pytest.raises(ValueError, match="empty reference transcript in de .utterance 'utt7'"):
-        main(["evaluate", str(path), "--out", str(tmp_path / "r")])
+    cli_error(["evaluate", path, "--out", tmp_path / "r"], "empty reference transcript in de .utterance 'utt7'")
     assert not (tmp_path / "r").exists()

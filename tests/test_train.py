@@ -6,6 +6,7 @@ import soundfile as sf
 import torch
 import yaml
 
+from localgp.errors import UserError
 from localgp.runs import TrainConfig
 from localgp.train import Trainer, batch_order, warmup_lr
 
@@ -73,7 +74,7 @@ def test_bad_input(tmp_path):
     cfg = config(tmp_path, "bad")
     (tmp_path / "bad").mkdir(exist_ok=True)
     (tmp_path / "bad" / "checkpoint.pth").write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="cannot resume from"):
+    with pytest.raises(UserError, match="cannot resume from"):
         Trainer(cfg)
     assert (tmp_path / "bad" / "checkpoint.pth").read_bytes() == b"garbage"  # nothing overwritten
 
@@ -145,7 +146,7 @@ def test_bad_corpus_is_refused_before_training(tmp_path):
 
     cfg = config(tmp_path, "missing")
     (tmp_path / "data_missing" / "fr" / "fr2.wav").unlink()
-    with pytest.raises(FileNotFoundError, match="1 audio files of the corpus do not exist, e.g. .*fr2.wav"):
+    with pytest.raises(UserError, match="1 of 8 utterances have audio that cannot be used .*fr2.wav does not exist"):
         Trainer(cfg)
     assert not (tmp_path / "missing" / "tokenizer").exists()  # refused before any work
 
@@ -159,5 +160,5 @@ def test_bad_corpus_is_refused_before_training(tmp_path):
                                       + json.dumps({**entry, "id": "x1", "text": "  "}) + "\n")
     with pytest.raises(ValueError, match="m.jsonl:2: utterance 'x1' has an empty transcript"):
         Trainer(config(tmp_path, "empty", data={"kind": "manifest", "path": str(tmp_path / "m.jsonl")}))
-    with pytest.raises(FileNotFoundError, match="checkpoint .*nowhere/checkpoint.pth does not exist"):
+    with pytest.raises(UserError, match="checkpoint .*nowhere/checkpoint.pth does not exist"):
         load_trained(tmp_path / "nowhere")

@@ -58,15 +58,13 @@ def test_decode_resumes_and_keeps_what_was_written(run_dir, tmp_path, monkeypatc
     assert len(final) == 8 and len({r.id for r in final}) == 8
 
 
-def test_decode_cli_then_evaluate_cli(run_dir, tmp_path, capsys):
+def test_decode_cli_then_evaluate_cli(run_dir, tmp_path, capsys, cli_error):
     out = tmp_path / "decoded.jsonl"
     assert main(["decode", str(run_dir), "--out", str(out), "--beam", "2", "--batch", "4", "--maxlenratio", "-3"]) == 0
     assert len(read_decoded(out)) == 8
     capsys.readouterr()
-    with pytest.raises(SystemExit, match="--beam"):
-        main(["decode", str(run_dir), "--out", str(out), "--beam", "0"])
-    with pytest.raises((SystemExit, FileNotFoundError), match="checkpoint"):
-        main(["decode", str(tmp_path / "nowhere"), "--out", str(out)])
+    cli_error(["decode", run_dir, "--out", out, "--beam", "0"], "--beam: must be at least 1")
+    cli_error(["decode", tmp_path / "nowhere", "--out", out], "checkpoint")
     report_dir = tmp_path / "report"
     assert main(["evaluate", str(out), "--out", str(report_dir)]) == 0
     assert json.loads((report_dir / "report.json").read_text())["utterances"] == 8

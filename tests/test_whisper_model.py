@@ -248,7 +248,7 @@ def test_without_injection_trained_predictors_leave_the_model_alone(inject):
     assert same is (not inject)
 
 
-def test_flops_command_for_whisper(capsys):
+def test_flops_command_for_whisper(capsys, cli_error):
     import json
 
     from localgp.cli import main
@@ -257,5 +257,4 @@ def test_flops_command_for_whisper(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["dense_encoder_gflops"] == pytest.approx(43.73376)
     assert report["encoder_gflops"] < 0.5 * report["dense_encoder_gflops"]  # attention is quadratic in kept frames
-    with pytest.raises(SystemExit, match="whole 30 s window"):
-        main(["flops", "--backbone", "whisper-base", "--seconds", "5"])
+    cli_error(["flops", "--backbone", "whisper-base", "--seconds", "5"], "whole 30 s window")

@@ -172,7 +172,7 @@ def test_decode_a_run_records_the_whisper_measurements_and_resumes(runs, tmp_pat
                parse_constant=lambda c: pytest.fail(f"report.json holds {c}"))
 
 
-def test_dense_zero_shot_decode(manifest, whisper_base, tmp_path):
+def test_dense_zero_shot_decode(manifest, whisper_base, tmp_path, cli_error):
     from localgp.cli import main
 
     out = tmp_path / "dense.jsonl"
@@ -185,13 +185,10 @@ def test_dense_zero_shot_decode(manifest, whisper_base, tmp_path):
         assert r.encoder_sparsity is None and r.decoder_gflops > 0 and r.normalizer == "whisper"
     english = next(r for r in records if r.language == "en")
     assert "valid extension" in english.hypothesis  # the real model hears the real clip
-    with pytest.raises(SystemExit, match="not both"):
-        main(["decode", "somewhere", "--model", "whisper-base", "--data", str(manifest), "--out", str(out)])
-    with pytest.raises(SystemExit, match="--model needs --data"):
-        main(["decode", "--model", "whisper-base", "--out", str(out)])
-    with pytest.raises(ValueError, match="ctc_weight do not apply to Whisper"):
-        main(["decode", "--model", "whisper-base", "--data", str(manifest), "--whisper-dir", str(whisper_base),
-              "--out", str(tmp_path / "x.jsonl"), "--ctc-weight", "0.3"])
+    cli_error(["decode", "somewhere", "--model", "whisper-base", "--data", manifest, "--out", out], "not both")
+    cli_error(["decode", "--model", "whisper-base", "--out", out], "--model needs --data")
+    cli_error(["decode", "--model", "whisper-base", "--data", manifest, "--whisper-dir", whisper_base,
+               "--out", tmp_path / "x.jsonl", "--ctc-weight", "0.3"], "ctc_weight do not apply to Whisper")
 
 
 # ------------------------------------------------------------------ no model needed

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor, nn
 
+from localgp.errors import UserError
+
 if TYPE_CHECKING:
     from localgp.data.examples import Example
     from localgp.runs import TrainConfig
@@ -40,6 +42,7 @@ class Backbone(abc.ABC):
     name: ClassVar[str]
     freeze_by_default: ClassVar[bool]  # TrainConfig.freeze_backbone's meaning when it is None
     normalizer: ClassVar[str]  # the text normalisation its WER uses (localgp.evaluate.NORMALIZERS)
+    max_seconds: ClassVar[float | None] = None  # longest audio the model reads whole (None: no limit)
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -103,7 +106,7 @@ def backbone_class(name: str) -> type[Backbone]:
         from localgp.backbones.whisper import WhisperBaseBackbone
 
         return WhisperBaseBackbone
-    raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {name!r}")
+    raise UserError(f"backbone must be one of {list(BACKBONES)}, got {name!r}")
 
 
 def get_backbone(config: TrainConfig) -> Backbone:

@@ -18,6 +18,7 @@ from localgp.decoding import BatchBeamSearch, DecodeOptions
 from localgp.evaluate import Decoded
 from localgp.decoding.beam import decoder_keep
 from localgp.gates import GateRecord, utterance_record
+from localgp.errors import UserError
 
 
 class OwsmBackbone(Backbone):
@@ -36,11 +37,11 @@ class OwsmBackbone(Backbone):
         if config.init:
             model, args = owsm.load_owsm(config.init)
             if not args.bpemodel:
-                raise ValueError(f"{config.init}: the snapshot names no BPE model")
+                raise UserError(f"{config.init}: the snapshot names no BPE model")
             tokenizer = Tokenizer(args.bpemodel, args.token_list)
         else:
             if not gated:
-                raise ValueError("a dense OWSM model needs pretrained weights: set `init` to an OWSM snapshot "
+                raise UserError("a dense OWSM model needs pretrained weights: set `init` to an OWSM snapshot "
                                  "(a preset model has random weights)")
             tokenizer_dir = Path(config.out_dir) / "tokenizer"
             if (tokenizer_dir / "tokens.txt").exists():
@@ -175,10 +176,10 @@ def encoder_masks(model, speech) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 
     pruning = getattr(model.encoder, "pruning", None)
     if pruning is None or pruning.config.encoder != "temporal":
-        raise ValueError("encoder_masks: the mask figure needs an encoder gated per frame (gates.encoder: temporal), "
+        raise UserError("encoder_masks: the mask figure needs an encoder gated per frame (gates.encoder: temporal), "
                          f"this one is gated {pruning.config.encoder if pruning else 'not at all'}")
     if model.frontend is None:
-        raise ValueError("encoder_masks: the model has no frontend to compute the log-mel spectrogram")
+        raise UserError("encoder_masks: the model has no frontend to compute the log-mel spectrogram")
     speech = torch.as_tensor(speech, dtype=torch.float32)
     captured = []  # the frontend's own output: the spectrogram the masks were computed on
     hook = model.frontend.register_forward_hook(lambda _module, _inputs, out: captured.append(out[0]))

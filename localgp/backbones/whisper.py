@@ -15,7 +15,6 @@ seconds, encoder seconds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -35,6 +34,7 @@ from localgp.decoding.whisper import (
     WhisperDecodeOptions,
     whisper_tokenizer,
 )
+from localgp.errors import UserError
 from localgp.evaluate import Decoded
 from localgp.gates import utterance_record
 
@@ -46,6 +46,7 @@ class WhisperBaseBackbone(Backbone):
     name = "whisper-base"
     freeze_by_default = True  # pretrained: train the gates, keep Whisper's weights
     normalizer = "whisper"
+    max_seconds = 30.0  # its one window (localgp.model.whisper.WINDOW_SECONDS): the rest would be cut off unread
 
     def directory(self) -> Path:
         from localgp.model.whisper_weights import default_whisper_dir
@@ -71,11 +72,9 @@ class WhisperBaseBackbone(Backbone):
         try:
             sha = json.loads((directory / "manifest.json").read_text())["files"]["base.pt"]["sha256"]
         except (OSError, ValueError, KeyError, TypeError):
-            digest = hashlib.sha256()
-            with open(directory / "base.pt", "rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-            sha = digest.hexdigest()
+            from localgp.runs import file_sha256
+
+            sha = file_sha256(directory / "base.pt")
         return {"model": self.name, "base.pt sha256": sha}
 
     # ---------------------------------------------------------------- data
@@ -98,14 +97,14 @@ class WhisperBaseBackbone(Backbone):
 
         for e in examples:
             if e.utterance.language not in LANGUAGES:
-                raise ValueError(f"utterance {e.utterance.id!r}: Whisper knows no language {e.utterance.language!r}")
+                raise UserError(f"utterance {e.utterance.id!r}: Whisper knows no language {e.utterance.language!r}")
             if not self.supports(e.utterance.language, e.target_language):
-                raise ValueError(f"utterance {e.utterance.id!r}: Whisper cannot translate {e.utterance.language} into "
+                raise UserError(f"utterance {e.utterance.id!r}: Whisper cannot translate {e.utterance.language} into "
                                  f"{e.target_language} (into English only)")
         longest = self.n_text_ctx - 5  # the 4 prompt tokens and <|endoftext|>
         for e in examples:
             if len(self.text_tokens(e.target_text)) > longest:
-                raise ValueError(f"utterance {e.utterance.id!r}: its {e.target_language} text has more than {longest} "
+                raise UserError(f"utterance {e.utterance.id!r}: its {e.target_language} text has more than {longest} "
                                  f"tokens, beyond Whisper's {self.n_text_ctx}-token context")
 
     def prompt_context(self, example) -> list[int]:
@@ -150,7 +149,7 @@ class WhisperBaseBackbone(Backbone):
 
         pruning = getattr(model.encoder, "pruning", None)
         if pruning is None or pruning.config.encoder != "temporal":
-            raise ValueError("encoder_masks: the mask figure needs an encoder gated per frame (gates.encoder: "
+            raise UserError("encoder_masks: the mask figure needs an encoder gated per frame (gates.encoder: "
                              f"temporal), this one is gated {pruning.config.encoder if pruning else 'not at all'}")
         mel = self.mel([np.asarray(speech, dtype=np.float32)])
         set_execution(model, "masked")
@@ -172,7 +171,7 @@ class WhisperBaseBackbone(Backbone):
         unused = [name for name in ("nbest", "ctc_weight", "pre_beam_ratio", "penalty", "maxlenratio", "minlenratio",
                                     "fixed_length") if getattr(options, name) != getattr(default, name)]
         if unused:
-            raise ValueError(f"decode: {', '.join(unused)} do not apply to Whisper's beam search (it has no CTC, and "
+            raise UserError(f"decode: {', '.join(unused)} do not apply to Whisper's beam search (it has no CTC, and "
                              f"its own length rules); leave them at their defaults")
         return WhisperDecodeOptions(beam_size=options.beam_size, execution=options.execution)
 

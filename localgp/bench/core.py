@@ -46,6 +46,7 @@ from typing import Callable, Protocol
 import torch
 
 from localgp import flops
+from localgp.errors import UserError
 from localgp.model import owsm
 from localgp.model.config import ENCODER_MODULES
 
@@ -63,7 +64,7 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
 GATES = "gates"  # the keep "ratio" of a run whose masks come from trained gates
 
 
-class BenchError(ValueError):
+class BenchError(UserError):
     """A bad setting, named by its command-line flag."""
 
 
@@ -392,8 +393,11 @@ def markdown(rows: list[dict]) -> str:
 
 
 def write_json(rows: list[dict], path: str | Path) -> None:
+    """Strict JSON: a number that is not finite is null, its reason under the row's "notes"."""
+    from localgp.evaluate import finite_report
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(rows, indent=2) + "\n")
+    Path(path).write_text(json.dumps([finite_report(r) for r in rows], indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:

@@ -17,6 +17,9 @@ import logging
 import numpy as np
 import torch
 
+from localgp.data.audio import MIN_SAMPLES
+from localgp.errors import UserError
+
 SAMPLE_RATE = 16000
 log = logging.getLogger(__name__)
 
@@ -24,13 +27,13 @@ log = logging.getLogger(__name__)
 def as_waveform(wav, sample_rate: int, who: str) -> torch.Tensor:
     """A 1-D float32 16 kHz tensor, or a clear error."""
     if sample_rate != SAMPLE_RATE:
-        raise ValueError(f"{who}: sample_rate must be 16000 Hz (resample first, as localgp.data.audio.load_audio "
+        raise UserError(f"{who}: sample_rate must be 16000 Hz (resample first, as localgp.data.audio.load_audio "
                          f"does), got {sample_rate}")
     wav = torch.as_tensor(np.asarray(wav), dtype=torch.float32)
     if wav.dim() != 1:
-        raise ValueError(f"{who}: expected mono audio (samples,), got shape {tuple(wav.shape)}")
-    if wav.numel() < SAMPLE_RATE // 10:
-        raise ValueError(f"{who}: audio of {wav.numel()} samples is shorter than 0.1 s")
+        raise UserError(f"{who}: expected mono audio (samples,), got shape {tuple(wav.shape)}")
+    if wav.numel() < MIN_SAMPLES:
+        raise UserError(f"{who}: audio of {wav.numel()} samples is shorter than {MIN_SAMPLES / SAMPLE_RATE} s")
     return wav
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from localgp.context import SAMPLE_RATE, as_waveform, warn_random
+from localgp.errors import UserError
 
 PATCHES_PER_STEP = 8  # BEATs' 128 mel bins / 16-bin patches: 8 frequency patches per time step
 
@@ -25,7 +26,7 @@ class BeatsEvents:
             raise FileNotFoundError(f"BeatsEvents: checkpoint {checkpoint} not found")
         if checkpoint is None:
             if not allow_random:
-                raise ValueError("BeatsEvents: pass a BEATs checkpoint, or allow_random=True to use random weights")
+                raise UserError("BeatsEvents: pass a BEATs checkpoint, or allow_random=True to use random weights")
             warn_random("BeatsEvents")
         self.encoder = BeatsEncoder(input_size=1, beats_ckpt_path=str(checkpoint) if checkpoint else None,
                                     max_layer=max_layer, beats_config=beats_config).to(device).eval()

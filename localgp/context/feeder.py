@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from localgp.data.examples import Example
+from localgp.errors import UserError
 
 EXTRACTOR_KINDS = ("beats", "ecapa", "lang2vec", "resemblyzer")
 
@@ -25,7 +26,13 @@ def build_extractor(spec: dict):
     options = dict(spec)
     kind = options.pop("kind", None)
     if kind not in kinds:
-        raise ValueError(f"context extractor kind must be one of {sorted(kinds)}, got {kind!r}")
+        raise UserError(f"context extractor kind must be one of {sorted(kinds)}, got {kind!r}")
+    import inspect
+
+    try:  # an option the extractor does not take is the config's error, named here
+        inspect.signature(kinds[kind]).bind(**options)
+    except TypeError as err:
+        raise UserError(f"context extractor {kind!r}: {err} (options given: {sorted(options)})") from err
     return kinds[kind](**options)
 
 
@@ -47,11 +54,11 @@ class ContextFeeder:
         sizes = {**encoder_streams, **decoder_streams}
         missing = [n for n in self.encoder_names + self.decoder_names if n not in extractors]
         if missing:
-            raise ValueError(f"training: the gates use contexts {missing} but context_extractors names no extractor for them")
+            raise UserError(f"training: the gates use contexts {missing} but context_extractors names no extractor for them")
         self.extractors = {n: build_extractor(extractors[n]) for n in self.encoder_names + self.decoder_names}
         for name, extractor in self.extractors.items():
             if extractor.size != sizes[name]:
-                raise ValueError(f"training: context {name!r} is configured with size {sizes[name]} but its "
+                raise UserError(f"training: context {name!r} is configured with size {sizes[name]} but its "
                                  f"extractor gives {extractor.size}")
 
     def __call__(self, examples: list[Example]) -> None:

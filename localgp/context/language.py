@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from localgp.errors import UserError
+
 FEATURES = "syntax_knn+phonology_knn+inventory_knn"
 # ISO 639-1 codes of the data -> the ISO 639-3 codes lang2vec uses.
 ISO_639_3 = {
@@ -25,7 +27,7 @@ class Lang2Vec:
         """(1, 289) for an ISO 639-1 (or 639-3) language code."""
         code = ISO_639_3.get(language, language)
         if code not in self._l2v.available_languages():
-            raise ValueError(f"Lang2Vec: unknown language code {language!r}; known 639-1 codes: {sorted(ISO_639_3)}")
+            raise UserError(f"Lang2Vec: unknown language code {language!r}; known 639-1 codes: {sorted(ISO_639_3)}")
         if code not in self._cache:
             values = self._l2v.get_features([code], FEATURES)[code]
             self._cache[code] = torch.tensor([float(v) for v in values])[None]

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from localgp.context import SAMPLE_RATE, as_waveform, warn_random
+from localgp.errors import UserError
 
 
 class EcapaSpeaker:
@@ -37,7 +38,7 @@ class EcapaSpeaker:
         elif allow_random:
             warn_random("EcapaSpeaker")
         else:
-            raise ValueError("EcapaSpeaker: pass model_dir (a local speechbrain spkrec-ecapa-voxceleb copy), "
+            raise UserError("EcapaSpeaker: pass model_dir (a local speechbrain spkrec-ecapa-voxceleb copy), "
                              "or allow_random=True to use random weights")
         self.model.to(device).eval()
         self.device = device

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from localgp.data.audio import load_audio
+from localgp.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,18 @@ def _read_lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
+def _segment(text: str, where: str, layout: str) -> tuple[str, float, float]:
+    """(id, start, end) of a segment line '<id> <start> <end>' (seconds, finite, start < end)."""
+    parts = text.split()
+    try:
+        start, end = float(parts[1]), float(parts[2])
+    except (IndexError, ValueError):
+        start = end = None
+    if len(parts) != 3 or start is None or not 0 <= start < end < float("inf"):
+        raise UserError(f"{where}: expected '{layout}' with 0 <= start < end in seconds, got {text!r}")
+    return parts[0], start, end
+
+
 def europarl_st(root: str | Path, source: str, targets: list[str] | str, split: str) -> list[Utterance]:
     """Europarl-ST v1.1: <root>/<src>/<tgt>/<split>/segments.{lst,<src>,<tgt>}, audio in
     <root>/<src>/audios/<id>.m4a. Segments present in every target pair are returned, with their
@@ -36,7 +49,7 @@ def europarl_st(root: str | Path, source: str, targets: list[str] | str, split: 
     root = Path(root)
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
-        raise ValueError("europarl_st: name at least one target language")
+        raise UserError("europarl_st: name at least one target language")
     by_segment: dict[tuple, Utterance] = {}
     for i, target in enumerate(targets):
         folder = root / source / target / split
@@ -46,16 +59,13 @@ def europarl_st(root: str | Path, source: str, targets: list[str] | str, split: 
         sources = _read_lines(folder / f"segments.{source}")
         translations = _read_lines(folder / f"segments.{target}")
         if not len(segments) == len(sources) == len(translations):
-            raise ValueError(f"europarl_st: {folder} has {len(segments)} segments, {len(sources)} source and "
+            raise UserError(f"europarl_st: {folder} has {len(segments)} segments, {len(sources)} source and "
                              f"{len(translations)} target lines; they must match")
         seen = {}
         for line_no, (seg, text, translation) in enumerate(zip(segments, sources, translations, strict=True), 1):
-            parts = seg.split()
-            if len(parts) != 3:
-                raise ValueError(f"{folder / 'segments.lst'}:{line_no}: expected '<audio id> <start> <end>', got {seg!r}")
-            audio_id, start, end = parts[0], float(parts[1]), float(parts[2])
+            audio_id, start, end = _segment(seg, f"{folder / 'segments.lst'}:{line_no}", "<audio id> <start> <end>")
             if not text.strip() or not translation.strip():
-                raise ValueError(f"europarl_st: segment {line_no} of {folder} has an empty transcript or translation")
+                raise UserError(f"europarl_st: segment {line_no} of {folder} has an empty transcript or translation")
             key = (audio_id, start, end)
             if i == 0:
                 audio = root / source / "audios" / f"{audio_id}.m4a"
@@ -89,7 +99,7 @@ def kaldi_dir(directory: str | Path, language: str, audio_root: str | Path | Non
                 continue
             key, _, value = line.strip().partition(" ")
             if key in rows:
-                raise ValueError(f"{path}:{line_no}: duplicate id {key!r}")
+                raise UserError(f"{path}:{line_no}: duplicate id {key!r}")
             rows[key] = value.strip()
         return rows
 
@@ -97,22 +107,21 @@ def kaldi_dir(directory: str | Path, language: str, audio_root: str | Path | Non
     segments = table("segments", required=False)
     for rec, value in recordings.items():
         if value.endswith("|"):
-            raise ValueError(f"kaldi_dir: wav.scp entry {rec!r} is a command pipe; only file paths are supported")
+            raise UserError(f"kaldi_dir: wav.scp entry {rec!r} is a command pipe; only file paths are supported")
     utterances = []
     for utt, text in texts.items():
         if utt not in speakers:
-            raise ValueError(f"kaldi_dir: utterance {utt!r} has no utt2spk entry")
+            raise UserError(f"kaldi_dir: utterance {utt!r} has no utt2spk entry")
         if segments:
             if utt not in segments:
-                raise ValueError(f"kaldi_dir: utterance {utt!r} is not in segments")
-            rec, start, end = segments[utt].split()
-            start, end = float(start), float(end)
+                raise UserError(f"kaldi_dir: utterance {utt!r} is not in segments")
+            rec, start, end = _segment(segments[utt], f"{directory / 'segments'} ({utt})", "<recording> <start> <end>")
         else:
             rec, start, end = utt, None, None
         if rec not in recordings:
-            raise ValueError(f"kaldi_dir: recording {rec!r} of utterance {utt!r} is not in wav.scp")
+            raise UserError(f"kaldi_dir: recording {rec!r} of utterance {utt!r} is not in wav.scp")
         if not text.strip():
-            raise ValueError(f"kaldi_dir: utterance {utt!r} has an empty transcript in {directory / 'text'}")
+            raise UserError(f"kaldi_dir: utterance {utt!r} has an empty transcript in {directory / 'text'}")
         audio = Path(recordings[rec])
         audio = audio if audio.is_absolute() else Path(audio_root or Path.cwd()) / audio
         utterances.append(Utterance(utt, audio, language, text, speakers[utt], start, end))

@@ -33,6 +33,7 @@ import numpy as np
 
 from localgp.data.audio import SAMPLE_RATE, load_audio
 from localgp.data.corpora import Utterance
+from localgp.errors import UserError
 
 ASTERISK_LANGS = ("en", "fr", "it")
 FILLETS_LANGS = ("de", "en", "fr", "it")
@@ -455,7 +456,7 @@ def prepare_demo(out_dir: str | Path, *, german_sentences: int = 300, augment_sh
     if manifest.is_file():
         return manifest
     if not 0.0 <= augment_share <= 1.0:
-        raise ValueError(f"augment_share must lie in [0, 1], got {augment_share}")
+        raise UserError(f"augment_share must lie in [0, 1], got {augment_share}")
     if german_sentences > 0 and shutil.which(espeak) is None:
         raise RuntimeError(f"demo corpus: the command {espeak!r} is missing; it synthesizes the German part "
                            f"(install it, e.g. 'apt-get install espeak-ng', or pass german_sentences=0)")
@@ -514,8 +515,8 @@ def load_manifest(path: str | Path) -> dict[str, list[Utterance]]:
                                 translations=dict(e.get("translations", {})))
                 split = e["split"]
             except (json.JSONDecodeError, KeyError) as err:
-                raise ValueError(f"{path}:{line_no}: bad manifest entry: {err}") from err
+                raise UserError(f"{path}:{line_no}: bad manifest entry: {err}") from err
             if not utt.text.strip():  # nothing to train or score against
-                raise ValueError(f"{path}:{line_no}: utterance {utt.id!r} has an empty transcript")
+                raise UserError(f"{path}:{line_no}: utterance {utt.id!r} has an empty transcript")
             splits.setdefault(split, []).append(utt)
     return splits

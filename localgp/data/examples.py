@@ -3,10 +3,17 @@ produce from it (its transcript for ASR, one of its translations for ST)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
+from localgp.data.audio import MIN_SAMPLES, SAMPLE_RATE, declared_seconds, load_audio
 from localgp.data.corpora import Utterance, europarl_st, kaldi_dir
+from localgp.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -20,9 +27,10 @@ class Example:
         return self.target_language != self.utterance.language
 
 
-def load_corpus(data: dict) -> list[Utterance]:
-    """The utterances `data` names (TrainConfig.data); their audio files must exist, so a missing
-    one stops the run before any work, not at the step that first reads it."""
+def load_corpus(data: dict, skip_bad_audio: bool = False, max_seconds: float | None = None) -> list[Utterance]:
+    """The utterances `data` names (TrainConfig.data), their audio checked (check_audio) so that
+    a file that cannot be used stops the run before any work, not at the step that first reads
+    it; or, with skip_bad_audio, is left out and listed in the log."""
     kind = data.get("kind")
     if kind == "manifest":
         from localgp.data.demo_corpus import load_manifest
@@ -30,18 +38,69 @@ def load_corpus(data: dict) -> list[Utterance]:
         splits = load_manifest(data["path"])
         split = data.get("split", "train")
         if split not in splits:
-            raise ValueError(f"{data['path']}: no split {split!r}; it has {sorted(splits)}")
+            raise UserError(f"{data['path']}: no split {split!r}; it has {sorted(splits)}")
         utterances = splits[split]
     elif kind == "kaldi":
         utterances = [u for lang, d in data["dirs"].items() for u in kaldi_dir(d, lang, data.get("audio_root"))]
     elif kind == "europarl":
         utterances = europarl_st(data["root"], data["source"], data["targets"], data["split"])
     else:
-        raise ValueError(f"TrainConfig.data.kind must be 'manifest', 'kaldi' or 'europarl', got {kind!r}")
-    missing = sorted({str(u.audio) for u in utterances if not u.audio.is_file()})
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} audio files of the corpus do not exist, e.g. {missing[:3]}")
-    return utterances
+        raise UserError(f"TrainConfig.data.kind must be 'manifest', 'kaldi' or 'europarl', got {kind!r}")
+    return check_audio(utterances, skip_bad_audio, max_seconds)
+
+
+def audio_problems(utterances: list[Utterance], max_seconds: float | None = None) -> dict[str, str]:
+    """{utterance id: why its audio cannot be used}: a missing or undecodable file, no samples,
+    NaN or infinite samples, shorter than MIN_SAMPLES (0.1 s), shorter than its header declares (cut short), a segment
+    outside its file, longer than `max_seconds` (what the model reads of it: Whisper's window).
+    Each file is decoded once, however many segments it holds."""
+    files: dict = {}  # path -> (samples, declared seconds) or what is wrong with it
+    problems = {}
+    for u in utterances:
+        if u.audio not in files:
+            try:
+                wav = load_audio(u.audio)
+                files[u.audio] = (len(wav), declared_seconds(u.audio))
+                if not np.isfinite(wav).all():  # a float file can hold them; they would turn every loss NaN
+                    files[u.audio] = f"{u.audio} holds samples that are NaN or infinite"
+            except (UserError, OSError) as err:
+                files[u.audio] = str(err)
+        found = files[u.audio]
+        if isinstance(found, str):
+            problems[u.id] = found
+            continue
+        samples, declared = found
+        if declared is not None and samples / SAMPLE_RATE < declared - 0.02:
+            problems[u.id] = (f"{u.audio} holds {samples / SAMPLE_RATE:.2f} s of audio but its header declares "
+                              f"{declared:.2f} s (cut short?)")
+            continue
+        first = 0 if u.start is None else round(u.start * SAMPLE_RATE)
+        last = samples if u.end is None else round(u.end * SAMPLE_RATE)
+        where = u.audio if u.start is None and u.end is None else f"{u.audio} [{u.start}, {u.end}) s"
+        if not 0 <= first <= last <= samples + SAMPLE_RATE // 100:  # load_audio's tolerance
+            problems[u.id] = f"{where}: the segment lies outside the file's {samples / SAMPLE_RATE:.2f} s"
+        elif last - first < MIN_SAMPLES:
+            problems[u.id] = f"{where}: {(last - first) / SAMPLE_RATE:.3f} s, shorter than {MIN_SAMPLES / SAMPLE_RATE} s"
+        elif max_seconds is not None and (last - first) / SAMPLE_RATE > max_seconds:
+            problems[u.id] = f"{where}: {(last - first) / SAMPLE_RATE:.2f} s, longer than the model's {max_seconds:g} s"
+    return problems
+
+
+def check_audio(utterances: list[Utterance], skip: bool = False, max_seconds: float | None = None) -> list[Utterance]:
+    """The utterances whose audio can be used (audio_problems). Any other stops with a UserError
+    listing them all, or with `skip` is left out, each one logged."""
+    problems = audio_problems(utterances, max_seconds)
+    if not problems:
+        return utterances
+    listing = "; ".join(f"{uid}: {why}" for uid, why in problems.items())
+    if not skip:
+        raise UserError(f"{len(problems)} of {len(utterances)} utterances have audio that cannot be used (leave them "
+                        f"out with skip_bad_audio: true in a training config, --skip-bad-audio when decoding): {listing}")
+    log.warning("left out %d of %d utterances whose audio cannot be used: %s", len(problems), len(utterances), listing)
+    kept = [u for u in utterances if u.id not in problems]
+    if not kept:
+        raise UserError(f"no utterance of the corpus has audio that can be used: {listing}")
+    return kept
 
 
 def make_examples(utterances: list[Utterance], tasks,
@@ -56,7 +115,7 @@ def make_examples(utterances: list[Utterance], tasks,
             examples.extend(Example(u, lang, text) for lang, text in sorted(u.translations.items())
                             if supports is None or supports(u.language, lang))
     if not examples:
-        raise ValueError("the corpus gives no example for the tasks asked")
+        raise UserError("the corpus gives no example for the tasks asked")
     return examples
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from localgp.decoding.incremental import MODULES, IncrementalDecoder
+from localgp.errors import UserError
 from localgp.model.config import EXECUTIONS
 from localgp.model.gating import profiled
 
@@ -39,17 +40,17 @@ class DecodeOptions:
 
     def __post_init__(self):
         if self.beam_size < 1:
-            raise ValueError(f"DecodeOptions.beam_size must be >= 1, got {self.beam_size}")
+            raise UserError(f"DecodeOptions.beam_size must be >= 1, got {self.beam_size}")
         if not 1 <= self.nbest <= self.beam_size:
-            raise ValueError(f"DecodeOptions.nbest must lie in [1, beam_size={self.beam_size}], got {self.nbest}")
+            raise UserError(f"DecodeOptions.nbest must lie in [1, beam_size={self.beam_size}], got {self.nbest}")
         if not 0 <= self.ctc_weight < 1:
-            raise ValueError(f"DecodeOptions.ctc_weight must lie in [0, 1), got {self.ctc_weight}")
+            raise UserError(f"DecodeOptions.ctc_weight must lie in [0, 1), got {self.ctc_weight}")
         if self.pre_beam_ratio < 1:
-            raise ValueError(f"DecodeOptions.pre_beam_ratio must be >= 1, got {self.pre_beam_ratio}")
+            raise UserError(f"DecodeOptions.pre_beam_ratio must be >= 1, got {self.pre_beam_ratio}")
         if self.fixed_length is not None and self.fixed_length < 1:
-            raise ValueError(f"DecodeOptions.fixed_length must be >= 1 or None, got {self.fixed_length}")
+            raise UserError(f"DecodeOptions.fixed_length must be >= 1 or None, got {self.fixed_length}")
         if self.execution not in EXECUTIONS:
-            raise ValueError(f"DecodeOptions.execution must be one of {EXECUTIONS}, got {self.execution!r}")
+            raise UserError(f"DecodeOptions.execution must be one of {EXECUTIONS}, got {self.execution!r}")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from localgp.decoding.beam import Hypothesis
 from localgp.decoding.incremental import IncrementalDecoder
+from localgp.errors import UserError
 from localgp.model.config import EXECUTIONS
 from localgp.model.gating import profiled
 
@@ -45,15 +46,15 @@ class WhisperDecodeOptions:
 
     def __post_init__(self):
         if self.beam_size < 1:
-            raise ValueError(f"WhisperDecodeOptions.beam_size must be >= 1, got {self.beam_size}")
+            raise UserError(f"WhisperDecodeOptions.beam_size must be >= 1, got {self.beam_size}")
         if not self.patience >= 1:
-            raise ValueError(f"WhisperDecodeOptions.patience must be >= 1, got {self.patience}")
+            raise UserError(f"WhisperDecodeOptions.patience must be >= 1, got {self.patience}")
         if self.length_penalty is not None and not 0 <= self.length_penalty <= 1:
-            raise ValueError(f"WhisperDecodeOptions.length_penalty must lie in [0, 1] or be None, got {self.length_penalty}")
+            raise UserError(f"WhisperDecodeOptions.length_penalty must lie in [0, 1] or be None, got {self.length_penalty}")
         if self.sample_len is not None and self.sample_len < 1:
-            raise ValueError(f"WhisperDecodeOptions.sample_len must be >= 1 or None, got {self.sample_len}")
+            raise UserError(f"WhisperDecodeOptions.sample_len must be >= 1 or None, got {self.sample_len}")
         if self.execution not in EXECUTIONS:
-            raise ValueError(f"WhisperDecodeOptions.execution must be one of {EXECUTIONS}, got {self.execution!r}")
+            raise UserError(f"WhisperDecodeOptions.execution must be one of {EXECUTIONS}, got {self.execution!r}")
 
 
 @dataclass
