@@ -719,6 +719,18 @@ __global__ void __launch_bounds__(kThreads)
   CUDA_KERNEL_ASSERT_MSG(previous == ~0ull, "scatter: index entries must be distinct");
 }
 
+// o += scale * v element-wise in the op-math type (float32; float64 for double), one rounding:
+// a fused residual add.
+template <typename scalar_t, int kVec>
+__device__ __forceinline__ void add_scaled(Vec<scalar_t, kVec>& o, const Vec<scalar_t, kVec>& v,
+                                           at::opmath_type<scalar_t> scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    o.val[j] = static_cast<scalar_t>(static_cast<acc_t>(o.val[j]) + scale * static_cast<acc_t>(v.val[j]));
+  }
+}
+
 // out[r] = base(r) + scale * values[position[r]] where position[r] >= 0, else base(r); base is
 // the residual row, or zeros when residual is null (then values are copied as they are).
 template <typename scalar_t, int kVec>
@@ -728,7 +740,6 @@ __global__ void __launch_bounds__(kThreads)
                       int64_t n_out_rows, int64_t vecs_per_row, int group_log2,
                       at::opmath_type<scalar_t> scale) {
   using V = Vec<scalar_t, kVec>;
-  using acc_t = at::opmath_type<scalar_t>;
   const int group = 1 << group_log2;
   const int lane = threadIdx.x & (group - 1);
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads >> group_log2) +
@@ -749,15 +760,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     } else {
       o = base[u];
-      if (n >= 0) {
-        const V v = src[u];
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          // residual + scale * value in the op-math type (float32; float64 for double), one rounding.
-          o.val[j] = static_cast<scalar_t>(static_cast<acc_t>(o.val[j]) +
-                                           scale * static_cast<acc_t>(v.val[j]));
-        }
-      }
+      if (n >= 0) add_scaled(o, src[u], scale);
     }
     dst[u] = o;
   }
@@ -771,7 +774,6 @@ __global__ void __launch_bounds__(kThreads)
                             int64_t n_out_rows, int64_t vecs_per_row, int group_log2,
                             at::opmath_type<scalar_t> scale) {
   using V = Vec<scalar_t, kVec>;
-  using acc_t = at::opmath_type<scalar_t>;
   const int group = 1 << group_log2;
   const int lane = threadIdx.x & (group - 1);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads >> group_log2) +
@@ -786,13 +788,8 @@ __global__ void __launch_bounds__(kThreads)
   const V* src = reinterpret_cast<const V*>(values) + row * vecs_per_row;
   V* dst = reinterpret_cast<V*>(out) + r * vecs_per_row;
   for (int64_t u = lane; u < vecs_per_row; u += group) {
-    const V v = src[u];
     V o = dst[u];
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      o.val[j] = static_cast<scalar_t>(static_cast<acc_t>(o.val[j]) +
-                                       scale * static_cast<acc_t>(v.val[j]));
-    }
+    add_scaled(o, src[u], scale);
     dst[u] = o;
   }
 }
