@@ -233,9 +233,9 @@ def _check_gates(gates) -> None:
         value = getattr(config, name)
         if not has_type(value, hint) or isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"TrainConfig.gates.{name} must be {getattr(hint, '__name__', hint)}, got {value!r}")
-    if config.heads < 1 or any(size < 0 for _, size in config.contexts + config.decoder_contexts):
-        raise UserError(f"TrainConfig.gates: heads must be >= 1 and context sizes >= 0, got heads {config.heads}, "
-                        f"contexts {config.contexts}, decoder_contexts {config.decoder_contexts}")
+    if any(size < 0 for _, size in config.contexts + config.decoder_contexts):
+        raise UserError(f"TrainConfig.gates: context sizes must be >= 0, got contexts {config.contexts}, "
+                        f"decoder_contexts {config.decoder_contexts}")
 
 
 def _is_number(value) -> bool:
