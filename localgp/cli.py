@@ -147,6 +147,21 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    import logging
+
+    from localgp.longform import summary, transcribe
+    from localgp.longform.outputs import parse_formats
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    result = transcribe(args.audio, args.model, language=args.language, task=args.task, gates=args.gates,
+                        batch=args.batch, beam=args.beam, device=args.device, dtype=args.dtype,
+                        formats=parse_formats(args.output_format), out=args.out, overwrite=args.overwrite,
+                        whisper_dir=args.whisper_dir, progress=not args.quiet)
+    print(summary(result), file=sys.stderr)
+    return 1 if result.failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import logging
 
@@ -353,6 +368,30 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start over: discard the records in --out instead of resuming them (or refusing them "
                              "when another model or other options produced them)")
     decode.set_defaults(func=cmd_decode)
+
+    transcribe = sub.add_parser("transcribe", help="audio files of any length -> .txt/.srt/.vtt/.json (Whisper, "
+                                                   "plain or with trained gates; resumable)")
+    transcribe.add_argument("audio", nargs="+", help="audio files (any format PyAV reads), directories, @list.txt")
+    transcribe.add_argument("--model", default="whisper-base",
+                            help="whisper-base (the plain pretrained model) or a `localgp train` run directory "
+                                 "(its gated model); OWSM snapshots are not supported yet")
+    transcribe.add_argument("--gates", help="RUN_DIR: with --model whisper-base, that run's gated model; none: "
+                                            "--model RUN_DIR without its gates")
+    transcribe.add_argument("--whisper-dir", help="with --model whisper-base: `localgp prepare whisper`'s directory")
+    transcribe.add_argument("--language", default="auto", help="Whisper language code of the speech, or auto "
+                                                                "(detected per file on its first window)")
+    transcribe.add_argument("--task", choices=["transcribe", "translate"], default="transcribe",
+                            help="translate: into English")
+    transcribe.add_argument("--batch", type=positive_int, default=8, help="30 s windows decoded together")
+    transcribe.add_argument("--beam", type=positive_int, default=5, help="hypotheses per window")
+    transcribe.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
+    transcribe.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                            help="float16/bfloat16: GPU only")
+    transcribe.add_argument("--output-format", default="all", help="comma list of txt,srt,vtt,json, or all")
+    transcribe.add_argument("--out", default=".", help="directory for <name>.<format> (a rerun skips files done)")
+    transcribe.add_argument("--overwrite", action="store_true", help="decode files again whose outputs are there")
+    transcribe.add_argument("--quiet", action="store_true", help="no progress bar")
+    transcribe.set_defaults(func=cmd_transcribe)
 
     demo = sub.add_parser("demo", help="the main job: prepare weights and corpus, train the gates, decode, report")
     demo.add_argument("--backbone", choices=["whisper-base", "owsm"], default="whisper-base",
