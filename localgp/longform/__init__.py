@@ -4,4 +4,4 @@ pipeline.py (inputs, the model, batched decoding of every file's windows, the su
 their .txt/.srt/.vtt/.json files written atomically)."""
 
 from localgp.longform.outputs import FORMATS, Segment, Transcript  # noqa: F401 (the package's interface)
-from localgp.longform.pipeline import Failure, Result, summary, transcribe  # noqa: F401
+from localgp.longform.pipeline import Failure, Result, Transcriber, summary, transcribe  # noqa: F401

@@ -13,6 +13,7 @@ speech found) is reported with the reason and the others go on."""
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from localgp.data.audio import SAMPLE_RATE, declared_seconds, load_checked
 from localgp.errors import UserError
@@ -178,166 +180,187 @@ class Result:
         return self.seconds / self.audio_seconds if self.audio_seconds else float("nan")
 
 
-def transcribe(paths, model: str = "whisper-base", *, language: str | None = None, task: str = "transcribe",
-               gates: str | None = None, batch: int = 8, beam: int = 5, device: str = "auto",
-               dtype: str = "float32", formats=FORMATS, out: str | Path | None = None, overwrite: bool = False,
-               whisper_dir: str | None = None, execution: str = "compact", progress: bool = True) -> Result:
-    """Transcribes (or translates into English) audio files of any length.
+class Transcriber:
+    """A model ready to transcribe (loaded on first use: a rerun with every file done loads
+    nothing). model, gates, whisper_dir: see load_model; device auto|cpu|cuda; dtype float32, or
+    float16/bfloat16 on a GPU."""
 
-    paths: files, directories, "@list.txt", or one of them. model, gates: see load_model.
-    language: a Whisper language code, or None / "auto" to detect it per file. out: write each
-    file's `formats` there when it is done, skipping files whose outputs are all there already
-    (overwrite: decode them again); None: write nothing. Returns the transcripts with their
-    segments, the files that failed and why, and the files skipped."""
-    from tqdm import tqdm
+    def __init__(self, model: str = "whisper-base", gates: str | None = None, whisper_dir: str | None = None,
+                 device: str = "auto", dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.device = pick_device(device)
+        if DTYPES[dtype] != torch.float32 and self.device.type != "cuda":
+            raise UserError(f"dtype {dtype} is for a GPU; on the CPU localgp decodes in float32")
+        self.model, self.gates, self.whisper_dir, self.dtype = model, gates, whisper_dir, DTYPES[dtype]
+        self.loaded = None
+        self.calls = 0  # window ids differ from call to call: the context cache keys them
 
-    from localgp.context.feeder import ContextFeeder
-    from localgp.data.examples import Example
-    from localgp.decoding.whisper import TASKS, WhisperDecodeOptions
+    def load(self) -> None:
+        from localgp.context.feeder import ContextFeeder
 
-    if batch < 1 or beam < 1:
-        raise UserError(f"batch and beam must be >= 1, got {batch} and {beam}")
-    if task not in TASKS:
-        raise UserError(f"task must be one of {TASKS}, got {task!r}")
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    language = None if language in (None, "auto") else language
-    from whisper.tokenizer import LANGUAGES
+        if self.loaded is not None:
+            return
+        loaded = load_model(self.model, self.gates, self.whisper_dir)
+        run = loaded.run
+        run.model.to(self.device, self.dtype)
+        self._cache = tempfile.TemporaryDirectory(prefix="localgp-context-")  # windows' contexts: this process only
+        self.contexts = ContextFeeder(run.model, run.config.context_extractors, Path(self._cache.name),
+                                      run.backbone.prompt_context)
+        self.vad = SileroVAD()
+        self.loaded = loaded
 
-    if language is not None and language not in LANGUAGES:
-        raise UserError(f"language {language!r}: Whisper knows {', '.join(sorted(LANGUAGES))} (or auto)")
-    formats = tuple(formats)
-    inputs = expand_inputs(paths)
-    names = output_names(inputs)
-    out_dir = Path(out) if out is not None else None
-    torch_device = pick_device(device)
-    if DTYPES[dtype] != torch.float32 and torch_device.type != "cuda":
-        raise UserError(f"dtype {dtype} is for a GPU; on the CPU localgp decodes in float32")
+    def __call__(self, paths, *, language: str | None = None, task: str = "transcribe", batch: int = 8,
+                 beam: int = 5, formats=FORMATS, out: str | Path | None = None, overwrite: bool = False,
+                 execution: str = "compact", progress: bool = True) -> Result:
+        """Transcribes (or translates into English) audio files of any length.
 
-    recordings = [Recording(i, p, n) for i, (p, n) in enumerate(zip(inputs, names, strict=True))]
-    skipped, transcripts = [], {}
-    if out_dir is not None and not overwrite:
-        for r in [r for r in recordings if is_done(out_dir, r.name, formats)]:
-            skipped.append(str(r.path))
-            if "json" in formats:
-                import json
+        paths: files, directories, "@list.txt", or one of them. language: a Whisper language code,
+        or None / "auto" to detect it per file. out: write each file's `formats` there when it is
+        done, skipping files whose outputs are all there already (overwrite: decode them again);
+        None: write nothing. Returns the transcripts with their segments, the files that failed
+        and why, and the files skipped."""
+        from localgp.data.examples import Example
+        from localgp.decoding.whisper import TASKS, WhisperDecodeOptions
 
-                transcripts[r.index] = Transcript.from_json(json.loads(output_paths(out_dir, r.name, ["json"])[0].read_text()))
-        recordings = [r for r in recordings if str(r.path) not in set(skipped)]
-        if skipped:
-            log.info("transcribe: %d of %d files already done in %s", len(skipped), len(inputs), out_dir)
-    result = Result([], [], skipped)
-    if not recordings:
+        if batch < 1 or beam < 1:
+            raise UserError(f"batch and beam must be >= 1, got {batch} and {beam}")
+        if task not in TASKS:
+            raise UserError(f"task must be one of {TASKS}, got {task!r}")
+        language = None if language in (None, "auto") else language
+        from whisper.tokenizer import LANGUAGES
+
+        if language is not None and language not in LANGUAGES:
+            raise UserError(f"language {language!r}: Whisper knows {', '.join(sorted(LANGUAGES))} (or auto)")
+        formats = tuple(formats)
+        inputs = expand_inputs(paths)
+        names = output_names(inputs)
+        out_dir = Path(out) if out is not None else None
+
+        recordings = [Recording(i, p, n) for i, (p, n) in enumerate(zip(inputs, names, strict=True))]
+        skipped, transcripts = [], {}
+        if out_dir is not None and not overwrite:
+            for r in [r for r in recordings if is_done(out_dir, r.name, formats)]:
+                skipped.append(str(r.path))
+                if "json" in formats:
+                    text = output_paths(out_dir, r.name, ["json"])[0].read_text(encoding="utf-8")
+                    transcripts[r.index] = Transcript.from_json(json.loads(text))
+            recordings = [r for r in recordings if str(r.path) not in set(skipped)]
+            if skipped:
+                log.info("transcribe: %d of %d files already done in %s", len(skipped), len(inputs), out_dir)
+        result = Result([], [], skipped)
+        if not recordings:
+            result.transcripts = [transcripts[i] for i in sorted(transcripts)]
+            return result
+
+        self.load()
+        self.calls += 1
+        run, contexts = self.loaded.run, self.contexts
+        if language is None and (contexts.global_prompt or contexts.decoder_names):
+            raise UserError("these gates read the prompt's language before decoding: give --language")
+        options = WhisperDecodeOptions(beam_size=beam, execution=execution)
+        decoder = run.backbone.corpus_decoder(run.model, contexts, options, str(self.device))
+        target = "en" if task == "translate" else language
+        bar = tqdm(total=sum(declared(r.path) for r in recordings), unit="s", desc="transcribe", disable=not progress,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}{postfix}]")
+        started = time.perf_counter()
+
+        def advance(recording: Recording, upto: float) -> None:
+            bar.update(max(upto - recording.counted, 0.0))
+            recording.counted = max(upto, recording.counted)
+            bar.set_postfix_str(f"RTF {(time.perf_counter() - started) / max(bar.n, 1e-9):.3f}", refresh=False)
+
+        def fail(recording: Recording, reason: str) -> None:
+            result.failed.append(Failure(str(recording.path), " ".join(reason.split())))
+            bar.total = max(bar.total - declared(recording.path), bar.n)
+            recording.wav = None
+
+        def finish(recording: Recording) -> None:
+            segments = [recording.segments[i] for i in range(len(recording.windows))]
+            transcript = Transcript(str(recording.path), recording.language or segments[0].language,
+                                    len(recording.wav) / SAMPLE_RATE, task, self.loaded.identity, segments)
+            if out_dir is not None:
+                write_outputs(transcript, out_dir, recording.name, formats)
+            transcripts[recording.index] = transcript
+            result.decoded += 1
+            result.audio_seconds += transcript.duration
+            advance(recording, transcript.duration)
+            recording.wav = None
+
+        def window_job(recording: Recording, w: int):
+            window = recording.windows[w]
+            lang = recording.language if recording.language is not None else language
+            utterance = WindowUtterance(f"{self.calls}-{recording.index}-{w}", lang,
+                                        recording.wav[window.start:window.end])
+            return recording, w, Example(utterance, target if target is not None else lang, "")
+
+        pending = deque(recordings)
+        ready: deque = deque()  # (recording, window index, example)
+        waiting: dict[int, list[int]] = {}  # recording index -> windows waiting for its detected language
+        try:
+            while True:
+                while len(ready) < batch and pending:
+                    recording = pending.popleft()
+                    try:
+                        recording.wav = load_checked(recording.path)
+                    except UserError as err:
+                        fail(recording, str(err))
+                        continue
+                    if len(recording.wav) == 0:
+                        fail(recording, f"{recording.path} holds no audio samples")
+                        continue
+                    # the bar counts what the file holds (its header may declare nothing, or something else)
+                    bar.total = bar.total - declared(recording.path) + len(recording.wav) / SAMPLE_RATE
+                    recording.windows = speech_windows(self.vad(recording.wav), WINDOW_SECONDS)
+                    if not recording.windows:
+                        fail(recording, f"{recording.path}: no speech found (voice activity detection) in its "
+                                        f"{len(recording.wav) / SAMPLE_RATE:.2f} s")
+                        continue
+                    recording.language = language
+                    first = 1 if language is None else len(recording.windows)
+                    ready.extend(window_job(recording, w) for w in range(first))
+                    if first < len(recording.windows):
+                        waiting[recording.index] = list(range(first, len(recording.windows)))
+                if not ready:
+                    break
+                jobs = [ready.popleft() for _ in range(min(batch, len(ready)))]
+                records = decoder.batch([example for _, _, example in jobs])
+                resumed = []
+                for (recording, w, _), record, hyp in zip(jobs, records, decoder.last_hypotheses, strict=True):
+                    window = recording.windows[w]
+                    recording.segments[w] = Segment(
+                        start=window.start / SAMPLE_RATE, end=window.end / SAMPLE_RATE, text=record.hypothesis,
+                        language=hyp.language, avg_logprob=hyp.avg_logprob, encoder_gflops=record.encoder_gflops,
+                        decoder_gflops=record.decoder_gflops or 0.0, sparsity=record.sparsity,
+                        encoder_sparsity=record.encoder_sparsity,
+                        encoder_speech_sparsity=record.encoder_speech_sparsity, seconds=record.seconds)
+                    if recording.language is None:  # its first window: the file's language
+                        recording.language = hyp.language
+                        resumed += [window_job(recording, v) for v in waiting.pop(recording.index, [])]
+                    if len(recording.segments) == len(recording.windows):
+                        finish(recording)
+                    else:
+                        advance(recording, window.end / SAMPLE_RATE)
+                ready.extendleft(reversed(resumed))  # started files first: they finish, and free their audio, sooner
+        finally:
+            bar.close()
+        result.seconds = time.perf_counter() - started
         result.transcripts = [transcripts[i] for i in sorted(transcripts)]
         return result
 
-    loaded = load_model(model, gates, whisper_dir)
-    run = loaded.run
-    run.model.to(torch_device, DTYPES[dtype])
-    options = WhisperDecodeOptions(beam_size=beam, execution=execution)
-    cache = tempfile.TemporaryDirectory(prefix="localgp-context-")  # contexts of windows: this run only
-    contexts = ContextFeeder(run.model, run.config.context_extractors, Path(cache.name), run.backbone.prompt_context)
-    if language is None and (contexts.global_prompt or contexts.decoder_names):
-        raise UserError("these gates read the prompt's language before decoding: give --language")
-    decoder = run.backbone.corpus_decoder(run.model, contexts, options, str(torch_device))
-    vad = SileroVAD()
-    target = "en" if task == "translate" else language
 
-    def declared(path: Path) -> float:
-        try:
-            return declared_seconds(path) or 0.0
-        except OSError:
-            return 0.0
-
-    bar = tqdm(total=sum(declared(r.path) for r in recordings), unit="s", desc="transcribe",
-               disable=not progress, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}{postfix}]")
-    started = time.perf_counter()
-
-    def advance(recording: Recording, upto: float) -> None:
-        bar.update(max(upto - recording.counted, 0.0))
-        recording.counted = max(upto, recording.counted)
-        elapsed = time.perf_counter() - started
-        done = bar.n or 1e-9
-        bar.set_postfix_str(f"RTF {elapsed / done:.3f}", refresh=False)
-
-    def fail(recording: Recording, reason: str) -> None:
-        result.failed.append(Failure(str(recording.path), " ".join(reason.split())))
-        bar.total = max(bar.total - declared(recording.path), bar.n)
-        recording.wav = None
-
-    def finish(recording: Recording) -> None:
-        segments = [recording.segments[i] for i in range(len(recording.windows))]
-        transcript = Transcript(str(recording.path), recording.language or segments[0].language,
-                                len(recording.wav) / SAMPLE_RATE, task, loaded.identity, segments)
-        if out_dir is not None:
-            write_outputs(transcript, out_dir, recording.name, formats)
-        transcripts[recording.index] = transcript
-        result.decoded += 1
-        result.audio_seconds += transcript.duration
-        advance(recording, transcript.duration)
-        recording.wav = None
-
-    def window_job(recording: Recording, w: int):
-        window = recording.windows[w]
-        samples = recording.wav[window.start:window.end]
-        lang = recording.language if recording.language is not None else language
-        utterance = WindowUtterance(f"{recording.index}-{w}", lang, samples)
-        return recording, w, Example(utterance, target if target is not None else lang, "")
-
-    pending = deque(recordings)
-    ready: deque = deque()  # (recording, window index, example)
-    waiting: dict[int, list[int]] = {}  # recording index -> windows waiting for its detected language
+def declared(path: Path) -> float:
+    """The seconds a file's header declares, 0 when it declares none (the progress bar's first guess)."""
     try:
-        while True:
-            while len(ready) < batch and pending:
-                recording = pending.popleft()
-                try:
-                    recording.wav = load_checked(recording.path)
-                except UserError as err:
-                    fail(recording, str(err))
-                    continue
-                if len(recording.wav) == 0:
-                    fail(recording, f"{recording.path} holds no audio samples")
-                    continue
-                # resize the bar to what the file holds (its header may declare nothing, or something else)
-                bar.total = bar.total - declared(recording.path) + len(recording.wav) / SAMPLE_RATE
-                recording.windows = speech_windows(vad(recording.wav), WINDOW_SECONDS)
-                if not recording.windows:
-                    fail(recording, f"{recording.path}: no speech found (voice activity detection) in its "
-                                    f"{len(recording.wav) / SAMPLE_RATE:.2f} s")
-                    continue
-                recording.language = language
-                first = 1 if language is None else len(recording.windows)
-                ready.extend(window_job(recording, w) for w in range(first))
-                if first < len(recording.windows):
-                    waiting[recording.index] = list(range(first, len(recording.windows)))
-            if not ready:
-                break
-            jobs = [ready.popleft() for _ in range(min(batch, len(ready)))]
-            records = decoder.batch([example for _, _, example in jobs])
-            resumed = []
-            for (recording, w, _), record, hyp in zip(jobs, records, decoder.last_hypotheses, strict=True):
-                window = recording.windows[w]
-                recording.segments[w] = Segment(
-                    start=window.start / SAMPLE_RATE, end=window.end / SAMPLE_RATE, text=record.hypothesis,
-                    language=hyp.language, avg_logprob=hyp.avg_logprob, encoder_gflops=record.encoder_gflops,
-                    decoder_gflops=record.decoder_gflops or 0.0, sparsity=record.sparsity,
-                    encoder_sparsity=record.encoder_sparsity, encoder_speech_sparsity=record.encoder_speech_sparsity,
-                    seconds=record.seconds)
-                if recording.language is None:  # its first window: the file's language
-                    recording.language = hyp.language
-                    resumed += [window_job(recording, v) for v in waiting.pop(recording.index, [])]
-                if len(recording.segments) == len(recording.windows):
-                    finish(recording)
-                else:
-                    advance(recording, window.end / SAMPLE_RATE)
-            ready.extendleft(reversed(resumed))  # started files first: they finish, and free their audio, sooner
-    finally:
-        bar.close()
-        cache.cleanup()
-    result.seconds = time.perf_counter() - started
-    result.transcripts = [transcripts[i] for i in sorted(transcripts)]
-    return result
+        return declared_seconds(path) or 0.0
+    except OSError:
+        return 0.0
+
+
+def transcribe(paths, model: str = "whisper-base", *, gates: str | None = None, whisper_dir: str | None = None,
+               device: str = "auto", dtype: str = "float32", **options) -> Result:
+    """Transcriber(model, gates, whisper_dir, device, dtype)(paths, **options): see there."""
+    return Transcriber(model, gates, whisper_dir, device, dtype)(paths, **options)
 
 
 def summary(result: Result) -> str:
