@@ -253,3 +253,35 @@ def test_user_errors(tiny_whisper, tmp_path, cli_error):
               "would both write a")
     cli_error(["transcribe", tmp_path / "a.wav", "--dtype", "bfloat16", "--device", "cpu", "--whisper-dir", tiny_whisper],
               "for a GPU")
+
+
+def test_transcribe_bench_rows(whisper_base, real_speech, tmp_path):
+    """The long-form benchmark on a short recording of the real English clips, real weights:
+    three of its systems (the gated one needs a trained run: refused without one)."""
+    from localgp.bench import transcribe as bench
+    from localgp.bench.core import BenchError
+    from tests.test_whisper_train import TEXTS
+
+    lines = []
+    for item in real_speech:
+        if item["language"] == "en":
+            sf.write(tmp_path / f"{item['id']}.wav", item["wav"], SAMPLE_RATE)
+            lines.append({"id": item["id"], "audio": f"{item['id']}.wav", "language": "en", "speaker": item["speaker"],
+                          "text": TEXTS[item["id"].split("_", 1)[1]]["en"], "split": "test", "translations": {}})
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    wav, texts = bench.assemble(tmp_path / "manifest.jsonl", 60.0)
+    assert texts == [line["text"] for line in lines]  # every clip fits in 60 s, in order
+    assert sum(len(x["wav"]) for x in real_speech if x["language"] == "en") + 3 * 0.8 * SAMPLE_RATE <= len(wav)
+    systems = ["openai-whisper", "faster-whisper-int8", "localgp-dense"]
+    rows = bench.run_bench(systems, tmp_path / "manifest.jsonl", 60.0, beam=2, batch=4, weights=str(whisper_base),
+                           run_dir=str(tmp_path / "no-run"))
+    assert [r["system"] for r in rows] == systems
+    for r in rows:
+        assert r["audio_seconds"] == pytest.approx(len(wav) / SAMPLE_RATE, abs=0.01)
+        assert r["rtf"] == pytest.approx(r["seconds"] / r["audio_seconds"])
+        assert 0 <= r["wer"] < 30, r  # read prompts, clean: Whisper base gets them nearly right
+        assert r["peak_mb"] > 100 and r["threads"] >= 1 and r["revision"] and r["clips"] == len(texts)
+    assert "localgp-dense" in bench.table(rows)
+    with pytest.raises(BenchError, match="no trained run"):
+        bench.run_bench(["localgp-compact"], tmp_path / "manifest.jsonl", 60.0, weights=str(whisper_base),
+                        run_dir=str(tmp_path / "no-run"))
