@@ -285,3 +285,45 @@ def test_transcribe_bench_rows(whisper_base, real_speech, tmp_path):
     with pytest.raises(BenchError, match="no trained run"):
         bench.run_bench(["localgp-compact"], tmp_path / "manifest.jsonl", 60.0, weights=str(whisper_base),
                         run_dir=str(tmp_path / "no-run"))
+
+
+@pytest.fixture(scope="module")
+def gated_run(tiny_whisper, real_speech, tmp_path_factory):
+    """A `localgp train` run of the tiny Whisper with temporal encoder and token decoder gates (one step)."""
+    from localgp.runs import TrainConfig
+    from localgp.train import Trainer
+
+    root = tmp_path_factory.mktemp("gated_run")
+    lines = []
+    for item in real_speech:
+        sf.write(root / f"{item['id']}.wav", item["wav"], SAMPLE_RATE)
+        lines.append({"id": item["id"], "audio": f"{item['id']}.wav", "language": item["language"],
+                      "speaker": item["speaker"], "text": "some text", "split": "train", "translations": {}})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = TrainConfig(out_dir=str(root / "run"), backbone="whisper-base", whisper_dir=str(tiny_whisper),
+                         data={"kind": "manifest", "path": str(root / "manifest.jsonl"), "split": "train"},
+                         gates={"encoder": "temporal", "decoder": "token", "contexts": [["front", 0]]}, tasks=("asr",),
+                         batch_size=2, max_steps=1, save_every=1, log_every=1)
+    Trainer(config).train()
+    return root / "run"
+
+
+def test_gated_run_transcribes_with_its_gates(gated_run, tiny_whisper, clips, tmp_path, cli_error):
+    sf.write(tmp_path / "talk.wav", assemble([1.0, clips[0], 1.0, clips[3], 1.0])[0], SAMPLE_RATE)
+    gated = pipeline.transcribe(tmp_path / "talk.wav", str(gated_run), language="en", beam=2, device="cpu",
+                                progress=False)
+    segment = gated.transcripts[0].segments[0]
+    assert {"encoder.attn", "encoder.mlp", "decoder.self_attn", "decoder.src_attn", "decoder.ffn"} <= set(segment.sparsity)
+    assert 0 <= segment.encoder_sparsity <= 1 and 0 <= segment.encoder_speech_sparsity <= 1
+    assert gated.transcripts[0].model["gates"] is True and len(gated.transcripts[0].model["checkpoint sha256"]) == 64
+    plain = pipeline.transcribe(tmp_path / "talk.wav", str(gated_run), gates="none", language="en", beam=2,
+                                device="cpu", progress=False)
+    assert plain.transcripts[0].segments[0].sparsity == {} and plain.transcripts[0].model["gates"] is False
+    # the same run's gates on --model whisper-base (its weights are the run's own)
+    same = pipeline.transcribe(tmp_path / "talk.wav", "whisper-base", gates=str(gated_run), language="en", beam=2,
+                               device="cpu", progress=False)
+    assert same.transcripts[0].segments[0].text == segment.text
+    cli_error(["transcribe", tmp_path / "talk.wav", "--gates", gated_run, "--whisper-dir", tiny_whisper],
+              "--whisper-dir goes with the plain whisper-base")
+    cli_error(["transcribe", tmp_path / "talk.wav", "--model", gated_run, "--gates", gated_run],
+              "brings its own")
