@@ -154,10 +154,17 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from localgp.longform.outputs import parse_formats
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result = transcribe(args.audio, args.model, language=args.language, task=args.task, gates=args.gates,
-                        batch=args.batch, beam=args.beam, device=args.device, dtype=args.dtype,
-                        formats=parse_formats(args.output_format), out=args.out, overwrite=args.overwrite,
-                        whisper_dir=args.whisper_dir, progress=not args.quiet)
+    try:
+        result = transcribe(args.audio, args.model, language=args.language, task=args.task, gates=args.gates,
+                            batch=args.batch, beam=args.beam, device=args.device, dtype=args.dtype,
+                            formats=parse_formats(args.output_format), out=args.out, overwrite=args.overwrite,
+                            whisper_dir=args.whisper_dir, progress=not args.quiet)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"localgp transcribe: interrupted; the files finished are in {args.out}, a rerun goes on with the "
+              f"others", file=sys.stderr)
+        return 130
     print(summary(result), file=sys.stderr)
     return 1 if result.failed else 0
 
