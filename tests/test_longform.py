@@ -327,3 +327,32 @@ def test_gated_run_transcribes_with_its_gates(gated_run, tiny_whisper, clips, tm
               "--whisper-dir goes with the plain whisper-base")
     cli_error(["transcribe", tmp_path / "talk.wav", "--model", gated_run, "--gates", gated_run],
               "brings its own")
+
+
+def test_killed_run_resumes(tiny_whisper, clips, tmp_path):
+    """`localgp transcribe` killed (SIGKILL) once some files are done: a rerun keeps those as
+    they are, finishes the rest, and leaves no temporary file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for i in range(8):
+        sf.write(tmp_path / f"f{i}.wav", assemble([0.5, clips[i % len(clips)], 0.5])[0], SAMPLE_RATE)
+    out = tmp_path / "out"
+    argv = ["transcribe", str(tmp_path), "--whisper-dir", str(tiny_whisper), "--out", str(out), "--language", "en",
+            "--beam", "2", "--batch", "1", "--device", "cpu", "--quiet"]
+    child = subprocess.Popen([sys.executable, "-m", "localgp", *argv], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while len(list(out.glob("*.json"))) < 2 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    done = {p.stem for p in out.glob("*.json")}
+    assert 2 <= len(done) < 8  # killed part-way
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.stem in done and not p.name.startswith(".")}
+    assert len(stamps) == 4 * len(done)  # a file with its .json has all four outputs
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"f{i}.{x}" for i in range(8) for x in outputs.FORMATS)
+    assert all((out / name).stat().st_mtime_ns == ns for name, ns in stamps.items())

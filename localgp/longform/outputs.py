@@ -109,6 +109,12 @@ def is_done(out_dir: Path, name: str, formats) -> bool:
     return all(p.is_file() for p in output_paths(out_dir, name, formats))
 
 
+def remove_leftovers(out_dir: Path, name: str) -> None:
+    """The temporary files of `name`'s outputs that a killed run left behind."""
+    for leftover in out_dir.glob(f".{name}.*.tmp*"):
+        leftover.unlink(missing_ok=True)
+
+
 def write_outputs(transcript: Transcript, out_dir: Path, name: str, formats) -> list[Path]:
     """Each format through a temporary file renamed over its name (json last)."""
     out_dir.mkdir(parents=True, exist_ok=True)

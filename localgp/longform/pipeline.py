@@ -27,7 +27,9 @@ from tqdm import tqdm
 
 from localgp.data.audio import SAMPLE_RATE, declared_seconds, load_checked
 from localgp.errors import UserError
-from localgp.longform.outputs import FORMATS, Segment, Transcript, is_done, output_paths, write_outputs
+from localgp.longform.outputs import (
+    FORMATS, Segment, Transcript, is_done, output_paths, remove_leftovers, write_outputs,
+)
 from localgp.longform.vad import WINDOW_SECONDS, SileroVAD, Window, speech_windows
 
 log = logging.getLogger(__name__)
@@ -280,6 +282,7 @@ class Transcriber:
             transcript = Transcript(str(recording.path), recording.language or segments[0].language,
                                     len(recording.wav) / SAMPLE_RATE, task, self.loaded.identity, segments)
             if out_dir is not None:
+                remove_leftovers(out_dir, recording.name)
                 write_outputs(transcript, out_dir, recording.name, formats)
             transcripts[recording.index] = transcript
             result.decoded += 1
