@@ -147,6 +147,28 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    import logging
+
+    from localgp.longform import summary, transcribe
+    from localgp.longform.outputs import parse_formats
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = transcribe(args.audio, args.model, language=args.language, task=args.task, gates=args.gates,
+                            batch=args.batch, beam=args.beam, device=args.device, dtype=args.dtype,
+                            formats=parse_formats(args.output_format), out=args.out, overwrite=args.overwrite,
+                            whisper_dir=args.whisper_dir, progress=not args.quiet)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"localgp transcribe: interrupted; the files finished are in {args.out}, a rerun goes on with the "
+              f"others", file=sys.stderr)
+        return 130
+    print(summary(result), file=sys.stderr)
+    return 1 if result.failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import logging
 
@@ -198,7 +220,8 @@ def bench_setting(args: argparse.Namespace):
         raise bench.BenchError("--preset and --checkpoint exclude each other: the checkpoint has its own model")
     if args.checkpoint and args.keep:
         raise bench.BenchError("--keep and --checkpoint exclude each other: the trained gates decide what is kept")
-    return bench.Setting(preset=args.preset or "medium", batch=args.batch, seconds=args.seconds,
+    return bench.Setting(preset=args.preset or "medium", batch=args.batch or 1,
+                         seconds=30.0 if args.seconds is None else args.seconds,
                          dtype=bench.parse_dtype(args.dtype), device=args.device, beam=args.beam, tokens=args.tokens,
                          checkpoint=args.checkpoint, granularity=args.granularity, seed=args.seed,
                          backbone=args.backbone, audio=args.audio, weights=args.weights)
@@ -213,6 +236,8 @@ def bench_keeps(args: argparse.Namespace, default: str) -> list[float]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from localgp import bench
 
+    if args.part == "transcribe":
+        return _bench_transcribe(args)
     setting = bench_setting(args)
     cuda = setting.device.startswith("cuda")
     providers = None if args.providers is None else bench.parse_providers(args.providers)
@@ -220,6 +245,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            repeats=(20 if cuda else 5) if args.repeats is None else args.repeats,
                            warmup=(3 if cuda else 1) if args.warmup is None else args.warmup)
     print(bench.table(rows))
+    if args.json:
+        bench.write_json(rows, args.json)
+    if args.csv:
+        bench.write_csv(rows, args.csv)
+    return 0
+
+
+def _bench_transcribe(args: argparse.Namespace) -> int:
+    """--part transcribe: long-form transcription by openai-whisper, faster-whisper and localgp
+    (localgp.bench.transcribe), Whisper base on the CPU."""
+    from localgp import bench
+    from localgp.bench import transcribe as longform
+
+    if args.device != "cpu":
+        raise bench.BenchError("--part transcribe: compared on the CPU only (faster-whisper runs there)")
+    systems = longform.SYSTEMS if args.providers is None else [p for p in args.providers.split(",") if p]
+    rows = longform.run_bench(systems, args.audio or longform.DEFAULT_AUDIO, args.seconds or 300.0, beam=args.beam,
+                              batch=args.batch or 8, weights=args.weights, run_dir=args.checkpoint or longform.DEFAULT_RUN,
+                              seed=args.seed)
+    print(longform.table(rows))
     if args.json:
         bench.write_json(rows, args.json)
     if args.csv:
@@ -354,6 +399,30 @@ def build_parser() -> argparse.ArgumentParser:
                              "when another model or other options produced them)")
     decode.set_defaults(func=cmd_decode)
 
+    transcribe = sub.add_parser("transcribe", help="audio files of any length -> .txt/.srt/.vtt/.json (Whisper, "
+                                                   "plain or with trained gates; resumable)")
+    transcribe.add_argument("audio", nargs="+", help="audio files (any format PyAV reads), directories, @list.txt")
+    transcribe.add_argument("--model", default="whisper-base",
+                            help="whisper-base (the plain pretrained model) or a `localgp train` run directory "
+                                 "(its gated model); OWSM snapshots are not supported yet")
+    transcribe.add_argument("--gates", help="RUN_DIR: with --model whisper-base, that run's gated model; none: "
+                                            "--model RUN_DIR without its gates")
+    transcribe.add_argument("--whisper-dir", help="with --model whisper-base: `localgp prepare whisper`'s directory")
+    transcribe.add_argument("--language", default="auto", help="Whisper language code of the speech, or auto "
+                                                                "(detected per file on its first window)")
+    transcribe.add_argument("--task", choices=["transcribe", "translate"], default="transcribe",
+                            help="translate: into English")
+    transcribe.add_argument("--batch", type=positive_int, default=8, help="30 s windows decoded together")
+    transcribe.add_argument("--beam", type=positive_int, default=5, help="hypotheses per window")
+    transcribe.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
+    transcribe.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                            help="float16/bfloat16: GPU only")
+    transcribe.add_argument("--output-format", default="all", help="comma list of txt,srt,vtt,json, or all")
+    transcribe.add_argument("--out", default=".", help="directory for <name>.<format> (a rerun skips files done)")
+    transcribe.add_argument("--overwrite", action="store_true", help="decode files again whose outputs are there")
+    transcribe.add_argument("--quiet", action="store_true", help="no progress bar")
+    transcribe.set_defaults(func=cmd_transcribe)
+
     demo = sub.add_parser("demo", help="the main job: prepare weights and corpus, train the gates, decode, report")
     demo.add_argument("--backbone", choices=["whisper-base", "owsm"], default="whisper-base",
                       help="whisper-base: real pretrained weights, gates trained on the frozen model; "
@@ -397,20 +466,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     from localgp.bench import BACKBONES, PARTS, PROVIDERS
 
-    def bench_flags(p, repeats_default, repeats_help):
+    def bench_flags(p, repeats_default, repeats_help, extra_parts=()):
         p.add_argument("--backbone", choices=BACKBONES, default="owsm",
                        help="owsm: random weights of --preset; whisper-base: the real weights on real clips (--audio)")
-        p.add_argument("--part", choices=sorted({p for parts in PARTS.values() for p in parts}), default="encoder",
+        p.add_argument("--part", choices=sorted({p for parts in PARTS.values() for p in parts} | set(extra_parts)),
+                       default="encoder",
                        help="layer: one encoder layer; encoder; decoder-step; decode: a full beam search "
-                            "(whisper-base: encoder, decode)")
+                            "(whisper-base: encoder, decode)" + (
+                                "; transcribe: long-form audio through openai-whisper, faster-whisper and localgp "
+                                "(Whisper base; --seconds of it, default 300; --checkpoint the gated run; "
+                                "--providers the systems)" if extra_parts else ""))
         p.add_argument("--audio", help="whisper-base: the clips, a demo-corpus manifest (its test split), a "
                                        "directory, a file, or noise (default data/demo/manifest.jsonl)")
         p.add_argument("--weights", help="whisper-base: the directory `localgp prepare whisper` wrote (default: its "
                                          "own), or random (base's shapes: timing only)")
         p.add_argument("--preset", choices=sorted(PRESETS), help="model size, random weights (default medium)")
         p.add_argument("--checkpoint", help="a `localgp train` out_dir: its model and trained gates decide the masks")
-        p.add_argument("--batch", type=positive_int, default=1, help="utterances per call")
-        p.add_argument("--seconds", type=positive_float, default=30.0, help="audio per utterance (OWSM pads to 30 s)")
+        p.add_argument("--batch", type=positive_int, help="utterances per call (default 1; transcribe: windows, 8)")
+        p.add_argument("--seconds", type=positive_float, help="audio per utterance (default 30; OWSM pads to 30 s)")
         p.add_argument("--dtype", default="float32", help="float32 (fp32) or bfloat16 (bf16)")
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
         p.add_argument("--granularity", choices=["temporal", "utterance"], default="temporal",
@@ -422,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="weights, inputs and forced masks")
 
     bench = sub.add_parser("bench", help="wall-clock of a model part: espnet, dense, masked, compact, per keep ratio")
-    bench_flags(bench, None, "timed calls per provider (default 20 on cuda, 5 on cpu)")
+    bench_flags(bench, None, "timed calls per provider (default 20 on cuda, 5 on cpu)", extra_parts=("transcribe",))
     bench.add_argument("--providers", help="comma list (default: all the part has; faster-whisper = both of its "
                                             f"compute types); of {','.join(PROVIDERS)}; dense and masked are "
                                             "always measured (the speedups need them)")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
+import types
 from pathlib import Path
 
 from localgp.data.examples import record_id
@@ -135,3 +137,17 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif before != value:
             changes.append(f"{prefix}{key}: {before!r} -> {value!r}")
     return changes
+
+
+class _CallableModule(types.ModuleType):
+    """`localgp.transcribe` is this module (corpus decoding) and, called, the long-form
+    transcription of audio files: `localgp.transcribe(paths, model=..., ...)` is
+    localgp.longform.transcribe (see there)."""
+
+    def __call__(self, *args, **kwargs):
+        from localgp.longform import transcribe
+
+        return transcribe(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -199,6 +199,8 @@ class WhisperCorpusDecoder:
         if gated_parts(model):
             set_execution(model, options.execution)
         self.search = WhisperBeamSearch(model, options)
+        self.dtype = next(model.parameters()).dtype
+        self.last_hypotheses: list = []  # the last batch's best hypotheses (detected language, avg_logprob)
         self.gated_encoder = getattr(model.encoder, "pruning", None) is not None
         self.dense_encoder_gflops = flops.whisper_encoder_macs(flops.WhisperShape.of_encoder(model.encoder))["total"] / 1e9
 
@@ -214,7 +216,7 @@ class WhisperCorpusDecoder:
         started = time.perf_counter()
         self.contexts(examples)
         waves = [e.utterance.load() for e in examples]
-        mel = self.backbone.mel(waves).to(self.device)
+        mel = self.backbone.mel(waves).to(self.device, self.dtype)
         samples = [min(len(w), SAMPLE_RATE * WINDOW_SECONDS) for w in waves]  # what the 30 s window holds
         encoding = time.perf_counter()
         features = self.model.encoder(mel)
@@ -232,6 +234,7 @@ class WhisperCorpusDecoder:
             for b, hyp in zip(rows, hyps, strict=True):
                 best[b], decoder_gflops[b] = hyp, share
         seconds = (time.perf_counter() - started) / len(examples)
+        self.last_hypotheses = best
         tok, primer_length = self.backbone.tokenizer, 4
         records = []
         for b, (example, hyp) in enumerate(zip(examples, best, strict=True)):

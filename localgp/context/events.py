@@ -20,7 +20,10 @@ class BeatsEvents:
 
     def __init__(self, checkpoint: str | Path | None = None, allow_random: bool = False, max_layer: int = 2,
                  beats_config: dict | None = None, device: str = "cpu"):
-        from espnet2.asr.encoder.beats_encoder import BeatsEncoder
+        from localgp.quiet import espnet_imports
+
+        with espnet_imports():
+            from espnet2.asr.encoder.beats_encoder import BeatsEncoder
 
         if checkpoint is not None and not Path(checkpoint).exists():
             raise FileNotFoundError(f"BeatsEvents: checkpoint {checkpoint} not found")

@@ -80,3 +80,20 @@ def declared_seconds(path: str | Path) -> float | None:
             return container.duration / 1e6 if container.duration else None
     except av.error.FFmpegError:
         return None  # load_audio names the error
+
+
+def load_checked(path: str | Path, format: str | None = None) -> np.ndarray:
+    """load_audio of a whole file, refused (UserError saying why) when its samples cannot be used:
+    it cannot be decoded, holds NaN or infinite samples, or holds less than its header declares
+    (a file cut short)."""
+    try:
+        wav = load_audio(path, format=format)
+    except OSError as err:
+        raise UserError(str(err)) from err
+    if not np.isfinite(wav).all():  # a float file can hold them; they would turn every result NaN
+        raise UserError(f"{path} holds samples that are NaN or infinite")
+    declared = declared_seconds(path)
+    if declared is not None and len(wav) / SAMPLE_RATE < declared - 0.02:
+        raise UserError(f"{path} holds {len(wav) / SAMPLE_RATE:.2f} s of audio but its header declares "
+                        f"{declared:.2f} s (cut short?)")
+    return wav

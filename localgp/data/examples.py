@@ -7,9 +7,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 
-from localgp.data.audio import MIN_SAMPLES, SAMPLE_RATE, declared_seconds, load_audio
+from localgp.data.audio import MIN_SAMPLES, SAMPLE_RATE, load_checked
 from localgp.data.corpora import Utterance, europarl_st, kaldi_dir
 from localgp.errors import UserError
 
@@ -54,25 +53,17 @@ def audio_problems(utterances: list[Utterance], max_seconds: float | None = None
     NaN or infinite samples, shorter than MIN_SAMPLES (0.1 s), shorter than its header declares (cut short), a segment
     outside its file, longer than `max_seconds` (what the model reads of it: Whisper's window).
     Each file is decoded once, however many segments it holds."""
-    files: dict = {}  # path -> (samples, declared seconds) or what is wrong with it
+    files: dict = {}  # path -> its number of samples, or what is wrong with it
     problems = {}
     for u in utterances:
         if u.audio not in files:
             try:
-                wav = load_audio(u.audio)
-                files[u.audio] = (len(wav), declared_seconds(u.audio))
-                if not np.isfinite(wav).all():  # a float file can hold them; they would turn every loss NaN
-                    files[u.audio] = f"{u.audio} holds samples that are NaN or infinite"
-            except (UserError, OSError) as err:
+                files[u.audio] = len(load_checked(u.audio))
+            except UserError as err:
                 files[u.audio] = str(err)
-        found = files[u.audio]
-        if isinstance(found, str):
-            problems[u.id] = found
-            continue
-        samples, declared = found
-        if declared is not None and samples / SAMPLE_RATE < declared - 0.02:
-            problems[u.id] = (f"{u.audio} holds {samples / SAMPLE_RATE:.2f} s of audio but its header declares "
-                              f"{declared:.2f} s (cut short?)")
+        samples = files[u.audio]
+        if isinstance(samples, str):
+            problems[u.id] = samples
             continue
         first = 0 if u.start is None else round(u.start * SAMPLE_RATE)
         last = samples if u.end is None else round(u.end * SAMPLE_RATE)

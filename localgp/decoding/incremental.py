@@ -36,17 +36,18 @@ WHOLE_MODULE_ROWS = 64
 
 def decoder_view(decoder) -> DecoderView:
     """The adapter's view of an ESPnet TransformerDecoder or a Whisper TextDecoder (plain or gated)."""
-    from espnet2.asr.decoder.transformer_decoder import TransformerDecoder
     from whisper.model import TextDecoder
+
+    if isinstance(decoder, TextDecoder):
+        from localgp.model.whisper import whisper_decoder_view
+
+        return whisper_decoder_view(decoder)
+    from espnet2.asr.decoder.transformer_decoder import TransformerDecoder  # not imported on the Whisper path
 
     if isinstance(decoder, TransformerDecoder):
         from localgp.model.decoder import espnet_decoder_view
 
         return espnet_decoder_view(decoder)
-    if isinstance(decoder, TextDecoder):
-        from localgp.model.whisper import whisper_decoder_view
-
-        return whisper_decoder_view(decoder)
     raise TypeError(f"decoder_view: expected an ESPnet TransformerDecoder or a Whisper TextDecoder, "
                     f"got {type(decoder).__name__}")
 

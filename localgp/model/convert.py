@@ -8,8 +8,6 @@ from torch import nn
 
 from localgp.gates import GateRecord, sparsity_loss
 from localgp.model.config import DECODER_MODULES, EXECUTIONS, GateConfig
-from localgp.model.decoder import gate_decoder
-from localgp.model.encoder import gate_encoder
 from localgp.model.pruning import GatedDecoderMixin, GatedEncoderMixin
 
 GATE_KEY = "pruning."  # every gate parameter's state-dict key contains this
@@ -21,6 +19,9 @@ def gate_s2t_model(model: nn.Module, config: GateConfig) -> nn.Module:
     The original state-dict keys are unchanged (real OWSM weights load as before); gate
     parameters are under `encoder.pruning.` and `decoder.pruning.`.
     """
+    from localgp.model.decoder import gate_decoder  # ESPnet's: imported here, not on the Whisper path
+    from localgp.model.encoder import gate_encoder
+
     decoder_units = 0
     if config.decoder and config.predictor == "global":
         decoder_units = len(model.decoder.decoders) * len(DECODER_MODULES[config.decoder])

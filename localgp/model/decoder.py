@@ -7,9 +7,6 @@ the same function. Gate parameters live under `decoder.pruning`.
 from __future__ import annotations
 
 import torch
-from espnet.nets.pytorch_backend.nets_utils import make_pad_mask
-from espnet.nets.pytorch_backend.transformer.mask import subsequent_mask
-from espnet2.asr.decoder.transformer_decoder import TransformerDecoder
 from torch import Tensor
 
 from localgp.gates import GateRecord
@@ -18,6 +15,12 @@ from localgp.model.gating import PositionGate, UtteranceGate
 from localgp.model.layout import DecoderLayerView, DecoderView
 from localgp.model.owsm import EspnetAttention
 from localgp.model.pruning import DecoderPruning, GatedDecoderMixin, init_decoder_gating
+from localgp.quiet import espnet_imports
+
+with espnet_imports():  # ESPnet's modules, without their notices (localgp.quiet)
+    from espnet.nets.pytorch_backend.nets_utils import make_pad_mask
+    from espnet.nets.pytorch_backend.transformer.mask import subsequent_mask
+    from espnet2.asr.decoder.transformer_decoder import TransformerDecoder
 
 
 class GatedTransformerDecoder(GatedDecoderMixin, TransformerDecoder):

@@ -10,10 +10,6 @@ Profiler labels (`localgp.subsampling`, `.gate`, `.ffn1`, ...) are described in 
 from __future__ import annotations
 
 import torch
-from espnet.nets.pytorch_backend.nets_utils import make_pad_mask
-from espnet.nets.pytorch_backend.transformer.attention import MultiHeadedAttention
-from espnet.nets.pytorch_backend.transformer.subsampling import TooShortUttError, check_short_utt
-from espnet2.asr.encoder.e_branchformer_encoder import EBranchformerEncoder
 from torch import Tensor
 
 from localgp import ops
@@ -23,6 +19,13 @@ from localgp.model.owsm import EspnetAttention
 from localgp.model.config import DENSE, ENCODER_MODULES, EXECUTIONS, GateConfig
 from localgp.model.gating import NoGate, PositionGate, UtteranceGate, profiled
 from localgp.model.pruning import EncoderPruning, GatedEncoderMixin, init_encoder_gating
+from localgp.quiet import espnet_imports
+
+with espnet_imports():  # ESPnet's modules, without their notices (localgp.quiet)
+    from espnet.nets.pytorch_backend.nets_utils import make_pad_mask
+    from espnet.nets.pytorch_backend.transformer.attention import MultiHeadedAttention
+    from espnet.nets.pytorch_backend.transformer.subsampling import TooShortUttError, check_short_utt
+    from espnet2.asr.encoder.e_branchformer_encoder import EBranchformerEncoder
 
 ENCODER_EXECUTIONS = (*EXECUTIONS, DENSE)
 

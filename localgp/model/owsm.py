@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from localgp.errors import UserError
+from localgp.quiet import espnet_imports
 from localgp.model.attention import Projections
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ def owsm_token_list(vocab_size: int | None, pieces: list[str] | None = None, lan
 def owsm_args(preset: str | Preset, token_list: list[str], stats_file: str | None = None,
               bpemodel: str | None = None) -> argparse.Namespace:
     """The S2T task's arguments for an OWSM v3.1 model (as in its config.yaml)."""
-    from espnet2.tasks.s2t import S2TTask
+    with espnet_imports():
+        from espnet2.tasks.s2t import S2TTask
 
     p = PRESETS[preset] if isinstance(preset, str) else preset
     enc = dict(output_size=p.d_model, attention_heads=p.heads, attention_layer_type="selfattn",
@@ -107,7 +109,8 @@ def owsm_args(preset: str | Preset, token_list: list[str], stats_file: str | Non
 def build_owsm(preset: str | Preset = "tiny", token_list: list[str] | None = None,
                stats_file: str | None = None, bpemodel: str | None = None):
     """An OWSM v3.1 model (ESPnetS2TModel) with random weights; returns (model, args)."""
-    from espnet2.tasks.s2t import S2TTask
+    with espnet_imports():
+        from espnet2.tasks.s2t import S2TTask
 
     p = PRESETS[preset] if isinstance(preset, str) else preset
     token_list = token_list or owsm_token_list(p.vocab_size)
@@ -175,7 +178,8 @@ def load_owsm(directory: str | Path, device: str = "cpu"):
     Relative paths in config.yaml (stats file, BPE model, token list) are resolved against the
     snapshot root, as the published snapshots expect.
     """
-    from espnet2.tasks.s2t import S2TTask
+    with espnet_imports():
+        from espnet2.tasks.s2t import S2TTask
 
     root = Path(directory)
     config_path, model_path = find_checkpoint(root)

@@ -1,0 +1,219 @@
+"""`localgp bench --part transcribe` and `benchmarks/transcribe.py`: long-form transcription of one
+recording, side by side, in one run, by what users run and by localgp:
+
+- `openai-whisper`: `whisper.transcribe` (its defaults: timestamps, previous text as prompt,
+  temperature fallback; beam 5, the language given);
+- `faster-whisper-float32`, `faster-whisper-int8`: faster-whisper's `BatchedInferencePipeline`
+  (its Silero VAD, windows of <= 30 s decoded in batches; beam 5, the language given) on the
+  original model.bin;
+- `localgp-dense`: `localgp transcribe` with the plain Whisper base;
+- `localgp-compact`: `localgp transcribe` with a trained gated Whisper run, compact execution.
+
+The recording is assembled from the demo corpus' held-out test clips of one language (read
+prompts, 8 kHz telephone speech), in order, with pauses of 0.8-2.5 s between them (seeded), up
+to --seconds; its reference is their prompt texts. WER: over the whole text, after Whisper's
+normalizers. Each system runs in a fresh process (its peak resident memory is its own): the
+model loads, a warm-up transcribes the first 20 s, then the whole recording is timed. rtf =
+seconds / audio seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from localgp.bench.core import BenchError, device_name, git_revision
+
+SYSTEMS = ("openai-whisper", "faster-whisper-float32", "faster-whisper-int8", "localgp-dense", "localgp-compact")
+DEFAULT_RUN = "out/demo/localgp+speaker-0.5/run"  # what `make demo` trains
+DEFAULT_AUDIO = "data/demo/manifest.jsonl"
+WARMUP_SECONDS = 20.0
+
+
+def assemble(manifest: str | Path, seconds: float, language: str = "en", seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """(16 kHz audio, the clips' texts): the test split's clips in `language`, in order, each after
+    a pause of 0.8-2.5 s, until the recording lasts `seconds` (at least one clip)."""
+    from localgp.data.demo_corpus import load_manifest
+
+    path = Path(manifest)
+    if not path.is_file():
+        raise BenchError(f"--audio: {path} does not exist (localgp prepare demo builds data/demo)")
+    clips = [u for u in load_manifest(path).get("test", []) if u.language == language]
+    if not clips:
+        raise BenchError(f"--audio: {path} has no {language} clip in its test split")
+    gen = np.random.default_rng(seed)
+    parts, texts, samples = [], [], 0
+    for u in clips:
+        wav = u.load()
+        pause = np.zeros(round(gen.uniform(0.8, 2.5) * 16000), np.float32)
+        if texts and samples + len(pause) + len(wav) > seconds * 16000:
+            break
+        parts += [pause, wav]
+        texts.append(u.text)
+        samples += len(pause) + len(wav)
+    return np.concatenate(parts), texts
+
+
+def wer(reference: str, hypothesis: str, language: str) -> float:
+    import jiwer
+
+    from localgp.evaluate import normalise_for
+
+    ref, hyp = normalise_for(reference, language, "whisper"), normalise_for(hypothesis, language, "whisper")
+    return 100.0 * jiwer.wer(ref, hyp)
+
+
+def run_system(system: str, audio: Path, language: str, beam: int, batch: int, weights: Path, run_dir: str) -> dict:
+    """Transcribes `audio` with one system in this process: {text, seconds, audio_seconds}."""
+    from localgp.data.audio import load_audio
+
+    wav = load_audio(audio)
+    warm = wav[: int(WARMUP_SECONDS * 16000)]
+    if system == "openai-whisper":
+        import whisper
+
+        from localgp.model.whisper_weights import load_whisper
+
+        model = load_whisper(weights).float().eval()
+
+        def call(samples):
+            return whisper.transcribe(model, samples, language=language, beam_size=beam, fp16=False)["text"]
+    elif system.startswith("faster-whisper"):
+        from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+        model = WhisperModel(str(weights / "ct2"), device="cpu", compute_type=system.rsplit("-", 1)[1],
+                             cpu_threads=torch.get_num_threads())
+        pipeline = BatchedInferencePipeline(model)
+
+        def call(samples):
+            segments, _ = pipeline.transcribe(samples, language=language, beam_size=beam, batch_size=batch)
+            return " ".join(s.text.strip() for s in segments)
+    elif system.startswith("localgp"):
+        from localgp.longform import Transcriber
+
+        transcriber = (Transcriber("whisper-base", whisper_dir=str(weights), device="cpu") if system == "localgp-dense"
+                       else Transcriber(run_dir, device="cpu"))
+        warm_file = audio.with_name("warmup.wav")
+        import soundfile as sf
+
+        sf.write(warm_file, warm, 16000)
+
+        def call(samples):
+            path = warm_file if samples is warm else audio
+            result = transcriber(path, language=language, beam=beam, batch=batch, progress=False)
+            if result.failed:
+                raise BenchError(f"{system}: {result.failed[0].reason}")
+            return result.transcripts[0].text
+    else:
+        raise BenchError(f"unknown system {system!r}; one of {', '.join(SYSTEMS)}")
+    call(warm)
+    started = time.perf_counter()
+    text = call(wav)
+    return {"text": text, "seconds": time.perf_counter() - started, "audio_seconds": len(wav) / 16000}
+
+
+def run_bench(systems=SYSTEMS, manifest: str = DEFAULT_AUDIO, seconds: float = 300.0,
+              language: str = "en", beam: int = 5, batch: int = 8, weights: str | None = None,
+              run_dir: str = DEFAULT_RUN, threads: int | None = None, seed: int = 0) -> list[dict]:
+    """One row per system, each measured in its own process on the same recording."""
+    import soundfile as sf
+
+    from localgp.model.whisper_weights import default_whisper_dir
+
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise BenchError(f"--systems: unknown {unknown}; choose from {','.join(SYSTEMS)}")
+    weights_dir = Path(weights) if weights else default_whisper_dir()
+    if not (weights_dir / "base.pt").is_file():
+        raise BenchError(f"--weights: no base.pt in {weights_dir} (localgp prepare whisper)")
+    if "localgp-compact" in systems and not (Path(run_dir) / "checkpoint.pth").is_file():
+        raise BenchError(f"--run: {run_dir} holds no trained run (checkpoint.pth); `make demo` trains one")
+    threads = threads or torch.get_num_threads()
+    wav, texts = assemble(manifest, seconds, language, seed)
+    reference = " ".join(texts)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="localgp-bench-transcribe-") as tmp:
+        audio = Path(tmp) / "longform.wav"
+        sf.write(audio, wav, 16000)
+        for system in systems:
+            command = [sys.executable, "-m", "localgp.bench.transcribe", "--one", system, "--audio", str(audio),
+                       "--language", language, "--beam", str(beam), "--batch", str(batch), "--weights", str(weights_dir),
+                       "--run", run_dir, "--threads", str(threads)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise BenchError(f"{system} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append({"system": system, "seconds": measured["seconds"],
+                         "rtf": measured["seconds"] / measured["audio_seconds"],
+                         "wer": wer(reference, measured["text"], language), "peak_mb": measured["peak_mb"],
+                         "audio_seconds": measured["audio_seconds"], "clips": len(texts),
+                         "language": language, "beam": beam, "batch": batch, "device": "cpu",
+                         "device_name": device_name(torch.device("cpu")), "threads": threads, "torch": torch.__version__,
+                         "revision": git_revision(), "text": measured["text"]})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'system':24s} {'seconds':>9s} {'rtf':>7s} {'wer %':>7s} {'peak MB':>8s} {'vs openai':>10s}"
+    base = next((r["seconds"] for r in rows if r["system"] == "openai-whisper"), None)
+    lines = [f"{rows[0]['audio_seconds']:.1f} s of {rows[0]['language']} audio, beam {rows[0]['beam']}, batch "
+             f"{rows[0]['batch']}, {rows[0]['threads']} threads, {rows[0]['device_name']}, {rows[0]['revision']}", head]
+    for r in rows:
+        ratio = f"{base / r['seconds']:.2f}x" if base else "-"
+        lines.append(f"{r['system']:24s} {r['seconds']:9.2f} {r['rtf']:7.3f} {r['wer']:7.1f} {r['peak_mb']:8.0f} {ratio:>10s}")
+    return "\n".join(lines)
+
+
+def _one(args: argparse.Namespace) -> None:
+    """The child process: one system, its result as a JSON line on stdout."""
+    torch.set_num_threads(args.threads)
+    measured = run_system(args.one, Path(args.audio), args.language, args.beam, args.batch, Path(args.weights), args.run)
+    measured["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(json.dumps(measured))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="long-form transcription: openai-whisper, faster-whisper, localgp")
+    p.add_argument("--audio", default=DEFAULT_AUDIO, help="the demo corpus' manifest (its test split)")
+    p.add_argument("--seconds", type=float, default=300.0, help="length of the assembled recording")
+    p.add_argument("--language", default="en")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of " + ",".join(SYSTEMS))
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--batch", type=int, default=8, help="windows per batch (localgp, faster-whisper)")
+    p.add_argument("--weights", help="`localgp prepare whisper`'s directory (default: its own)")
+    p.add_argument("--run", default=DEFAULT_RUN, help="the trained gated Whisper run of localgp-compact")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0, help="the pauses between clips")
+    p.add_argument("--json", help="write the rows to this JSON file")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.one:
+        _one(args)
+        return 0
+    try:
+        rows = run_bench([s for s in args.systems.split(",") if s], args.audio, args.seconds, args.language, args.beam,
+                         args.batch, args.weights, args.run, args.threads, args.seed)
+    except BenchError as err:
+        print(f"transcribe benchmark: error: {err}", file=sys.stderr)
+        return 2
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

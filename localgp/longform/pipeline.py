@@ -1,0 +1,376 @@
+"""`localgp transcribe` / `localgp.transcribe(paths, ...)`: recordings of any length and any
+format PyAV reads, cut at pauses into windows of at most 30 s (localgp.longform.vad), the windows
+of all files decoded together in batches by the backbone's own corpus decoder (Whisper's beam
+search, plain or gated, contexts fed as in training), each window a segment whose times are those
+of the recording.
+
+Scheduling: files are read (and cut) only as the batches need more windows, and a file's windows
+go in order. With --language auto, a file's first window detects its language (Whisper's rule:
+the most probable language token) and its other windows wait for it, then decode in that
+language ahead of later files' windows, as openai-whisper and faster-whisper decide one
+language per file. A file whose audio cannot be used (not audio, cut short, no samples, no
+speech found) is reported with the reason and the others go on."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from localgp.data.audio import SAMPLE_RATE, declared_seconds, load_checked
+from localgp.errors import UserError
+from localgp.longform.outputs import (
+    FORMATS, Segment, Transcript, is_done, output_paths, remove_leftovers, write_outputs,
+)
+from localgp.longform.vad import WINDOW_SECONDS, SileroVAD, Window, speech_windows
+
+log = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".g722", ".webm",
+                  ".mp4", ".mkv", ".mov", ".avi", ".aiff", ".aif", ".amr", ".ac3", ".caf", ".au"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------ inputs
+
+def expand_inputs(items) -> list[Path]:
+    """Files, directories (their audio files, recursively, by suffix) and @list.txt (a path per
+    line, relative to the list; blank lines and # comments skipped), in order, each once."""
+    paths: list[Path] = []
+    for item in [items] if isinstance(items, (str, Path)) else items:
+        text = str(item)
+        if text.startswith("@"):
+            listing = Path(text[1:])
+            if not listing.is_file():
+                raise UserError(f"file list {listing} does not exist")
+            lines = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines()]
+            paths += [p if p.is_absolute() else listing.parent / p
+                      for p in (Path(line) for line in lines if line and not line.startswith("#"))]
+        elif Path(text).is_dir():
+            found = sorted(p for p in Path(text).rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            if not found:
+                raise UserError(f"directory {text} holds no audio file (suffixes {', '.join(sorted(AUDIO_SUFFIXES))})")
+            paths += found
+        else:
+            paths.append(Path(text))  # a missing file is reported with the failed ones
+    unique = list(dict.fromkeys(p.resolve() for p in paths))
+    if not unique:
+        raise UserError("no audio file given")
+    return unique
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """Each file's outputs are <stem>.<format>; two inputs with one stem are refused (one would
+    overwrite the other's)."""
+    names = [p.stem for p in paths]
+    seen: dict[str, Path] = {}
+    for name, path in zip(names, paths, strict=True):
+        if name in seen:
+            raise UserError(f"{seen[name]} and {path} would both write {name}.*: transcribe them into separate --out "
+                            f"directories")
+        seen[name] = path
+    return names
+
+
+# ------------------------------------------------------------------ the model
+
+@dataclass
+class Loaded:
+    run: object  # localgp.runs.Run: model, tokenizer, config, backbone
+    identity: dict  # what the transcripts say decoded them
+
+
+def load_model(model: str = "whisper-base", gates: str | None = None, whisper_dir: str | None = None) -> Loaded:
+    """model: "whisper-base" (the plain pretrained model; gates=RUN_DIR puts a trained run's model
+    in its place), or a `localgp train` run directory (its gated model; gates="none": its weights
+    without the gates). An OWSM snapshot directory is refused: not supported here yet."""
+    from localgp.runs import checkpoint_path, dense_model, file_sha256, load_run
+
+    if gates is not None and gates != "none" and model != "whisper-base":
+        raise UserError(f"--gates {gates}: a run's gates go on --model whisper-base; --model {model} brings its own "
+                        f"(--gates none decodes it without them)")
+    if model == "whisper-base" and gates in (None, "none"):
+        run = dense_model("whisper-base", {}, whisper_dir)
+        return Loaded(run, {"name": "whisper-base", "gates": None, **run.backbone.weights_identity()})
+    run_dir = Path(gates if model == "whisper-base" else model)
+    if not run_dir.is_dir():
+        raise UserError(f"--model {model}: not whisper-base and no such directory" if run_dir == Path(model)
+                        else f"--gates {gates}: no such run directory")
+    if not checkpoint_path(run_dir).is_file():
+        if (run_dir / "config.yaml").is_file() or any(run_dir.rglob("config.yaml")):
+            raise UserError(f"{run_dir} looks like an OWSM snapshot: `localgp transcribe` decodes Whisper models only "
+                            f"so far (whisper-base, or a run trained on it); OWSM snapshots are not supported yet")
+        raise UserError(f"{run_dir} is neither a `localgp train` run (no {checkpoint_path(run_dir).name}) nor an OWSM "
+                        f"snapshot")
+    if whisper_dir is not None:
+        raise UserError("--whisper-dir goes with the plain whisper-base; a run reads the weights it was trained on")
+    run = load_run(run_dir)
+    if run.backbone.name != "whisper-base":
+        raise UserError(f"{run_dir} is a run of backbone {run.backbone.name}: `localgp transcribe` decodes Whisper "
+                        f"models only so far")
+    identity = {"name": "whisper-base", "run": str(run_dir.resolve()),
+                "checkpoint sha256": file_sha256(checkpoint_path(run_dir)), "gates": gates != "none"}
+    if gates == "none":
+        from localgp.model.pruning import ungated_copy
+
+        run.model.encoder = ungated_copy(run.model.encoder)
+        run.model.decoder = ungated_copy(run.model.decoder)
+    return Loaded(run, identity)
+
+
+def pick_device(device: str) -> torch.device:
+    from localgp.runs import check_device
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return check_device(device)
+
+
+# ------------------------------------------------------------------ decoding
+
+@dataclass
+class WindowUtterance:
+    """A window's audio as the corpus decoder and the context feeder take an utterance."""
+
+    id: str
+    language: str | None  # None: detect
+    samples: np.ndarray
+    speaker: str = ""
+    translations: dict = field(default_factory=dict)
+
+    def load(self) -> np.ndarray:
+        return self.samples
+
+
+@dataclass
+class Recording:
+    index: int
+    path: Path
+    name: str
+    wav: np.ndarray | None = None
+    windows: list[Window] = field(default_factory=list)
+    segments: dict[int, Segment] = field(default_factory=dict)
+    language: str | None = None
+    counted: float = 0.0  # seconds of it the progress bar has counted
+
+
+@dataclass
+class Failure:
+    file: str
+    reason: str
+
+
+@dataclass
+class Result:
+    transcripts: list[Transcript]  # the files decoded now, and (from their .json) the ones done before
+    failed: list[Failure]
+    skipped: list[str]  # done before (outputs there), not decoded again
+    decoded: int = 0  # files decoded now
+    audio_seconds: float = 0.0  # of the files decoded now
+    seconds: float = 0.0  # wall-clock of the decoding now
+
+    @property
+    def rtf(self) -> float:
+        return self.seconds / self.audio_seconds if self.audio_seconds else float("nan")
+
+
+class Transcriber:
+    """A model ready to transcribe (loaded on first use: a rerun with every file done loads
+    nothing). model, gates, whisper_dir: see load_model; device auto|cpu|cuda; dtype float32, or
+    float16/bfloat16 on a GPU."""
+
+    def __init__(self, model: str = "whisper-base", gates: str | None = None, whisper_dir: str | None = None,
+                 device: str = "auto", dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.device = pick_device(device)
+        if DTYPES[dtype] != torch.float32 and self.device.type != "cuda":
+            raise UserError(f"dtype {dtype} is for a GPU; on the CPU localgp decodes in float32")
+        self.model, self.gates, self.whisper_dir, self.dtype = model, gates, whisper_dir, DTYPES[dtype]
+        self.loaded = None
+        self.calls = 0  # window ids differ from call to call: the context cache keys them
+
+    def load(self) -> None:
+        from localgp.context.feeder import ContextFeeder
+
+        if self.loaded is not None:
+            return
+        loaded = load_model(self.model, self.gates, self.whisper_dir)
+        run = loaded.run
+        run.model.to(self.device, self.dtype)
+        self._cache = tempfile.TemporaryDirectory(prefix="localgp-context-")  # windows' contexts: this process only
+        self.contexts = ContextFeeder(run.model, run.config.context_extractors, Path(self._cache.name),
+                                      run.backbone.prompt_context)
+        self.vad = SileroVAD()
+        self.loaded = loaded
+
+    def __call__(self, paths, *, language: str | None = None, task: str = "transcribe", batch: int = 8,
+                 beam: int = 5, formats=FORMATS, out: str | Path | None = None, overwrite: bool = False,
+                 execution: str = "compact", progress: bool = True) -> Result:
+        """Transcribes (or translates into English) audio files of any length.
+
+        paths: files, directories, "@list.txt", or one of them. language: a Whisper language code,
+        or None / "auto" to detect it per file. out: write each file's `formats` there when it is
+        done, skipping files whose outputs are all there already (overwrite: decode them again);
+        None: write nothing. Returns the transcripts with their segments, the files that failed
+        and why, and the files skipped."""
+        from localgp.data.examples import Example
+        from localgp.decoding.whisper import TASKS, WhisperDecodeOptions
+
+        if batch < 1 or beam < 1:
+            raise UserError(f"batch and beam must be >= 1, got {batch} and {beam}")
+        if task not in TASKS:
+            raise UserError(f"task must be one of {TASKS}, got {task!r}")
+        language = None if language in (None, "auto") else language
+        from whisper.tokenizer import LANGUAGES
+
+        if language is not None and language not in LANGUAGES:
+            raise UserError(f"language {language!r}: Whisper knows {', '.join(sorted(LANGUAGES))} (or auto)")
+        formats = tuple(formats)
+        inputs = expand_inputs(paths)
+        names = output_names(inputs)
+        out_dir = Path(out) if out is not None else None
+
+        recordings = [Recording(i, p, n) for i, (p, n) in enumerate(zip(inputs, names, strict=True))]
+        skipped, transcripts = [], {}
+        if out_dir is not None and not overwrite:
+            for r in [r for r in recordings if is_done(out_dir, r.name, formats)]:
+                skipped.append(str(r.path))
+                if "json" in formats:
+                    text = output_paths(out_dir, r.name, ["json"])[0].read_text(encoding="utf-8")
+                    transcripts[r.index] = Transcript.from_json(json.loads(text))
+            recordings = [r for r in recordings if str(r.path) not in set(skipped)]
+            if skipped:
+                log.info("transcribe: %d of %d files already done in %s", len(skipped), len(inputs), out_dir)
+        result = Result([], [], skipped)
+        if not recordings:
+            result.transcripts = [transcripts[i] for i in sorted(transcripts)]
+            return result
+
+        self.load()
+        self.calls += 1
+        run, contexts = self.loaded.run, self.contexts
+        if language is None and (contexts.global_prompt or contexts.decoder_names):
+            raise UserError("these gates read the prompt's language before decoding: give --language")
+        options = WhisperDecodeOptions(beam_size=beam, execution=execution)
+        decoder = run.backbone.corpus_decoder(run.model, contexts, options, str(self.device))
+        target = "en" if task == "translate" else language
+        bar = tqdm(total=sum(declared(r.path) for r in recordings), unit="s", desc="transcribe", disable=not progress,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}{postfix}]")
+        started = time.perf_counter()
+
+        def advance(recording: Recording, upto: float) -> None:
+            bar.update(max(upto - recording.counted, 0.0))
+            recording.counted = max(upto, recording.counted)
+            bar.set_postfix_str(f"RTF {(time.perf_counter() - started) / max(bar.n, 1e-9):.3f}", refresh=False)
+
+        def fail(recording: Recording, reason: str) -> None:
+            result.failed.append(Failure(str(recording.path), " ".join(reason.split())))
+            bar.total = max(bar.total - declared(recording.path), bar.n)
+            recording.wav = None
+
+        def finish(recording: Recording) -> None:
+            segments = [recording.segments[i] for i in range(len(recording.windows))]
+            transcript = Transcript(str(recording.path), recording.language or segments[0].language,
+                                    len(recording.wav) / SAMPLE_RATE, task, self.loaded.identity, segments)
+            if out_dir is not None:
+                remove_leftovers(out_dir, recording.name)
+                write_outputs(transcript, out_dir, recording.name, formats)
+            transcripts[recording.index] = transcript
+            result.decoded += 1
+            result.audio_seconds += transcript.duration
+            advance(recording, transcript.duration)
+            recording.wav = None
+
+        def window_job(recording: Recording, w: int):
+            window = recording.windows[w]
+            lang = recording.language if recording.language is not None else language
+            utterance = WindowUtterance(f"{self.calls}-{recording.index}-{w}", lang,
+                                        recording.wav[window.start:window.end])
+            return recording, w, Example(utterance, target if target is not None else lang, "")
+
+        pending = deque(recordings)
+        ready: deque = deque()  # (recording, window index, example)
+        waiting: dict[int, list[int]] = {}  # recording index -> windows waiting for its detected language
+        try:
+            while True:
+                while len(ready) < batch and pending:
+                    recording = pending.popleft()
+                    try:
+                        recording.wav = load_checked(recording.path)
+                    except UserError as err:
+                        fail(recording, str(err))
+                        continue
+                    if len(recording.wav) == 0:
+                        fail(recording, f"{recording.path} holds no audio samples")
+                        continue
+                    # the bar counts what the file holds (its header may declare nothing, or something else)
+                    bar.total = bar.total - declared(recording.path) + len(recording.wav) / SAMPLE_RATE
+                    recording.windows = speech_windows(self.vad(recording.wav), WINDOW_SECONDS)
+                    if not recording.windows:
+                        fail(recording, f"{recording.path}: no speech found (voice activity detection) in its "
+                                        f"{len(recording.wav) / SAMPLE_RATE:.2f} s")
+                        continue
+                    recording.language = language
+                    first = 1 if language is None else len(recording.windows)
+                    ready.extend(window_job(recording, w) for w in range(first))
+                    if first < len(recording.windows):
+                        waiting[recording.index] = list(range(first, len(recording.windows)))
+                if not ready:
+                    break
+                jobs = [ready.popleft() for _ in range(min(batch, len(ready)))]
+                records = decoder.batch([example for _, _, example in jobs])
+                resumed = []
+                for (recording, w, _), record, hyp in zip(jobs, records, decoder.last_hypotheses, strict=True):
+                    window = recording.windows[w]
+                    recording.segments[w] = Segment(
+                        start=window.start / SAMPLE_RATE, end=window.end / SAMPLE_RATE, text=record.hypothesis,
+                        language=hyp.language, avg_logprob=hyp.avg_logprob, encoder_gflops=record.encoder_gflops,
+                        decoder_gflops=record.decoder_gflops or 0.0, sparsity=record.sparsity,
+                        encoder_sparsity=record.encoder_sparsity,
+                        encoder_speech_sparsity=record.encoder_speech_sparsity, seconds=record.seconds)
+                    if recording.language is None:  # its first window: the file's language
+                        recording.language = hyp.language
+                        resumed += [window_job(recording, v) for v in waiting.pop(recording.index, [])]
+                    if len(recording.segments) == len(recording.windows):
+                        finish(recording)
+                    else:
+                        advance(recording, window.end / SAMPLE_RATE)
+                ready.extendleft(reversed(resumed))  # started files first: they finish, and free their audio, sooner
+        finally:
+            bar.close()
+        result.seconds = time.perf_counter() - started
+        result.transcripts = [transcripts[i] for i in sorted(transcripts)]
+        return result
+
+
+def declared(path: Path) -> float:
+    """The seconds a file's header declares, 0 when it declares none (the progress bar's first guess)."""
+    try:
+        return declared_seconds(path) or 0.0
+    except OSError:
+        return 0.0
+
+
+def transcribe(paths, model: str = "whisper-base", *, gates: str | None = None, whisper_dir: str | None = None,
+               device: str = "auto", dtype: str = "float32", **options) -> Result:
+    """Transcriber(model, gates, whisper_dir, device, dtype)(paths, **options): see there."""
+    return Transcriber(model, gates, whisper_dir, device, dtype)(paths, **options)
+
+
+def summary(result: Result) -> str:
+    """What a run did, for the terminal: counts, the real-time factor and each failed file's reason."""
+    timing = f" ({result.audio_seconds:.1f} s of audio in {result.seconds:.1f} s, RTF {result.rtf:.3f})" if result.decoded else ""
+    lines = [f"transcribed {result.decoded} files{timing}"
+             + (f", {len(result.skipped)} already done" if result.skipped else "")
+             + (f", {len(result.failed)} failed:" if result.failed else "")]
+    lines += [f"  {f.file}: {f.reason}" for f in result.failed]
+    return "\n".join(lines)
