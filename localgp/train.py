@@ -169,6 +169,12 @@ class Trainer:
         if self.dist.active:
             from torch.nn.parallel import DistributedDataParallel
 
+            # DDP keeps the trainable parameters alone in step: every rank reads the same frozen
+            # weights and seeds alike, and Whisper has a sparse buffer that DDP cannot broadcast.
+            chosen = set(self.trainable)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.step_loss, [
+                f"model.{name}" for name, _ in [*self.model.named_parameters(), *self.model.named_buffers()]
+                if name not in chosen])
             # find_unused_parameters: a trainable parameter that a batch leaves out of its graph must
             # not hold up the reduction of the others' gradients
             self.step_loss = DistributedDataParallel(
