@@ -16,6 +16,7 @@ import yaml
 
 from localgp import distributed
 from localgp.decoding import DecodeOptions
+from localgp.errors import UserError
 from localgp.evaluate import read_decoded
 from localgp.train import Trainer, batch_order, split_batch
 from localgp.transcribe import decode_run, part_path, part_paths
@@ -120,11 +121,14 @@ def test_a_checkpoint_of_two_processes_resumes_in_one_and_in_two(straight, tmp_p
         assert [r["step"] for r in log_rows(tmp_path / resumed)] == [1, 2, 3, 4, 5]
 
 
-def test_micro_batches_must_be_shared_by_the_processes(tmp_path):
+def test_micro_batches_must_be_shared_by_the_processes(tmp_path, monkeypatch, cli_error):
+    """Refused before anything is written or exchanged (as rank 0 of 2 processes sees it)."""
+    monkeypatch.setattr(distributed, "setup", lambda device, *args, **kwargs: distributed.Context(0, 2, device))
     cfg = config(tmp_path, **{**TRAIN, "micro_batches": 1})
-    done = torchrun(2, "-m", "localgp", "train", write_config(tmp_path / "train.yaml", cfg), check=False)
-    assert done.returncode != 0
-    assert "localgp train: error: TrainConfig.micro_batches (1) cannot be shared by the 2 processes" in done.stderr
+    cli_error(["train", write_config(tmp_path / "train.yaml", cfg)],
+              r"TrainConfig.micro_batches \(1\) cannot be shared by the 2 processes torchrun started")
+    with pytest.raises(UserError, match="micro_batches must divide batch_size"):
+        config(tmp_path, **{**TRAIN, "micro_batches": 3})
     assert not (tmp_path / "run").exists()
 
 
