@@ -66,7 +66,12 @@ class TrainConfig:
     # trains, as its preset models start from random weights).
     freeze_backbone: bool | None = None
     unfreeze: tuple[str, ...] = ()  # with a frozen backbone, key prefixes of backbone parameters trained too
-    batch_size: int = 4
+    batch_size: int = 4  # examples per optimizer step: the global batch, over every process torchrun starts
+    # The batch computed in this many equal parts, each with its own loss (task + sparsity), their
+    # gradients averaged into one update: gradient accumulation in one process, and the unit that
+    # torchrun's processes share (a multiple of their number), so that a run trains the same on any
+    # number of processes and resumes on another.
+    micro_batches: int = 1
     lr: float = 1e-3  # peak learning rate, reached after warmup_steps
     warmup_steps: int = 50
     max_steps: int = 200
@@ -101,10 +106,13 @@ class TrainConfig:
                 or not set(tasks) <= {"asr", "st"}:
             raise UserError(f"TrainConfig.tasks must be a non-empty subset of ('asr', 'st'), got {tasks!r}")
         object.__setattr__(self, "tasks", tuple(tasks))
-        for name in ("batch_size", "max_steps", "log_every", "save_every", "vocab_size"):
+        for name in ("batch_size", "micro_batches", "max_steps", "log_every", "save_every", "vocab_size"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise UserError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if self.batch_size % self.micro_batches:
+            raise UserError(f"TrainConfig.micro_batches must divide batch_size ({self.batch_size}) into equal parts, "
+                            f"got {self.micro_batches}")
         for name in ("warmup_steps", "seed"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise UserError(f"TrainConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")

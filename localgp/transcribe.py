@@ -5,22 +5,35 @@ through the backbone's own corpus decoder (localgp.backbones).
 
 Beside the records, `<out>.source.json` says what produced them (the model: the run's checkpoint
 or the pretrained weights; the corpus and split; the decode options): a resume by anything else
-is refused, as its records would be mixed with these."""
+is refused, as its records would be mixed with these.
+
+Under torchrun, the batches (formed as one process forms them) are dealt out to the processes,
+balanced by audio length; each appends its records to `<out>.rank<r>` (resumable like <out>),
+and when all are done rank 0 merges them into <out>, in the order one process writes them. A
+rerun after a crash decodes what no file holds yet, on any number of processes."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import glob
 import json
 import logging
+import re
 import sys
 import types
 from pathlib import Path
 
+from localgp import distributed
 from localgp.data.examples import record_id
 from localgp.errors import UserError
 from localgp.evaluate import Decoded, append_decoded, read_decoded
 
 log = logging.getLogger(__name__)
+
+# The process group of a decode carries only the plan and the final wait for the slowest rank, which
+# may finish long after the others on a large corpus: Gloo (on GPUs too), with a long timeout.
+DECODE_TIMEOUT = datetime.timedelta(days=1)
 
 
 def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "test", options=None,
@@ -51,7 +64,7 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
         raise UserError(f"decode: limit must be >= 1 (or None: every example), got {limit}")
     if not tasks or not set(tasks) <= {"asr", "st"}:
         raise UserError(f"decode: tasks must be asr, st or both, got {','.join(tasks)!r}")
-    check_device(device)
+    ctx = distributed.setup(check_device(device), backend="gloo", timeout=DECODE_TIMEOUT)
     if isinstance(data, (str, Path)):
         data = {"kind": "manifest", "path": str(data)}
     out_path = Path(out_path)
@@ -76,24 +89,29 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
     utterances = load_corpus(data, skip_bad_audio, run.backbone.max_seconds)
     examples = make_examples(utterances, tasks, run.backbone.supports)[:limit]
     corpus = {**data, "path": str(Path(data["path"]).resolve())} if "path" in data else data
-    if overwrite:
-        for path in (out_path, source_path(out_path)):
-            if path.is_file():
-                path.unlink()
-                log.info("decode: removed %s (overwrite)", path)
-    claim_output(out_path, {"model": produced_by, "data": corpus, "options": dataclasses.asdict(options)})
-    done = {r.id for r in read_decoded(out_path)} if out_path.exists() else set()
+    source = {"model": produced_by, "data": corpus, "options": dataclasses.asdict(options)}
+    done = distributed.on_main(ctx, lambda: claim_records(out_path, source, overwrite))
     # ASR before ST: batches of one task where the backbone searches task by task (Whisper).
     todo = sorted((e for e in examples if record_id(e) not in done), key=lambda e: e.is_translation)
     if done:
         log.info("decode: %d records already in %s, %d to go", len(done), out_path, len(todo))
+    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+    target = out_path
+    if ctx.active:  # this rank's batches, into its own file
+        shares = distributed.on_main(ctx, lambda: distributed.balance(
+            [sum(audio_seconds(e.utterance) for e in batch) for batch in batches], ctx.world))
+        counts = [sum(len(batches[i]) for i in share) for share in shares]
+        batches, target = [batches[i] for i in shares[ctx.rank]], part_path(out_path, ctx.rank)
+        log.info("decode: %d processes decode %s examples, into %s.rank<r>", ctx.world, counts, out_path.name)
     contexts = ContextFeeder(run.model, run.config.context_extractors, cache, run.backbone.prompt_context)
-    decoder = run.backbone.corpus_decoder(run.model, contexts, options, device)
-    with tqdm(total=len(todo), desc="decode") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            append_decoded(decoder.batch(batch), out_path)
+    decoder = run.backbone.corpus_decoder(run.model, contexts, options, str(ctx.device))
+    with tqdm(total=sum(map(len, batches)), desc="decode", disable=not ctx.main) as bar:
+        for batch in batches:
+            append_decoded(decoder.batch(batch), target)
             bar.update(len(batch))
+    distributed.barrier(ctx)  # every rank's records are written
+    order = [record_id(e) for e in sorted(examples, key=lambda e: e.is_translation)]
+    distributed.on_main(ctx, lambda: merge_parts(out_path, order))
     return read_decoded(out_path)
 
 
@@ -101,11 +119,81 @@ def source_path(out_path: Path) -> Path:
     return out_path.with_name(out_path.name + ".source.json")
 
 
+def part_path(out_path: Path, rank: int) -> Path:
+    """The records rank `rank` of a torchrun decode writes, until they are merged into out_path."""
+    return out_path.with_name(f"{out_path.name}.rank{rank}")
+
+
+def part_paths(out_path: Path) -> list[Path]:
+    """Every rank's records beside out_path, left by this decode or by one that crashed (on
+    another number of processes, maybe)."""
+    found = glob.glob(glob.escape(str(out_path)) + ".rank*")
+    return sorted((Path(p) for p in found if re.fullmatch(r"\d+", p[len(str(out_path)) + 5 :])),
+                  key=lambda p: int(p.name.rsplit(".rank", 1)[1]))
+
+
+def claim_records(out_path: Path, source: dict, overwrite: bool) -> set[str]:
+    """The ids of the records of `source` already decoded into out_path and its ranks' files
+    (claim_output refuses another source's; overwrite removes them all first). A last line that a
+    killed rank cut short is dropped from its file: that record is decoded again."""
+    parts = part_paths(out_path)
+    if overwrite:
+        for path in (out_path, source_path(out_path), *parts):
+            if path.is_file():
+                path.unlink()
+                log.info("decode: removed %s (overwrite)", path)
+        parts = []
+    claim_output(out_path, source)
+    for part in parts:
+        data = part.read_bytes()
+        if data and not data.endswith(b"\n"):
+            part.write_bytes(data[: data.rfind(b"\n") + 1])
+            log.warning("decode: %s: dropped its last line, cut short (a crash while writing)", part)
+    return {r.id for path in (out_path, *parts) if path.is_file() for r in read_decoded(path)}
+
+
+def merge_parts(out_path: Path, order: list[str]) -> None:
+    """Merges the ranks' files into out_path (its records first, then theirs, sorted by `order`:
+    the record ids in the order one process writes them), atomically, then removes them. A record
+    in two files (a crash between this rename and the removal) is kept once."""
+    parts = part_paths(out_path)
+    if not parts:
+        return
+    records: dict[str, Decoded] = {}
+    for path in (out_path, *parts):
+        if path.is_file():
+            for record in read_decoded(path):
+                records.setdefault(record.id, record)
+    position = {uid: i for i, uid in enumerate(order)}
+    merged = sorted(records.values(), key=lambda r: position.get(r.id, len(position)))  # others (a --limit) last
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    append_decoded(merged, tmp)
+    tmp.replace(out_path)
+    for part in parts:
+        part.unlink()
+    log.info("decode: merged %d files into %s", len(parts), out_path)
+
+
+def audio_seconds(utterance) -> float:
+    """How long an utterance lasts, to share out the work: its segment, or what its file's header
+    declares, or else its decoded length."""
+    from localgp.data.audio import SAMPLE_RATE, declared_seconds, load_audio
+
+    end = utterance.end
+    if end is None:
+        end = declared_seconds(utterance.audio)
+        if end is None:
+            end = len(load_audio(utterance.audio)) / SAMPLE_RATE
+    return max(end - (utterance.start or 0.0), 0.0)
+
+
 def claim_output(out_path: Path, source: dict) -> None:
-    """Makes out_path the records of `source` (what produces them): refuses records there that
-    something else produced, or that nothing says who produced; else writes <out>.source.json."""
+    """Makes out_path the records of `source` (what produces them): refuses records there (or in
+    its ranks' files) that something else produced, or that nothing says who produced; else
+    writes <out>.source.json."""
     recorded_at = source_path(out_path)
-    has_records = out_path.is_file() and out_path.stat().st_size > 0
+    has_records = any(p.is_file() and p.stat().st_size > 0 for p in (out_path, *part_paths(out_path)))
     source = json.loads(json.dumps(source))  # tuples -> lists, as read back
     if has_records:
         if not recorded_at.is_file():

@@ -97,6 +97,7 @@ def trained(tmp_path_factory):
 
 
 def test_encoder_masks_of_a_trained_model(trained):
+    import soundfile as sf
     import torch
 
     from localgp.backbones.owsm import encoder_masks
@@ -105,7 +106,12 @@ def test_encoder_masks_of_a_trained_model(trained):
 
     model, tokenizer, config = load_trained(trained / "run")
     assert config.out_dir == str(trained / "run") and tokenizer.prompt("de")
-    wav = torch.from_numpy(load_audio(trained / "data_run" / "de" / "de1.wav"))
+    # A chirp, then noise: frames that differ from one another (the corpus's steady tones give
+    # every frame of a module the same decision, whatever the gates)
+    t = np.arange(16000) / 16000
+    noise = 0.1 * np.random.default_rng(0).standard_normal(8000)
+    sf.write(trained / "chirp.wav", np.concatenate([0.3 * np.sin(2 * np.pi * (100 + 1500 * t) * t), noise]), 16000)
+    wav = torch.from_numpy(load_audio(trained / "chirp.wav"))
     model.encoder.set_context(speaker=torch.randn(1, 3, 256))
     log_mel, masks = encoder_masks(model, wav)
     frames_in = len(wav) // 160 + 1
