@@ -245,6 +245,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            repeats=(20 if cuda else 5) if args.repeats is None else args.repeats,
                            warmup=(3 if cuda else 1) if args.warmup is None else args.warmup)
     print(bench.table(rows))
+    return _write_rows(rows, args)
+
+
+def _write_rows(rows: list[dict], args: argparse.Namespace) -> int:
+    """bench's --json and --csv."""
+    from localgp import bench
+
     if args.json:
         bench.write_json(rows, args.json)
     if args.csv:
@@ -265,11 +272,7 @@ def _bench_transcribe(args: argparse.Namespace) -> int:
                               batch=args.batch or 8, weights=args.weights, run_dir=args.checkpoint or longform.DEFAULT_RUN,
                               seed=args.seed)
     print(longform.table(rows))
-    if args.json:
-        bench.write_json(rows, args.json)
-    if args.csv:
-        bench.write_csv(rows, args.csv)
-    return 0
+    return _write_rows(rows, args)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
