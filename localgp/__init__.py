@@ -3,10 +3,9 @@
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # `localgp.transcribe(paths, ...)` without importing anything first: the submodule, callable
-    if name == "transcribe":
-        import importlib
+def transcribe(*args, **kwargs):
+    """Audio files of any length to segments with times: `localgp.longform.transcribe` (see there).
+    Imported on the first call, so that `import localgp` stays light."""
+    from localgp.longform import transcribe as run
 
-        return importlib.import_module("localgp.transcribe")
-    raise AttributeError(f"module 'localgp' has no attribute {name!r}")
+    return run(*args, **kwargs)

@@ -128,7 +128,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     import logging
 
     from localgp.decoding import DecodeOptions
-    from localgp.transcribe import decode_run
+    from localgp.decode import decode_run
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if (args.run is None) == (args.model is None):

@@ -126,7 +126,7 @@ def run_whisper_demo(out: Path, data: Path, rows=("localgp+speaker",), targets=(
     from localgp.evaluate import finite_report, score, write_report
     from localgp.model.whisper_weights import prepare_whisper
     from localgp.train import Trainer
-    from localgp.transcribe import decode_run
+    from localgp.decode import decode_run
 
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -207,7 +207,7 @@ def run_owsm_demo(out: Path, data: Path, steps: int | None = None, minutes: floa
     from localgp.decoding import DecodeOptions
     from localgp.evaluate import markdown_table, score, write_report
     from localgp.train import Trainer
-    from localgp.transcribe import decode_run
+    from localgp.decode import decode_run
 
     manifest = data / "manifest.jsonl"
     if not manifest.is_file():

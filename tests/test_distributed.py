@@ -19,7 +19,7 @@ from localgp.decoding import DecodeOptions
 from localgp.errors import UserError
 from localgp.evaluate import read_decoded
 from localgp.train import Trainer, batch_order, split_batch
-from localgp.transcribe import decode_run, part_path, part_paths
+from localgp.decode import decode_run, part_path, part_paths
 from tests.test_train import config
 
 TRAIN = dict(max_steps=5, micro_batches=2, log_every=1, save_every=5)

@@ -6,16 +6,16 @@ import os
 import signal
 import sys
 
-from localgp import transcribe
+from localgp import decode
 from localgp.cli import main
 
 if os.environ["RANK"] == os.environ["CRASH_RANK"]:
-    append = transcribe.append_decoded
+    append = decode.append_decoded
 
     def append_then_die(records, path):
         append(records, path)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    transcribe.append_decoded = append_then_die
+    decode.append_decoded = append_then_die
 
 sys.exit(main(sys.argv[1:]))

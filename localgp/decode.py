@@ -20,8 +20,6 @@ import glob
 import json
 import logging
 import re
-import sys
-import types
 from pathlib import Path
 
 from localgp import distributed
@@ -226,16 +224,3 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
             changes.append(f"{prefix}{key}: {before!r} -> {value!r}")
     return changes
 
-
-class _CallableModule(types.ModuleType):
-    """`localgp.transcribe` is this module (corpus decoding) and, called, the long-form
-    transcription of audio files: `localgp.transcribe(paths, model=..., ...)` is
-    localgp.longform.transcribe (see there)."""
-
-    def __call__(self, *args, **kwargs):
-        from localgp.longform import transcribe
-
-        return transcribe(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -10,7 +10,7 @@ from localgp.cli import main
 from localgp.decoding import DecodeOptions
 from localgp.evaluate import read_decoded, score
 from localgp.train import Trainer
-from localgp.transcribe import decode_run
+from localgp.decode import decode_run
 from tests.test_train import config
 
 
