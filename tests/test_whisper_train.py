@@ -148,7 +148,7 @@ def test_no_distillation_when_every_gate_keeps_and_unfrozen_parameters_train(man
 
 
 def test_decode_a_run_records_the_whisper_measurements_and_resumes(runs, tmp_path):
-    from localgp.transcribe import decode_run
+    from localgp.decode import decode_run
 
     root, _, _ = runs
     out = tmp_path / "decoded.jsonl"
