@@ -54,7 +54,8 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
 
     from localgp.context.feeder import ContextFeeder
     from localgp.data.examples import load_corpus, make_examples
-    from localgp.runs import check_device, checkpoint_path, dense_model, file_sha256, load_run
+    from localgp.files import file_sha256
+    from localgp.runs import check_device, checkpoint_path, dense_model, load_run
 
     if batch_size < 1:
         raise UserError(f"decode: batch_size must be >= 1, got {batch_size}")

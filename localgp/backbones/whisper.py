@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from localgp import flops
 from localgp.backbones import Backbone, StepOutput, gate_config
 from localgp.data.examples import record_id
+from localgp.files import file_sha256
 from localgp.decoding import DecodeOptions
 from localgp.decoding.beam import decoder_keep
 from localgp.decoding.whisper import (
@@ -72,8 +73,6 @@ class WhisperBaseBackbone(Backbone):
         try:
             sha = json.loads((directory / "manifest.json").read_text())["files"]["base.pt"]["sha256"]
         except (OSError, ValueError, KeyError, TypeError):
-            from localgp.runs import file_sha256
-
             sha = file_sha256(directory / "base.pt")
         return {"model": self.name, "base.pt sha256": sha}
 

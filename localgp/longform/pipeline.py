@@ -92,7 +92,8 @@ def load_model(model: str = "whisper-base", gates: str | None = None, whisper_di
     """model: "whisper-base" (the plain pretrained model; gates=RUN_DIR puts a trained run's model
     in its place), or a `localgp train` run directory (its gated model; gates="none": its weights
     without the gates). An OWSM snapshot directory is refused: not supported here yet."""
-    from localgp.runs import checkpoint_path, dense_model, file_sha256, load_run
+    from localgp.files import file_sha256
+    from localgp.runs import checkpoint_path, dense_model, load_run
 
     if gates is not None and gates != "none" and model != "whisper-base":
         raise UserError(f"--gates {gates}: a run's gates go on --model whisper-base; --model {model} brings its own "

