@@ -51,18 +51,25 @@ constexpr const char* kNanGateLogits =
     "the gate logits give no decision at valid frames: a NaN logit, or both classes the same "
     "infinity";
 
+// lengths (B,) integer, B and device those of ref (x or logits); the values are checked in the
+// kernels, which read them anyway.
+inline void check_lengths(const char* op, const at::Tensor& lengths, const at::Tensor& ref,
+                          const char* ref_name) {
+  check_dim(op, lengths, "lengths", 1, "(B,)");
+  TORCH_CHECK(!at::isFloatingType(lengths.scalar_type()) &&
+                  lengths.scalar_type() != at::kBool,
+              op, ": lengths must be an integer tensor, got ", lengths.scalar_type());
+  TORCH_CHECK(lengths.size(0) == ref.size(0), op, ": lengths has ", lengths.size(0),
+              " entries but ", ref_name, " has batch size B=", ref.size(0));
+  check_same_device(op, ref, ref_name, lengths, "lengths");
+}
+
 // x (B,T,D) and lengths (B,) integer, shared by both gate_compact variants.
 inline void check_frames_and_lengths(const char* op, const at::Tensor& x,
                                      const at::Tensor& lengths) {
   check_dim(op, x, "x", 3, "(B, T, D)");
   check_floating(op, x, "x");
-  check_dim(op, lengths, "lengths", 1, "(B,)");
-  TORCH_CHECK(!at::isFloatingType(lengths.scalar_type()) &&
-                  lengths.scalar_type() != at::kBool,
-              op, ": lengths must be an integer tensor, got ", lengths.scalar_type());
-  TORCH_CHECK(lengths.size(0) == x.size(0), op, ": lengths has ", lengths.size(0),
-              " entries but x has batch size B=", x.size(0));
-  check_same_device(op, x, "x", lengths, "lengths");
+  check_lengths(op, lengths, x, "x");
 }
 
 inline void check_gate_compact(const at::Tensor& x, const at::Tensor& logits,
@@ -164,13 +171,7 @@ inline void check_gate_plan(const at::Tensor& logits, const at::Tensor& lengths,
   check_floating(op, logits, "logits");
   TORCH_CHECK(logits.size(3) == 2, op, ": logits must have shape (B, T, M, 2), got ",
               logits.sizes());
-  check_dim(op, lengths, "lengths", 1, "(B,)");
-  TORCH_CHECK(!at::isFloatingType(lengths.scalar_type()) &&
-                  lengths.scalar_type() != at::kBool,
-              op, ": lengths must be an integer tensor, got ", lengths.scalar_type());
-  TORCH_CHECK(lengths.size(0) == logits.size(0), op, ": lengths has ", lengths.size(0),
-              " entries but logits has batch size B=", logits.size(0));
-  check_same_device(op, logits, "logits", lengths, "lengths");
+  check_lengths(op, lengths, logits, "logits");
   check_threshold(op, threshold);
 }
 
