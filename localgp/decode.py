@@ -25,6 +25,7 @@ from pathlib import Path
 from localgp import distributed
 from localgp.data.examples import record_id
 from localgp.errors import UserError
+from localgp.files import replace_atomically, write_text_atomically
 from localgp.evaluate import Decoded, append_decoded, read_decoded
 
 log = logging.getLogger(__name__)
@@ -165,10 +166,7 @@ def merge_parts(out_path: Path, order: list[str]) -> None:
                 records.setdefault(record.id, record)
     position = {uid: i for i, uid in enumerate(order)}
     merged = sorted(records.values(), key=lambda r: position.get(r.id, len(position)))  # others (a --limit) last
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    append_decoded(merged, tmp)
-    tmp.replace(out_path)
+    replace_atomically(out_path, lambda tmp: append_decoded(merged, tmp))
     for part in parts:
         part.unlink()
     log.info("decode: merged %d files into %s", len(parts), out_path)
@@ -209,9 +207,7 @@ def claim_output(out_path: Path, source: dict) -> None:
                             f"--out, or start over with --overwrite")
         return
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = recorded_at.with_suffix(".tmp")
-    tmp.write_text(json.dumps(source, indent=2) + "\n")
-    tmp.replace(recorded_at)
+    write_text_atomically(recorded_at, json.dumps(source, indent=2) + "\n")
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -25,6 +25,7 @@ import yaml
 
 from localgp.backbones import BACKBONES, Backbone, backbone_class, get_backbone, gate_config
 from localgp.errors import UserError
+from localgp.files import write_text_atomically
 from localgp.evaluate import has_type
 
 CHECKPOINT = "checkpoint.pth"
@@ -323,10 +324,7 @@ def claim_run_dir(config: TrainConfig, overwrite: bool = False) -> None:
 
 def record_config(config: TrainConfig) -> None:
     """Writes out_dir/config.json (atomically): the run's config, once its setup succeeded."""
-    out = Path(config.out_dir)
-    tmp = out / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    tmp.replace(out / RECORD)
+    write_text_atomically(Path(config.out_dir) / RECORD, json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -344,9 +342,7 @@ def truncate_log(path: Path, step: int) -> None:
             break  # a row cut short by the kill, or not a row: nothing after it is kept
         kept.append(line)
     if len(kept) < len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
+        write_text_atomically(path, "".join(kept))
         log.info("%s: dropped %d rows after step %d (the checkpoint resumed from)", path, len(lines) - len(kept), step)
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from localgp.errors import UserError
+from localgp.files import write_text_atomically
 
 FORMATS = ("txt", "srt", "vtt", "json")  # json last: written after the others
 
@@ -110,7 +110,8 @@ def is_done(out_dir: Path, name: str, formats) -> bool:
 
 
 def remove_leftovers(out_dir: Path, name: str) -> None:
-    """The temporary files of `name`'s outputs that a killed run left behind."""
+    """The temporary files of `name`'s outputs that a killed run left behind (replace_atomically
+    names them `.<file name>.tmp<pid>`)."""
     for leftover in out_dir.glob(f".{name}.*.tmp*"):
         leftover.unlink(missing_ok=True)
 
@@ -120,10 +121,5 @@ def write_outputs(transcript: Transcript, out_dir: Path, name: str, formats) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = output_paths(out_dir, name, formats)
     for fmt, path in zip(formats, paths, strict=True):
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            tmp.write_text(render(transcript, fmt), encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomically(path, render(transcript, fmt))
     return paths
