@@ -434,12 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default="data/demo", help="the demo corpus (prepared here when missing)")
     demo.add_argument("--rows", default="localgp+speaker",
                       help="whisper-base: comma list of gated rows: localgp+speaker, localgp, globalgp")
-    demo.add_argument("--targets", type=lambda t: tuple(keep_ratio(v) for v in t.split(",")), default=(0.5,),
-                      help="whisper-base: comma list of sparsity targets, a run per row and target")
+    demo.add_argument("--targets", type=lambda t: tuple(keep_ratio(v) for v in t.split(",")),
+                      help="whisper-base: comma list of sparsity targets, a run per row and target (default 0.8: "
+                           "localgp.demo.WHISPER_TARGETS)")
     demo.add_argument("--weights", help="whisper-base: `localgp prepare whisper`'s directory (default: its own)")
     demo.add_argument("--steps", type=positive_int, help="training steps per run (default: as many as --minutes allow)")
     demo.add_argument("--minutes", type=positive_float, help="training time per run when --steps is not given "
-                                                    "(default: whisper-base 4, owsm 8)")
+                                                    "(default: whisper-base 6, owsm 8)")
     demo.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     demo.add_argument("--beam", type=positive_int, default=5)
     demo.add_argument("--batch", type=positive_int, default=8, help="utterances decoded together")

@@ -208,15 +208,24 @@ class WhisperShape:
 WHISPER_BACKBONES = {"whisper-base": WhisperShape(n_mels=80, frames=1500, d_model=512, layers=6)}
 
 
-def whisper_layer_macs(s: WhisperShape, kept: dict[str, int] | None = None) -> dict[str, int]:
-    """MACs of one block on one utterance; kept: module ('attn', 'mlp') -> frames it ran on."""
+def whisper_layer_macs(s: WhisperShape, kept: dict[str, int] | None = None, all_keys: bool = False) -> dict[str, int]:
+    """MACs of one block on one utterance; kept: module ('attn', 'mlp') -> frames it ran on.
+    all_keys (GateConfig.attention_keys "all"): the kept frames' queries attend to every frame,
+    whose keys and values (and attention norm) are computed on all frames."""
     kept = kept or {}
-    return {"attn": attention_macs(s, kept.get("attn", s.frames)), "mlp": ffn_macs(s, kept.get("mlp", s.frames))}
+    n_attn = kept.get("attn", s.frames)
+    if all_keys:
+        t, d = s.frames, s.d_model
+        attn = 2 * n_attn * d * d + 2 * t * d * d + 2 * n_attn * t * d + LN_OPS * t * d
+    else:
+        attn = attention_macs(s, n_attn)
+    return {"attn": attn, "mlp": ffn_macs(s, kept.get("mlp", s.frames))}
 
 
-def whisper_encoder_macs(s: WhisperShape, kept: dict[str, list[int]] | None = None) -> dict[str, int]:
+def whisper_encoder_macs(s: WhisperShape, kept: dict[str, list[int]] | None = None,
+                         all_keys: bool = False) -> dict[str, int]:
     """MACs per module of one utterance (its 30 s window). kept: module -> frames kept in each
-    layer (compact execution); missing modules run on every frame."""
+    layer (compact execution); missing modules run on every frame. all_keys: as whisper_layer_macs."""
     kept = kept or {}
     for name, counts in kept.items():
         if len(counts) != s.layers or any(not 0 <= c <= s.frames for c in counts):
@@ -226,7 +235,7 @@ def whisper_encoder_macs(s: WhisperShape, kept: dict[str, list[int]] | None = No
     t = s.frames
     out["subsampling"] = 2 * t * s.n_mels * s.d_model * 3 + t * s.d_model * s.d_model * 3  # conv1 (k 3), conv2 (k 3, stride 2)
     for index in range(s.layers):
-        for module, value in whisper_layer_macs(s, {m: c[index] for m, c in kept.items()}).items():
+        for module, value in whisper_layer_macs(s, {m: c[index] for m, c in kept.items()}, all_keys).items():
             out[module] += value
     out["norms"] = LN_OPS * t * s.d_model  # ln_post
     out["total"] = sum(out[m] for m in WHISPER_MODULES)
@@ -246,9 +255,11 @@ def executed_whisper_encoder_macs(encoder, record=None, execution: str | None = 
     elif utterances is None:
         raise ValueError("executed_whisper_encoder_macs: the record holds no mask; give the number of utterances")
     compact = (execution or encoder.execution) == "compact"
+    pruning = getattr(encoder, "pruning", None)
+    all_keys = pruning is not None and pruning.config.attention_keys == "all"
     total = dict.fromkeys((*WHISPER_MODULES, "total"), 0)
     for b in range(utterances):
         kept = kept_frames(record, b, s.frames, s.layers) if compact else {}
-        for module, value in whisper_encoder_macs(s, kept).items():
+        for module, value in whisper_encoder_macs(s, kept, all_keys and compact).items():
             total[module] += value
     return total

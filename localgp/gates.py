@@ -125,12 +125,17 @@ class LocalGatePredictor(nn.Module):
     computation a trained injection would change).
     """
 
-    def __init__(self, d_model: int, num_modules: int, heads: int = 4, inject: bool = True):
+    def __init__(self, d_model: int, num_modules: int, heads: int = 4, inject: bool = True, width: int | None = None):
         super().__init__()
         self.num_modules = num_modules
         self.norm = nn.LayerNorm(d_model)
-        self.key_value = nn.Linear(d_model, d_model)
-        self.attention = nn.MultiheadAttention(d_model, heads, batch_first=True)
+        # width < d_model: the cross-attention runs in `width` dims, the frames projected in and the
+        # result back out (a cheaper predictor: ~2*d_model*width MACs a frame instead of 2*d_model^2)
+        width = d_model if width is None else width
+        self.query_in = nn.Linear(d_model, width) if width != d_model else None
+        self.attended_out = nn.Linear(width, d_model) if width != d_model else None
+        self.key_value = nn.Linear(d_model, width)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
         # Normalised features keep the logits in the range where the Gumbel-softmax has
         # gradients (un-normalised layer inputs saturate it within a few steps).
         self.logits_norm = nn.LayerNorm(d_model)
@@ -152,12 +157,20 @@ class LocalGatePredictor(nn.Module):
         """
         B, K, Tc, D = context.shape
         kv = self.key_value(context.reshape(B, K * Tc, D))
-        attended, _ = self.attention(self.norm(x), kv, kv, key_padding_mask=context_pad, need_weights=False)
+        attended, _ = self.attention(self._query(x), kv, kv, key_padding_mask=context_pad, need_weights=False)
+        attended = self._out(attended)
         h = x + attended
         logits = self.to_logits(self.logits_norm(h)).view(*x.shape[:2], self.num_modules, 2)
         if Tc == x.shape[1]:  # aligned to the frames: add the result to every context stream
             context = context + attended[:, None]
         return logits, self._injected(x, attended), context
+
+    def _query(self, x: Tensor) -> Tensor:
+        q = self.norm(x)
+        return q if self.query_in is None else self.query_in(q)
+
+    def _out(self, attended: Tensor) -> Tensor:
+        return attended if self.attended_out is None else self.attended_out(attended)
 
     def _injected(self, x: Tensor, attended: Tensor) -> Tensor:
         return x if self.inject is None else x + self.inject(attended)
@@ -182,8 +195,8 @@ class LocalGatePredictor(nn.Module):
 
         w_q = self.attention.in_proj_weight.chunk(3)[0]
         b_q = self.attention.in_proj_bias.chunk(3)[0]
-        q = nn.functional.linear(self.norm(x), w_q, b_q).unflatten(-1, (self.attention.num_heads, -1))
-        attended = self.attention.out_proj(memory_attention(q, *projected, rows_of_utterance).flatten(-2))
+        q = nn.functional.linear(self._query(x), w_q, b_q).unflatten(-1, (self.attention.num_heads, -1))
+        attended = self._out(self.attention.out_proj(memory_attention(q, *projected, rows_of_utterance).flatten(-2)))
         logits = self.to_logits(self.logits_norm(x + attended)).view(x.shape[0], self.num_modules, 2)
         return logits, self._injected(x, attended)
 

@@ -164,6 +164,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam([parameters[n] for n in self.trainable], lr=config.lr)
         self.step = 0
         self._resume()
+        if self.step == 0:  # a fresh run (a resumed one has it in its checkpoint)
+            self.backbone.prepare_gates(self.model, self.examples)  # every rank alike: the same clips
         distributed.on_main(self.dist, lambda: (truncate_log(self.out / LOG, self.step), record_config(config)))
         self.step_loss = StepLoss(self.model, self.backbone, config)
         if self.dist.active:

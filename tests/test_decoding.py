@@ -21,6 +21,8 @@ GATED = {
     "utterance": GateConfig(encoder="utterance", decoder="utterance"),
     "global": GateConfig(predictor="global", encoder="utterance", decoder="utterance"),
     "token_lang2vec": GateConfig(encoder="temporal", decoder="token", decoder_contexts=(("lang2vec", 289),)),
+    # predictors attending in 16 dimensions: the incremental step projects in and out as forward does
+    "token_narrow": GateConfig(encoder="temporal", decoder="token", predictor_width=16),
 }
 LENGTHS = [20, 14, 9]  # encoder frames of the utterances decoded together
 

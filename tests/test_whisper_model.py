@@ -19,6 +19,10 @@ CONFIGS = {
     "speaker": GateConfig(encoder="temporal", decoder="token", contexts=(("front", 0), ("speaker", 12))),
     "utterance": GateConfig(encoder="utterance", decoder="utterance"),
     "global": GateConfig(predictor="global", encoder="utterance", decoder="utterance"),
+    # skipped modules add their calibrated mean, kept frames attend to every frame, pooled context
+    "filled": GateConfig(encoder="temporal", decoder="token", contexts=(("front", 0), ("speaker", 12)),
+                         skip_fill="mean", attention_keys="all", context_frames=5, predictor_width=8),
+    "filled_utterance": GateConfig(encoder="utterance", decoder="utterance", skip_fill="mean"),
 }
 
 
@@ -38,8 +42,12 @@ def inputs(B: int = 3, L: int = 7, seed: int = 1):
 
 
 def feed_context(model, name: str, B: int) -> None:
-    if name == "speaker":
+    """The context the config needs (and the skip values of skip_fill "mean", calibrated)."""
+    if name in ("speaker", "filled"):
         model.encoder.set_context(speaker=torch.randn(B, 12))
+    if model.encoder.pruning.config.skip_fill == "mean":
+        gen = torch.Generator().manual_seed(7)
+        model.encoder.calibrate_skip_values([torch.randn(3, DIMS.n_mels, 2 * DIMS.n_audio_ctx, generator=gen)])
     if name == "global":
         model.encoder.set_context(prompt=torch.randint(0, DIMS.n_vocab, (B, 2)))
 
@@ -125,7 +133,9 @@ def test_compact_encoder_reads_the_host_once_per_layer_and_adds_in_place(name):
     with torch.no_grad():
         before = ops.host_reads()
         in_place = model.encoder(mel)
-        assert ops.host_reads() - before == DIMS.n_audio_layer
+        # attention_keys "all" reads the kept frames per utterance too (they size its calls)
+        per_layer = 2 if CONFIGS[name].attention_keys == "all" else 1
+        assert ops.host_reads() - before == per_layer * DIMS.n_audio_layer
     force_keep(model, 0.5, seed=5)  # the same random masks again
     with torch.enable_grad():
         out_of_place = model.encoder(mel)
@@ -258,3 +268,131 @@ def test_flops_command_for_whisper(capsys, cli_error):
     assert report["dense_encoder_gflops"] == pytest.approx(43.73376)
     assert report["encoder_gflops"] < 0.5 * report["dense_encoder_gflops"]  # attention is quadratic in kept frames
     cli_error(["flops", "--backbone", "whisper-base", "--seconds", "5"], "whole 30 s window")
+
+
+# ------------------------------------------------------------------ skip_fill "mean", attention_keys "all", context_frames
+FILLED = CONFIGS["filled"]
+
+
+def calibrated(config: GateConfig, seed: int = 0) -> Whisper:
+    model = gate_whisper(tiny_whisper(seed), config)
+    gen = torch.Generator().manual_seed(7)
+    model.encoder.calibrate_skip_values([torch.randn(3, DIMS.n_mels, 2 * DIMS.n_audio_ctx, generator=gen)
+                                         for _ in range(2)])
+    return model
+
+
+def module_outputs(plain: Whisper, mel: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Each block's attention and MLP outputs (B, T, D) in the plain model, by hooks."""
+    outputs = [{} for _ in plain.encoder.blocks]
+    hooks = []
+    for store, block in zip(outputs, plain.encoder.blocks, strict=True):
+        hooks.append(block.attn.register_forward_hook(lambda m, i, o, store=store: store.__setitem__("attn", o[0])))
+        hooks.append(block.mlp.register_forward_hook(lambda m, i, o, store=store: store.__setitem__("mlp", o)))
+    with torch.no_grad():
+        plain.encoder(mel)
+    for hook in hooks:
+        hook.remove()
+    return outputs
+
+
+def test_calibration_is_the_mean_module_output_per_position():
+    plain = tiny_whisper()
+    model = calibrated(FILLED)
+    gen = torch.Generator().manual_seed(7)
+    mels = torch.cat([torch.randn(3, DIMS.n_mels, 2 * DIMS.n_audio_ctx, generator=gen) for _ in range(2)])
+    outputs = module_outputs(plain, mels)
+    values = model.encoder.pruning.skip_values
+    assert values.clips == 6
+    for index, out in enumerate(outputs):
+        for m, name in enumerate(("attn", "mlp")):
+            torch.testing.assert_close(values.values[index, m], out[name].mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("execution", ["masked", "compact"])
+def test_skipped_modules_add_their_calibrated_mean_and_kept_frames_see_every_frame(execution):
+    """The reference: openai-whisper's own blocks, each module's output replaced by the calibrated
+    mean at the frames its mask skips; attention over every frame's keys and values."""
+    plain = tiny_whisper()
+    model = calibrated(FILLED)
+    mel, _ = inputs(B=3)
+    model.encoder.set_context(speaker=torch.randn(3, 12))
+    set_execution(model, execution)
+    force_keep(model, 0.5, seed=4)
+    with torch.no_grad():
+        got = model.encoder(mel)
+    masks = model.encoder.last_record.masks
+    fill = model.encoder.pruning.skip_values.values
+    with torch.no_grad():
+        x = model.encoder.embed(mel)
+        for index, block in enumerate(plain.encoder.blocks):
+            for m, name in enumerate(("attn", "mlp")):
+                y = block.attn(block.attn_ln(x))[0] if name == "attn" else block.mlp(block.mlp_ln(x))
+                keep = masks[f"encoder.{index}.{name}"][..., None] > 0
+                x = x + torch.where(keep, y, fill[index, m])
+        want = plain.encoder.ln_post(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert 0.3 < float(last_record(model).sparsity()) < 0.7
+
+
+def test_skipping_everything_adds_the_fill_alone():
+    model = calibrated(FILLED)
+    mel, _ = inputs(B=2)
+    model.encoder.set_context(speaker=torch.randn(2, 12))
+    set_execution(model, "compact")
+    force_keep(model, 0.0)
+    fill = model.encoder.pruning.skip_values.values
+    with torch.no_grad():
+        got = model.encoder(mel)
+        want = model.encoder.ln_post(model.encoder.embed(mel) + fill.sum((0, 1)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_uncalibrated_skip_values_are_refused_and_the_count_travels_with_the_state_dict():
+    model = gate_whisper(tiny_whisper(), FILLED)
+    model.encoder.set_context(speaker=torch.randn(3, 12))
+    mel, _ = inputs()
+    with pytest.raises(ValueError, match="never calibrated"):
+        model.encoder(mel)
+    trained = calibrated(FILLED)
+    state = gate_state_dict(trained)
+    assert "encoder.pruning.skip_values.values" in state and "encoder.pruning.skip_values._extra_state" in state
+    model.load_state_dict(trained.state_dict())
+    assert model.encoder.pruning.skip_values.clips == 6
+    with torch.no_grad():
+        model.encoder(mel)
+
+
+def test_pooled_context_frames():
+    from localgp.model.pruning import pool_frames
+
+    x = torch.randn(2, 10, 3)
+    valid = torch.arange(10)[None] < torch.tensor([[10], [4]])
+    pooled, present = pool_frames(x, valid, 3)
+    for b, length in enumerate((10, 4)):
+        chunks = [[t for t in range(length) if t * 3 // length == c] for c in range(3)]
+        for c, frames in enumerate(chunks):
+            torch.testing.assert_close(pooled[b, c], x[b, frames].mean(0))
+            assert bool(present[b, c])
+    pooled, present = pool_frames(x, valid, 6)  # 4 frames in 6 chunks: two chunks stay empty
+    assert present[1].tolist() == [True, True, False, True, True, False]  # frames 0..3 -> chunks 0, 1, 3, 4
+    assert int(present[0].sum()) == 6
+    model = calibrated(FILLED)
+    model.encoder.set_context(speaker=torch.randn(2, 12))
+    context, pad = model.encoder.gate_context(model.encoder.embed(inputs(B=2)[0]), torch.ones(2, DIMS.n_audio_ctx,
+                                                                                           dtype=torch.bool))
+    assert context.shape == (2, 1, 5 + 1, DIMS.n_audio_state) and pad.shape == (2, 6) and not pad.any()
+
+
+def test_owsm_refuses_what_it_does_not_implement():
+    from localgp.model.convert import gate_s2t_model
+    from localgp.model.owsm import build_owsm
+
+    with pytest.raises(ValueError, match="fixed number of frames"):
+        gate_s2t_model(build_owsm("tiny")[0], GateConfig(skip_fill="mean"))
+    with pytest.raises(ValueError, match="attention_keys"):
+        gate_s2t_model(build_owsm("tiny")[0], GateConfig(attention_keys="all"))
+    with pytest.raises(ValueError, match="skip_fill"):
+        GateConfig(skip_fill="median")
+    with pytest.raises(ValueError, match="context_frames"):
+        GateConfig(context_frames=0)

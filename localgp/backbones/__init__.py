@@ -54,6 +54,10 @@ class Backbone(abc.ABC):
         """(model, tokenizer): the backbone's model, gated by config.gates unless gated=False.
         texts() gives the training text when a tokenizer has to be trained (None: it must exist)."""
 
+    def prepare_gates(self, model: nn.Module, examples: list[Example]) -> None:
+        """Before a fresh run's first step: whatever the gates need from the dense model on training
+        examples (Whisper: the skip values of GateConfig.skip_fill "mean"). Nothing by default."""
+
     def weights_identity(self) -> dict | None:
         """What identifies the backbone weights build() reads, when it can read them again (then a
         checkpoint needs only the trained state); None: they cannot be re-read (random weights)."""

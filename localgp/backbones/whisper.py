@@ -16,6 +16,7 @@ seconds, encoder seconds.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -39,7 +40,11 @@ from localgp.errors import UserError
 from localgp.evaluate import Decoded
 from localgp.gates import utterance_record
 
+log = logging.getLogger(__name__)
+
 IGNORE = -100  # label of the positions the loss does not count
+# skip_fill "mean": its table from this many training clips (32 gave the dense WER with every padding frame skipped)
+CALIBRATION_CLIPS = 32
 WORD_START = "\u2581"  # analyze's word-start mark; Whisper's BPE marks a word start by a leading space
 
 
@@ -66,6 +71,23 @@ class WhisperBaseBackbone(Backbone):
         self.tokenizer = whisper_tokenizer(model)
         self.n_mels, self.n_text_ctx = model.dims.n_mels, model.dims.n_text_ctx
         return model, self.tokenizer
+
+    def prepare_gates(self, model, examples) -> None:
+        """skip_fill "mean": calibrates the skip values on up to CALIBRATION_CLIPS distinct training
+        clips (spread over the corpus in its order), in batches of 8: the mean module outputs at the
+        padding after each clip's speech."""
+        pruning = getattr(model.encoder, "pruning", None)
+        if pruning is None or pruning.config.skip_fill != "mean":
+            return
+        clips = list({e.utterance.id: e.utterance for e in examples}.values())
+        clips = clips[:: max(len(clips) // CALIBRATION_CLIPS, 1)][:CALIBRATION_CLIPS]
+        from localgp.model.whisper import speech_frames
+
+        device = next(model.parameters()).device
+        groups = [[u.load() for u in clips[i : i + 8]] for i in range(0, len(clips), 8)]
+        log.info("calibrating the skip values on %d training clips", len(clips))
+        model.encoder.calibrate_skip_values((self.mel(waves).to(device) for waves in groups),
+                                            [torch.tensor([speech_frames(len(w)) for w in waves]) for waves in groups])
 
     def weights_identity(self) -> dict:
         """base.pt's sha256 (from prepare_whisper's manifest.json when it has it)."""

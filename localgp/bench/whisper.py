@@ -12,7 +12,7 @@ run instead, in the same run on the same clips:
 
 Masks are forced at random on the encoder's attention and MLP per frame (`--granularity`
 temporal, with token-level decoder gates) or per utterance, or come from a trained run's gates
-(`--checkpoint`). Whisper computes its whole 30 s window, so every clip costs the same encoder
+(`--checkpoint`, fed the clips' contexts, computed before the timing). Whisper computes its whole 30 s window, so every clip costs the same encoder
 work; a decode's length is the model's own (with random masks the gated model decodes other
 text: compare decodes with trained gates). GFLOPs: the encoder's as localgp.flops counts them,
 plus localgp's decoder MACs for a decode; a baseline's own decoder work is not counted (-).
@@ -29,7 +29,7 @@ import torch
 
 from localgp import flops
 from localgp.bench.core import (
-    FASTER_WHISPER, BenchError, Case, Setting, gated_encoder_case, kept_share, pruned_label, prepare_encoder,
+    FASTER_WHISPER, GATES, BenchError, Case, Setting, gated_encoder_case, kept_share, pruned_label, prepare_encoder,
 )
 from localgp.model.config import GateConfig
 
@@ -91,11 +91,33 @@ class WhisperModels:
 
     def __init__(self, setting: Setting):
         from localgp.model.pruning import ungated_copy
-        from localgp.model.whisper import gate_whisper
-        from localgp.model.whisper_weights import default_whisper_dir, load_whisper
+        from localgp.model.whisper_weights import default_whisper_dir
 
-        if setting.checkpoint:
-            raise BenchError("--checkpoint: trained Whisper runs are not benchmarked yet; use forced masks (--keep)")
+        self.run = None
+        if setting.checkpoint:  # a trained run: its gates decide, fed the clips' own contexts (set_contexts)
+            from localgp.runs import load_run
+
+            self.run = load_run(setting.checkpoint)
+            if self.run.config.backbone != "whisper-base":
+                raise BenchError(f"--checkpoint {setting.checkpoint}: a {self.run.config.backbone} run, not whisper-base")
+            if not hasattr(self.run.model.encoder, "pruning"):
+                raise BenchError(f"--checkpoint {setting.checkpoint}: its encoder is not gated")
+            model, self.masks = self.run.model, GATES
+            self.weights = self.run.backbone.directory()
+        else:
+            model = self._random_masks_model(setting, default_whisper_dir)
+            self.masks = "random"
+        self.model = model.to(setting.torch_device(), setting.torch_dtype()).eval()
+        # openai-whisper's own classes with the same weights: the Whisper shell, ungated parts
+        self.plain = copy.copy(self.model)
+        self.plain._modules = {"encoder": ungated_copy(self.model.encoder), "decoder": ungated_copy(self.model.decoder)}
+        self._ct2 = {}
+        self.setting = setting
+
+    def _random_masks_model(self, setting: Setting, default_whisper_dir):
+        from localgp.model.whisper import gate_whisper
+        from localgp.model.whisper_weights import load_whisper
+
         self.weights = None if setting.weights == "random" else Path(setting.weights or default_whisper_dir())
         if self.weights is None:  # base's shapes, random weights (machines without them: timing only)
             from whisper.model import ModelDimensions, Whisper
@@ -108,14 +130,25 @@ class WhisperModels:
             except FileNotFoundError as err:
                 raise BenchError(f"--backbone whisper-base: {err}") from None
         decoder = "token" if setting.granularity == "temporal" else "utterance"
-        gate_whisper(model, GateConfig(encoder=setting.granularity, decoder=decoder))
-        self.masks = "random"
-        self.model = model.to(setting.torch_device(), setting.torch_dtype()).eval()
-        # openai-whisper's own classes with the same weights: the Whisper shell, ungated parts
-        self.plain = copy.copy(self.model)
-        self.plain._modules = {"encoder": ungated_copy(self.model.encoder), "decoder": ungated_copy(self.model.decoder)}
-        self._ct2 = {}
-        self.setting = setting
+        return gate_whisper(model, GateConfig(encoder=setting.granularity, decoder=decoder))
+
+    def set_contexts(self, clips: "Clips") -> None:
+        """A trained run's gates: the contexts of these clips (its extractors, e.g. the speaker
+        embedding), computed once, before any timing."""
+        if self.run is None:
+            return
+        from localgp.context.feeder import ContextFeeder
+
+        config, tokenizer = self.run.config, self.run.tokenizer
+        feeder = ContextFeeder(self.model, config.context_extractors, Path(config.out_dir) / "context",
+                               self.run.backbone.prompt_context)
+        prompts = None
+        if feeder.global_prompt:
+            if None in clips.languages:
+                raise BenchError(f"--checkpoint {self.setting.checkpoint}: globalGP reads each clip's language; "
+                                 f"--audio {clips.source} does not give them (use a demo-corpus manifest)")
+            prompts = [[tokenizer.to_language_token(lang), tokenizer.transcribe] for lang in clips.languages]
+        feeder.set_waves(clips.waves, prompts)
 
     def faster_whisper(self, provider: str):
         """faster-whisper's WhisperModel of the original model.bin at the provider's compute type."""
@@ -147,6 +180,7 @@ class EncoderWorkload:
         self.setting = setting
         self.models = WhisperModels(setting)
         clips = load_clips(setting)
+        self.models.set_contexts(clips)
         self.mel = log_mel(clips.waves, setting.torch_device(), setting.torch_dtype())
         self.encoder = self.models.model.encoder
         self.shape = flops.WhisperShape.of_encoder(self.encoder)
@@ -179,8 +213,11 @@ class DecodeWorkload:
         self.setting = setting
         self.models = WhisperModels(setting)
         self.clips = load_clips(setting)
+        self.models.set_contexts(self.clips)
         self.encoder = self.models.model.encoder
-        self.masks, self.pruned = self.models.masks, pruned_label(self.encoder) + ", self_attn,src_attn,ffn (decoder)"
+        decoder = getattr(self.models.model.decoder, "pruning", None)
+        self.masks, self.pruned = self.models.masks, pruned_label(self.encoder) + (
+            f", {','.join(decoder.modules_per_layer)} (decoder)" if decoder else "")
         self.shapes = dict(_shapes(self.models, setting, self.clips), beam=setting.beam)
         self.dense_encoder_gflops = setting.batch * flops.whisper_encoder_macs(
             flops.WhisperShape.of_encoder(self.encoder))["total"] / 1e9
@@ -222,7 +259,7 @@ class DecodeWorkload:
 
         def run():
             prepare_encoder(self.encoder, provider, keep, setting.seed)
-            if gated:
+            if gated and hasattr(model.decoder, "pruning"):
                 force_keep(model.decoder, keep, seed=setting.seed)
             mel = log_mel(self.clips.waves, setting.torch_device(), setting.torch_dtype())
             hyps = search(self.encoder(mel), self.clips.languages)

@@ -61,18 +61,37 @@ class ContextFeeder:
                 raise UserError(f"training: context {name!r} is configured with size {sizes[name]} but its "
                                  f"extractor gives {extractor.size}")
 
+    def set_waves(self, waves, prompts: list[list[int]] | None = None) -> None:
+        """The contexts of clips that are no corpus examples (16 kHz arrays, not cached): the
+        encoder's streams, and globalGP's prompt token ids when the gates read them."""
+        if self.decoder_names:
+            raise UserError(f"contexts of bare clips: the decoder's gates read {self.decoder_names}, which need each "
+                            "clip's target language")
+        if self.global_prompt:
+            if prompts is None:
+                raise UserError("contexts of bare clips: globalGP reads the prompt's language and task; give them")
+            device = next(self.model.parameters()).device
+            self.model.encoder.set_context(prompt=torch.tensor(prompts, device=device))
+        if self.encoder_names:
+            self._set_encoder_streams({name: [self.extractors[name](w) for w in waves] for name in self.encoder_names})
+
+    def _set_encoder_streams(self, features: dict[str, list[torch.Tensor]]) -> None:
+        """name -> one (frames, size) feature per clip, set on the encoder as (B, frames, size)."""
+        device = next(self.model.parameters()).device
+        streams = {}
+        for name, feats in features.items():
+            longest = max(f.shape[0] for f in feats)  # pad by repeating each one's last frame
+            streams[name] = torch.stack([torch.cat([f, f[-1:].expand(longest - f.shape[0], -1)]) for f in feats])
+        self.model.encoder.set_context(**{name: seq.to(device) for name, seq in streams.items()})
+
     def __call__(self, examples: list[Example]) -> None:
         device = next(self.model.parameters()).device
         if self.global_prompt:
             self.model.encoder.set_context(prompt=torch.tensor([self.prompt_context(e) for e in examples], device=device))
         if self.encoder_names:
-            streams = {}
-            for name in self.encoder_names:
-                feats = [self.cache.get(name, e.utterance.id, lambda e=e, n=name: self.extractors[n](e.utterance.load()))
-                         for e in examples]
-                longest = max(f.shape[0] for f in feats)  # pad by repeating each one's last frame
-                streams[name] = torch.stack([torch.cat([f, f[-1:].expand(longest - f.shape[0], -1)]) for f in feats])
-            self.model.encoder.set_context(**{name: seq.to(device) for name, seq in streams.items()})
+            self._set_encoder_streams({
+                name: [self.cache.get(name, e.utterance.id, lambda e=e, n=name: self.extractors[n](e.utterance.load()))
+                       for e in examples] for name in self.encoder_names})
         if self.decoder_names:
             self.model.decoder.set_context(**{
                 name: torch.cat([self.extractors[name](e.target_language) for e in examples]).to(device)

@@ -155,6 +155,9 @@ def gate_encoder(encoder: EBranchformerEncoder, config: GateConfig, vocab_size: 
     if type(first.attn) is not MultiHeadedAttention:
         raise ValueError(f"gate_encoder: the layers' attention must be plain self-attention (attention_layer_type="
                          f"selfattn with absolute positions, as in OWSM v3.1), got {type(first.attn).__name__}")
+    if config.attention_keys != "kept":
+        raise ValueError("gate_encoder: OWSM's gated attention sees the kept frames only (GateConfig.attention_keys="
+                         "'kept'); 'all' is implemented for Whisper")
     if encoder.interctc_layer_idx:
         raise ValueError("gate_encoder: intermediate CTC layers (interctc_layer_idx) are not supported")
     encoder.__class__ = GatedEBranchformerEncoder

@@ -66,15 +66,18 @@ class PositionGate:
     logits (B, T, M, 2) for the M module names; valid (B, T) bool; lengths (B,).
     Compact execution decides every module of the layer at once (`ops.gate_plan`: one host read
     per layer). inplace: compact residual adds write into x itself (inference only, and only
-    where the caller owns x: the layer's input is not needed afterwards).
+    where the caller owns x: the layer's input is not needed afterwards). fill (M, T, D): what a
+    skipped module adds at each position (GateConfig.skip_fill "mean"), None: nothing.
     """
 
     def __init__(self, logits: Tensor, valid: Tensor, lengths: Tensor, names, cfg: GateConfig,
-                 execution: str, training: bool, record: GateRecord, prefix: str, inplace: bool = False):
+                 execution: str, training: bool, record: GateRecord, prefix: str, inplace: bool = False,
+                 fill: Tensor | None = None):
         self.logits, self.valid, self.lengths, self.names = logits, valid, lengths, names
         self.cfg, self.execution, self.training = cfg, execution, training
         self.record, self.prefix = record, prefix
         self.inplace = inplace and not torch.is_grad_enabled()
+        self.fill = fill
         self.plan = None
         if execution == "compact":
             with profiled("compaction"):
@@ -98,12 +101,30 @@ class PositionGate:
             self.record.add(f"{self.prefix}.{name}", c.keep.to(x.dtype), self.valid)
         return c
 
-    def add_kept(self, x: Tensor, y: Tensor, index: Tensor, scale: float = 1.0) -> Tensor:
-        """x + scale * y at the rows `index` of x: in place where allowed, else a new tensor."""
+    def add_kept(self, name: str, x: Tensor, y: Tensor, index: Tensor, scale: float = 1.0) -> Tensor:
+        """Compact: x + scale * y at the rows `index` of x, x (+ the fill) elsewhere: in place where
+        allowed, else a new tensor."""
         with profiled("scatter"):
+            fill = self._fill(name)
+            if fill is not None:  # every frame gets the fill; the kept ones trade it for their output
+                x = x.add_(fill) if self.inplace and x.is_contiguous() else x + fill
+                y, scale = scale * y - ops.gather_rows(fill, index % x.shape[1]), 1.0
             if self.inplace and x.is_contiguous():
                 return ops.scatter_add_(x, y, index, scale)
             return ops.scatter_pad(y, index, x, scale)
+
+    def add_masked(self, name: str, x: Tensor, y: Tensor, scale: float = 1.0, mask: Tensor | None = None) -> Tensor:
+        """Masked: x + scale * y where kept, x (+ the fill) where skipped. mask: mask(name) when
+        the caller has drawn it already (it draws anew in training)."""
+        mask = self.mask(name) if mask is None else mask
+        with profiled("scatter"):
+            m = mask.to(x.dtype)[..., None]
+            out = x + scale * y * m
+            fill = self._fill(name)
+            return out if fill is None else out + (1 - m) * fill
+
+    def _fill(self, name: str) -> Tensor | None:
+        return None if self.fill is None else self.fill[self.names.index(name)].to(self.logits.dtype)
 
     def residual(self, name: str, x: Tensor, fn, scale: float = 1.0) -> Tensor:
         """x + scale * fn(x) where the module is kept, x elsewhere."""
@@ -111,44 +132,44 @@ class PositionGate:
             c = self.compact(name, x)
             with profiled(module_label(name)):
                 y = fn(c.packed)
-            return self.add_kept(x, y, c.index, scale)
+            return self.add_kept(name, x, y, c.index, scale)
         with profiled(module_label(name)):
             y = fn(x)
-        mask = self.mask(name)
-        with profiled("scatter"):
-            return x + scale * y * mask.to(x.dtype)[..., None]
+        return self.add_masked(name, x, y, scale)
 
-    def token_attention(self, name: str, x: Tensor, attn: Projections, norm, source: Tensor, mask: Tensor,
+    def token_attention(self, name: str, x: Tensor, attn: Projections, norm, source: Tensor, mask: Tensor | None,
                         dropout, full) -> Tensor:
         """x + attention where kept, for decoder self-attention (source = norm(x), mask (B|1, L, L)
-        causal) and src-attention (source = memory, mask (B|1, 1|L, S)); True = may attend. Kept
+        causal) and src-attention (source = memory, mask (B|1, 1|L, S)); True = may attend; None:
+        every position of the source (Whisper's encoder with attention_keys "all"). Kept
         tokens query the keys/values of the whole source, so a token that skips self-attention
         still serves later tokens. full(h): the backbone's own module on every token (masked)."""
         if self.execution == "masked":
             with profiled(module_label(name)):
                 out = dropout(full(norm(x)))
-            with profiled("scatter"):
-                return x + out * self.mask(name).to(x.dtype)[..., None]
+            return self.add_masked(name, x, out)
         c = self.compact(name, x)
         with profiled(module_label(name)):
             keys, values = attn.key(source), attn.value(source)
             B, L = x.shape[:2]
             batch_of_row, position = c.index // L, c.index % L
-            key_mask = mask.expand(B, L, -1)[batch_of_row, position]  # (N, S) of each kept token
+            key_mask = None if mask is None else mask.expand(B, L, -1)[batch_of_row, position]  # (N, S) per kept token
             out = dropout(rows_attention(attn, norm(c.packed), batch_of_row, keys, values, key_mask))
-        return self.add_kept(x, out, c.index)
+        return self.add_kept(name, x, out, c.index)
 
 
 class UtteranceGate:
     """Per-utterance decisions: logits (B, M, 2). Compact execution reads every module's
-    decisions to the host once per layer; inplace as for PositionGate."""
+    decisions to the host once per layer; inplace and fill (residual modules only) as for
+    PositionGate."""
 
     def __init__(self, logits: Tensor, names, cfg: GateConfig, execution: str, training: bool,
-                 record: GateRecord, prefix: str, inplace: bool = False):
+                 record: GateRecord, prefix: str, inplace: bool = False, fill: Tensor | None = None):
         self.logits, self.names, self.cfg = logits, names, cfg
         self.execution, self.training = execution, training
         self.record, self.prefix = record, prefix
         self.inplace = inplace and not torch.is_grad_enabled()
+        self.fill = fill
         self.kept_rows = None
         if execution == "compact":
             with profiled("compaction"):
@@ -184,15 +205,22 @@ class UtteranceGate:
 
     def residual(self, name: str, x: Tensor, fn, scale: float = 1.0, row_args=()) -> Tensor:
         mask = self.mask(name)
+        fill = None if self.fill is None else self.fill[self.names.index(name)].to(x.dtype)
         if self.execution == "masked":
             y = self._masked(name, x, fn, row_args)
             with profiled("scatter"):
-                return x + scale * y * mask.to(x.dtype)[:, None, None]
+                m = mask.to(x.dtype)[:, None, None]
+                out = x + scale * y * m
+                return out if fill is None else out + (1 - m) * fill
         done = self._on_kept_rows(name, x, fn, row_args)
-        if done is None:
-            return x
-        rows, y = done
         with profiled("scatter"):
+            if fill is not None:  # every utterance gets the fill; the kept ones trade it for their output
+                x = x.add_(fill) if self.inplace else x + fill
+            if done is None:
+                return x
+            rows, y = done
+            if fill is not None:
+                y, scale = scale * y - fill, 1.0
             if self.inplace:
                 return x.index_add_(0, rows, y, alpha=scale)
             return x.index_add(0, rows, y, alpha=scale)

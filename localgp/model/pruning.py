@@ -15,6 +15,19 @@ from localgp.gates import GateRecord, GlobalGatePredictor, LocalGatePredictor, a
 from localgp.model.config import GateConfig
 
 
+def pool_frames(x: Tensor, valid: Tensor, frames: int) -> tuple[Tensor, Tensor]:
+    """x (B, T, D) averaged over `frames` consecutive chunks of each sequence's valid frames:
+    (B, frames, D), and which chunks hold any frame (B, frames) bool."""
+    B, T = valid.shape
+    lengths = valid.sum(1)
+    t = torch.arange(T, device=x.device)
+    chunk = (t[None] * frames).div(lengths.clamp(min=1)[:, None], rounding_mode="floor").clamp(max=frames - 1)
+    weight = valid.to(x.dtype)
+    sums = x.new_zeros(B, frames, x.shape[-1]).scatter_add_(1, chunk[..., None].expand_as(x), x * weight[..., None])
+    counts = x.new_zeros(B, frames).scatter_add_(1, chunk, weight)
+    return sums / counts.clamp(min=1)[..., None], counts > 0
+
+
 def masked_time_mean(x: Tensor, valid: Tensor) -> Tensor:
     """Mean of x (B, T, ...) over the valid frames (B, T) of each sequence."""
     weights = valid.reshape(*valid.shape, *([1] * (x.dim() - 2))).to(x.dtype)
@@ -25,13 +38,19 @@ class EncoderPruning(nn.Module):
     """An encoder's gate predictors and context projections.
 
     modules: the gated module names of one layer (the backbone's, for config.encoder).
+    frames: the encoder's fixed number of frames (Whisper's window), which skip_fill "mean" needs.
     """
 
     def __init__(self, config: GateConfig, d_model: int, num_layers: int, modules: tuple[str, ...],
-                 vocab_size: int = 0, decoder_units: int = 0):
+                 vocab_size: int = 0, decoder_units: int = 0, frames: int | None = None):
         super().__init__()
         self.config = config
         self.modules_per_layer = modules
+        if config.skip_fill == "mean":
+            if frames is None:
+                raise ValueError("GateConfig.skip_fill='mean' needs an encoder with a fixed number of frames (Whisper's "
+                                 "30 s window); this encoder's frames vary with the input")
+            self.skip_values = SkipValues(num_layers, len(modules), frames, d_model)
         self.context_proj = nn.ModuleDict()
         self.gates = nn.ModuleList()
         if config.predictor == "global":  # it also emits the decisions of `decoder_units` decoder units
@@ -42,7 +61,43 @@ class EncoderPruning(nn.Module):
         else:
             for name, size in config.contexts:
                 self.context_proj[name] = nn.Linear(d_model if name == "front" else size, d_model)
-            self.gates.extend(LocalGatePredictor(d_model, len(modules), config.heads, config.inject) for _ in range(num_layers))
+            self.gates.extend(LocalGatePredictor(d_model, len(modules), config.heads, config.inject,
+                                                  config.predictor_width) for _ in range(num_layers))
+
+
+class SkipValues(nn.Module):
+    """skip_fill "mean": what a skipped encoder module adds at each position, values (layers,
+    modules, frames, D), the dense model's mean output there over `clips` calibration clips (set
+    by the backbone's calibration; the count travels in the state dict as extra state, so that
+    checking it reads no device memory)."""
+
+    def __init__(self, num_layers: int, num_modules: int, frames: int, d_model: int):
+        super().__init__()
+        self.register_buffer("values", torch.zeros(num_layers, num_modules, frames, d_model))
+        self.clips = 0
+
+    def set(self, values: Tensor, clips: int) -> None:
+        if values.shape != self.values.shape:
+            raise ValueError(f"skip values: expected {tuple(self.values.shape)}, got {tuple(values.shape)}")
+        if clips < 1:
+            raise ValueError(f"skip values: calibrated on {clips} clips")
+        self.values.copy_(values)
+        self.clips = clips
+
+    def layer(self, index: int) -> Tensor:
+        """(modules, frames, D) of layer `index`. Refuses a table never calibrated: its zeros would
+        silently turn "mean" into "zero"."""
+        if self.clips == 0:
+            raise ValueError("encoder: GateConfig.skip_fill='mean' but the skip values were never calibrated "
+                             "(the backbone's calibrate_skip_values on training clips; `localgp train` does it at "
+                             "the start of a run)")
+        return self.values[index]
+
+    def get_extra_state(self):
+        return {"clips": self.clips}
+
+    def set_extra_state(self, state) -> None:
+        self.clips = int(state["clips"])
 
 
 class DecoderPruning(nn.Module):
@@ -59,7 +114,8 @@ class DecoderPruning(nn.Module):
         self.context_proj = nn.ModuleDict({name: nn.Linear(size, d_model) for name, size in config.decoder_contexts})
         self.gates = nn.ModuleList()
         if config.predictor == "local":
-            self.gates.extend(LocalGatePredictor(d_model, len(modules), config.heads, config.inject) for _ in range(num_layers))
+            self.gates.extend(LocalGatePredictor(d_model, len(modules), config.heads, config.inject,
+                                                  config.predictor_width) for _ in range(num_layers))
 
 
 def _init_switches(part: nn.Module) -> None:
@@ -104,8 +160,11 @@ class GatedEncoderMixin:
                 raise ValueError(f"set_context: {name} must be (B, Tc, size) or (B, size), got {tuple(seq.shape)}")
             self.external_context[name] = seq
 
-    def gate_context(self, front: Tensor) -> Tensor:
-        """(B, K, T, D): every context stream projected to d_model and aligned to the frames."""
+    def gate_context(self, front: Tensor, valid: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Every context stream projected to d_model: (B, K, T, D) aligned to the frames, or with
+        config.context_frames (B, 1, Tc, D) the streams one after the other ("front" pooled);
+        and the keys' padding mask (B, K*Tc), True = padding, or None. front (B, T, D), valid (B, T)."""
+        cfg = self.pruning.config
         streams = []
         for name, _ in self.pruning.config.contexts:
             if name == "front":
@@ -117,8 +176,18 @@ class GatedEncoderMixin:
             if seq.shape[0] != front.shape[0]:
                 raise ValueError(f"encoder: context {name!r} has batch {seq.shape[0]}, speech has {front.shape[0]}")
             proj = self.pruning.context_proj[name]
-            streams.append(align_to_frames(proj(seq.to(front.dtype)), front.shape[1]))
-        return torch.stack(streams, dim=1)
+            if cfg.context_frames is None:
+                streams.append(align_to_frames(proj(seq.to(front.dtype)), front.shape[1]))
+            elif name == "front":
+                pooled, present = pool_frames(seq, valid, cfg.context_frames)
+                streams.append((proj(pooled), present))
+            else:
+                seq = proj(seq.to(front.dtype))
+                streams.append((seq, torch.ones(seq.shape[:2], dtype=torch.bool, device=seq.device)))
+        if cfg.context_frames is None:
+            return torch.stack(streams, dim=1), None
+        pad = ~torch.cat([present for _, present in streams], dim=1)
+        return torch.cat([seq for seq, _ in streams], dim=1)[:, None], pad
 
     def start_gates(self, x: Tensor, valid: Tensor) -> Tensor | None:
         """Before the first layer: localGP's context (B, K, T, D), or globalGP's decisions for
@@ -126,7 +195,8 @@ class GatedEncoderMixin:
         if self.forced_keep is not None:
             return None
         if self.pruning.config.predictor == "local":
-            return self.gate_context(x)
+            context, self.gate_context_pad = self.gate_context(x, valid)
+            return context
         if self.prompt is None or self.prompt.shape[0] != x.shape[0]:
             raise ValueError("encoder: globalGP needs the prompt token ids of the batch; call set_context(prompt=...)")
         logits = self.pruning.global_gate(self.prompt.to(x.device), masked_time_mean(x, valid)).to(x.dtype)
@@ -147,16 +217,23 @@ class GatedEncoderMixin:
             return random_keep_logits(shape, self.forced_keep, self.forced_generator, x.device).to(x.dtype), x, context
         if cfg.predictor == "global":
             return self.global_logits[:, index], x, context
-        logits, x, context = self.pruning.gates[index](x, context)
+        logits, x, context = self.pruning.gates[index](x, context, self.gate_context_pad)
         if not temporal:  # utterance-wise: pool the frame logits over the valid frames
             logits = masked_time_mean(logits, valid)
         return logits, x, context
+
+
+def layer_fill(pruning: EncoderPruning, index: int) -> Tensor | None:
+    """What layer `index`'s skipped modules add at each position (M, T, D), or None (nothing:
+    skip_fill "zero")."""
+    return pruning.skip_values.layer(index) if pruning.config.skip_fill == "mean" else None
 
 
 def init_encoder_gating(encoder: nn.Module, pruning: EncoderPruning) -> None:
     encoder.pruning = pruning.to(next(encoder.parameters()).device)
     _init_switches(encoder)
     encoder.prompt = None
+    encoder.gate_context_pad = None  # (B, keys) True = padding, of the context start_gates made
     encoder.global_logits = None
     encoder.decoder_logits = None
 
@@ -235,6 +312,8 @@ def ungated_copy(part: nn.Module) -> nn.Module:
     re-classed it to a subclass of that class (with a mixin above) and added `pruning` and a few
     attributes."""
     plain = copy.deepcopy(part)
+    if not hasattr(part, "pruning"):  # not gated (a part a GateConfig leaves alone): already the backbone's own
+        return plain
     plain.__class__ = next(b for b in type(part).__bases__ if b not in (GatedEncoderMixin, GatedDecoderMixin))
     del plain.pruning
     return plain

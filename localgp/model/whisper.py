@@ -14,6 +14,7 @@ exactly what openai-whisper computes.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -29,6 +30,7 @@ from localgp.model.gating import NoGate, PositionGate, UtteranceGate, profiled
 from localgp.model.layout import DecoderLayerView, DecoderView
 from localgp.model.pruning import (
     DecoderPruning, EncoderPruning, GatedDecoderMixin, GatedEncoderMixin, init_decoder_gating, init_encoder_gating,
+    layer_fill,
 )
 
 # The gated modules of a Whisper encoder block, per granularity (both modules are per frame).
@@ -79,14 +81,7 @@ class GatedWhisperEncoder(GatedEncoderMixin, AudioEncoder):
             raise ValueError(f"encoder.execution must be one of {ENCODER_EXECUTIONS}, got {self.execution!r}")
         if self.execution == "compact" and self.training and self.forced_keep is None:
             raise RuntimeError("compact execution skips the gates' gradients: train in masked mode, run compact")
-        with profiled("subsampling"):
-            x = F.gelu(self.conv1(x))
-            x = F.gelu(self.conv2(x))
-            x = x.permute(0, 2, 1)
-            if x.shape[1:] != self.positional_embedding.shape:
-                raise ValueError(f"encoder: the mel input gives {tuple(x.shape[1:])} frames x width, the model expects "
-                                 f"{tuple(self.positional_embedding.shape)} (pad or trim the audio to 30 s)")
-            x = (x + self.positional_embedding).to(x.dtype)
+        x = self.embed(x)
         B, T = x.shape[:2]
         valid = torch.ones(B, T, dtype=torch.bool, device=x.device)  # every frame of the window is a frame
         lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
@@ -98,21 +93,73 @@ class GatedWhisperEncoder(GatedEncoderMixin, AudioEncoder):
                 context = self.start_gates(x, valid)
         record = GateRecord()
         for index, block in enumerate(self.blocks):
-            logits = None
+            logits = fill = None
             if gated:
                 with profiled("gate"):
                     logits, x, context = self.layer_logits(index, x, context, valid)
+                fill = layer_fill(self.pruning, index)
             # In place: the blocks' inputs are this forward's own tensors (x + positions on).
             x = run_encoder_block(block, x, valid, lengths, logits, cfg, self.execution, record, f"encoder.{index}",
-                                  inplace=True)
+                                  inplace=True, fill=fill)
         self.last_record = record
         return self.ln_post(x)
 
+    def embed(self, mel: Tensor) -> Tensor:
+        """(B, n_mels, 3000) -> the first block's input (B, 1500, D): convolutions and positions."""
+        with profiled("subsampling"):
+            x = F.gelu(self.conv1(mel))
+            x = F.gelu(self.conv2(x))
+            x = x.permute(0, 2, 1)
+            if x.shape[1:] != self.positional_embedding.shape:
+                raise ValueError(f"encoder: the mel input gives {tuple(x.shape[1:])} frames x width, the model expects "
+                                 f"{tuple(self.positional_embedding.shape)} (pad or trim the audio to 30 s)")
+            return (x + self.positional_embedding).to(x.dtype)
+
+    @torch.no_grad()
+    def calibrate_skip_values(self, mels, speech=None) -> int:
+        """GateConfig.skip_fill "mean": sets what each skipped (block, module, position) adds to the
+        mean output of that module at that position of the window, over the clips of `mels` (an
+        iterable of (B, n_mels, 3000) batches) run densely. speech: the batches' speech frame counts
+        ((B,) each, speech_frames()): then the mean over the padding frames after the speech, which
+        are what the gates learn to skip (over every frame at positions no clip's padding reaches).
+        Returns the number of clips."""
+        names = ENCODER_MODULES[self.pruning.config.encoder]
+        table = self.pruning.skip_values.values
+        frames = table.shape[2]
+        sums = torch.zeros_like(table, dtype=torch.float64)  # over every frame
+        padding_sums = torch.zeros_like(sums)  # over the padding frames
+        padding_counts = torch.zeros(frames, dtype=torch.float64, device=table.device)
+        clips = 0
+        for mel, counts in zip(mels, speech if speech is not None else itertools.repeat(None)):
+            x = self.embed(mel.to(table.device, self.conv1.weight.dtype))
+            if counts is not None:
+                after = torch.arange(frames, device=x.device)[None] >= counts.to(x.device)[:, None]  # (B, T)
+                padding_counts += after.sum(0)
+            for index, block in enumerate(self.blocks):
+                outputs = {"attn": lambda h: block.attn(block.attn_ln(h))[0], "mlp": lambda h: block.mlp(block.mlp_ln(h))}
+                for m, name in enumerate(names):
+                    y = outputs[name](x)
+                    sums[index, m] += y.sum(0, dtype=torch.float64)
+                    if counts is not None:
+                        padding_sums[index, m] += (y * after[..., None]).sum(0, dtype=torch.float64)
+                    x = x + y
+            clips += mel.shape[0]
+        if clips == 0:
+            raise ValueError("calibrate_skip_values: no clip given")
+        mean = sums / clips
+        if speech is not None:
+            reached = padding_counts > 0
+            mean[:, :, reached] = padding_sums[:, :, reached] / padding_counts[reached][:, None]
+        self.pruning.skip_values.set(mean.to(table.dtype), clips)
+        return clips
+
 
 def run_encoder_block(block: ResidualAttentionBlock, x: Tensor, valid: Tensor, lengths: Tensor, logits: Tensor | None,
-                      cfg: GateConfig, execution: str, record: GateRecord, prefix: str, inplace: bool = False) -> Tensor:
+                      cfg: GateConfig, execution: str, record: GateRecord, prefix: str, inplace: bool = False,
+                      fill: Tensor | None = None) -> Tensor:
     """One Whisper encoder block under its gates: x + attn(attn_ln(x)), then x + mlp(mlp_ln(x)).
-    inplace: compact execution may overwrite x (inference only; the caller does not need x afterwards)."""
+    inplace: compact execution may overwrite x (inference only; the caller does not need x afterwards).
+    fill (modules, T, D): what a skipped module adds (skip_fill "mean"), None: nothing."""
     names = ENCODER_MODULES[cfg.encoder]
     attention = lambda h, *_: block.attn(block.attn_ln(h))[0]  # noqa: E731
     mlp = lambda h, *_: block.mlp(block.mlp_ln(h))  # noqa: E731
@@ -120,22 +167,27 @@ def run_encoder_block(block: ResidualAttentionBlock, x: Tensor, valid: Tensor, l
         gate = NoGate()
         x = gate.residual("attn", x, attention)
     elif cfg.encoder == "temporal":
-        gate = PositionGate(logits, valid, lengths, names, cfg, execution, block.training, record, prefix, inplace)
+        gate = PositionGate(logits, valid, lengths, names, cfg, execution, block.training, record, prefix, inplace,
+                            fill)
         x = _temporal_attention(gate, block, x)
     else:
-        gate = UtteranceGate(logits, names, cfg, execution, block.training, record, prefix, inplace)
+        gate = UtteranceGate(logits, names, cfg, execution, block.training, record, prefix, inplace, fill)
         x = gate.residual("attn", x, attention)
     return gate.residual("mlp", x, mlp)
 
 
 def _temporal_attention(gate: PositionGate, block: ResidualAttentionBlock, x: Tensor) -> Tensor:
-    """x + attention where kept; queries, keys and values are the kept frames only."""
+    """x + attention where kept. Queries are the kept frames; keys and values the kept frames
+    (attention_keys "kept") or every frame ("all")."""
     attn = WhisperAttention(block.attn)
+    if gate.cfg.attention_keys == "all":
+        return gate.token_attention("attn", x, attn, block.attn_ln, block.attn_ln(x), None, _identity,
+                                    full=lambda h: block.attn(h)[0])
     if gate.execution == "compact":
         c = gate.compact("attn", x)
         with profiled("attention"):
             out = packed_self_attention(attn, block.attn_ln(c.packed), c.cu_seqlens, x.shape[1])
-        return gate.add_kept(x, out, c.index)
+        return gate.add_kept("attn", x, out, c.index)
     mask = gate.mask("attn")
     with profiled("attention"):
         keys = mask > 0
@@ -148,8 +200,7 @@ def _temporal_attention(gate: PositionGate, block: ResidualAttentionBlock, x: Te
             q, k, v = (p(h).transpose(1, 2) for p in (attn.query, attn.key, attn.value))
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :], scale=attn.scale)
             out = attn.out(o.transpose(1, 2))
-    with profiled("scatter"):
-        return x + out * mask.to(x.dtype)[..., None]
+    return gate.add_masked("attn", x, out, mask=mask)
 
 
 # ------------------------------------------------------------------ decoder
@@ -252,7 +303,8 @@ def gate_whisper(model: Whisper, config: GateConfig) -> Whisper:
         encoder = model.encoder
         encoder.__class__ = GatedWhisperEncoder
         init_encoder_gating(encoder, EncoderPruning(config, dims.n_audio_state, dims.n_audio_layer,
-                                                    ENCODER_MODULES[config.encoder], dims.n_vocab, decoder_units))
+                                                    ENCODER_MODULES[config.encoder], dims.n_vocab, decoder_units,
+                                                    frames=dims.n_audio_ctx))
     if config.decoder:
         if config.predictor == "global" and not config.encoder:
             raise ValueError("gate_whisper: globalGP's decisions come from the gated encoder; gate the encoder too")
