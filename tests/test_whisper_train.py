@@ -130,6 +130,48 @@ def test_a_run_loads_back(runs):
         load_trained(root / "c")
 
 
+def test_mean_fill_is_calibrated_at_a_fresh_start_kept_on_resume_and_the_run_benchmarks(manifest, whisper_base,
+                                                                                      tmp_path):
+    """skip_fill "mean": the run's first start calibrates the skip values on its training clips (the
+    mean module outputs at their padding), the checkpoint carries them, a resumed run does not
+    recalibrate; `localgp bench --checkpoint` runs the trained gates on clips fed their speaker
+    embeddings."""
+    from localgp import bench
+    from localgp.model.whisper import speech_frames
+
+    gates = {"encoder": "temporal", "decoder": None, "contexts": [["front", 0], ["speaker", 256]], "inject": False,
+             "skip_fill": "mean", "attention_keys": "all", "context_frames": 8, "predictor_width": 64}
+    cfg = whisper_config(tmp_path, "mean", manifest, whisper_base, max_steps=1, gates=gates)
+    trainer = Trainer(cfg)
+    values = trainer.model.encoder.pruning.skip_values
+    train_clips = {e.utterance.id: e.utterance for e in trainer.examples}
+    assert values.clips == len(train_clips) == 4
+    # the last frames are padding in every clip: there the table is the mean over all clips
+    backbone, model = trainer.backbone, trainer.model.encoder
+    waves = [u.load() for u in train_clips.values()]
+    assert all(speech_frames(len(w)) < 1490 for w in waves)
+    outputs = []
+    hook = model.blocks[-1].mlp.register_forward_hook(lambda m, i, o: outputs.append(o))
+    with torch.no_grad():
+        model.execution = "dense"
+        model(backbone.mel(waves))
+    hook.remove()
+    model.execution = "masked"
+    torch.testing.assert_close(values.values[-1, 1, -10:], outputs[0][:, -10:].mean(0), rtol=1e-4, atol=1e-4)
+    trainer.train()
+    table = values.values.clone()
+    with torch.no_grad():
+        values.values.zero_()  # a resume must load them, not recalibrate
+    resumed = Trainer(dataclasses.replace(cfg, max_steps=2))
+    assert resumed.step == 1 and resumed.model.encoder.pruning.skip_values.clips == 4
+    assert torch.equal(resumed.model.encoder.pruning.skip_values.values, table)
+    rows = bench.run_bench("encoder", bench.Setting(backbone="whisper-base", batch=1, checkpoint=cfg.out_dir,
+                                                    audio=str(manifest)),
+                           ["dense", "compact"], keeps=[], repeats=1, warmup=0)
+    by = {r["provider"]: r for r in rows}
+    assert by["compact"]["masks"] == "gates" and 0 < by["compact"]["kept_share"] <= 1
+
+
 def test_no_distillation_when_every_gate_keeps_and_unfrozen_parameters_train(manifest, whisper_base, tmp_path):
     cfg = whisper_config(tmp_path, "keep", manifest, whisper_base, max_steps=1, unfreeze=["decoder.ln."],
                          gates={"encoder": "temporal", "decoder": "token"}, context_extractors={})
