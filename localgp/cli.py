@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rows", default="localgp+speaker",
                       help="whisper-base: comma list of gated rows: localgp+speaker, localgp, globalgp")
     demo.add_argument("--targets", type=lambda t: tuple(keep_ratio(v) for v in t.split(",")),
-                      help="whisper-base: comma list of sparsity targets, a run per row and target (default 0.8: "
+                      help="whisper-base: comma list of sparsity targets, a run per row and target (default 0.6: "
                            "localgp.demo.WHISPER_TARGETS)")
     demo.add_argument("--weights", help="whisper-base: `localgp prepare whisper`'s directory (default: its own)")
     demo.add_argument("--steps", type=positive_int, help="training steps per run (default: as many as --minutes allow)")

@@ -89,6 +89,10 @@ class TrainConfig:
     # Audio that cannot be used (unreadable, empty, shorter than 0.1 s, cut short, longer than the
     # model reads): false stops before training with the list; true leaves it out, logged.
     skip_bad_audio: bool = False
+    # Share of the training examples replaced by joins of several clips of one language and task
+    # with pauses between them, up to the model's window (data.examples.join_examples): speech then
+    # reaches every part of Whisper's 30 s window, as in long-form transcription. 0: clips alone.
+    join_clips: float = 0.0
     log_every: int = 10
     save_every: int = 50
 
@@ -113,6 +117,8 @@ class TrainConfig:
         if self.batch_size % self.micro_batches:
             raise UserError(f"TrainConfig.micro_batches must divide batch_size ({self.batch_size}) into equal parts, "
                             f"got {self.micro_batches}")
+        if not _is_number(self.join_clips) or not 0 <= self.join_clips <= 1:
+            raise UserError(f"TrainConfig.join_clips must be a share in [0, 1], got {self.join_clips!r}")
         for name in ("warmup_steps", "seed"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise UserError(f"TrainConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")

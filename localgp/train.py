@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from localgp import distributed
 from localgp.backbones import get_backbone
 from localgp.context.feeder import ContextFeeder
-from localgp.data.examples import load_corpus, make_examples
+from localgp.data.examples import join_examples, load_corpus, make_examples
 from localgp.model.convert import (
     GATE_KEY,
     force_keep,
@@ -137,7 +137,8 @@ class Trainer:
         self.out = Path(config.out_dir)
         self.backbone = get_backbone(config)
         utterances = load_corpus(config.data, config.skip_bad_audio, self.backbone.max_seconds)
-        self.examples = make_examples(utterances, config.tasks, self.backbone.supports)
+        self.examples = join_examples(make_examples(utterances, config.tasks, self.backbone.supports),
+                                      config.join_clips, self.backbone.max_seconds or 30.0, config.seed)
         self.dist = distributed.setup(check_device(config.device, "TrainConfig.device"), "TrainConfig.device")
         self.device = self.dist.device
         if config.micro_batches % self.dist.world:

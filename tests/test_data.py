@@ -109,3 +109,38 @@ def test_load_audio_errors(tmp_path):
     sf.write(tmp_path / "a.wav", tone(1.0, 16000), 16000)
     with pytest.raises(ValueError, match="lies outside the audio"):
         load_audio(tmp_path / "a.wav", 0.5, 3.0)
+
+
+def test_join_examples_fill_the_window_with_clips_of_one_language_and_task(tmp_path):
+    from localgp.data.corpora import Utterance
+    from localgp.data.examples import JoinedUtterance, join_examples, make_examples
+
+    utterances = []
+    for lang in ("en", "fr"):
+        for i in range(12):
+            path = tmp_path / f"{lang}{i}.wav"
+            sf.write(path, np.full(int((1 + i % 4) * 16000), 0.01 * (i + 1), np.float32), 16000)
+            utterances.append(Utterance(f"{lang}{i}", path, lang, f"{lang} text {i}", "spk",
+                                        translations={"en" if lang == "fr" else "fr": f"translated {lang} {i}"}))
+    examples = make_examples(utterances, ("asr", "st"))
+    joined = join_examples(examples, share=1.0, max_seconds=10.0, seed=3)
+    assert joined == join_examples(examples, share=1.0, max_seconds=10.0, seed=3)  # deterministic
+    assert join_examples(examples, share=0.0, max_seconds=10.0, seed=3) == examples
+    seen = []
+    joins = [e for e in joined if isinstance(e.utterance, JoinedUtterance)]
+    assert joins
+    for e in joined:
+        parts = e.utterance.parts if isinstance(e.utterance, JoinedUtterance) else (e.utterance,)
+        seen += [(u.id, e.target_language) for u in parts]
+        assert {u.language for u in parts} == {e.utterance.language}  # one language, one task
+    assert sorted(seen) == sorted((e.utterance.id, e.target_language) for e in examples)  # each example once
+    for e in joins:
+        u = e.utterance
+        wave = u.load()
+        pieces = [p.load() for p in u.parts]
+        assert len(wave) == sum(map(len, pieces)) + sum(round(p * 16000) for p in u.pauses) <= 10 * 16000
+        assert np.array_equal(wave[: len(pieces[0])], pieces[0]) and np.array_equal(wave[-len(pieces[-1]):], pieces[-1])
+        assert all(0.3 <= p <= 1.5 for p in u.pauses)
+        texts = [p.text if e.target_language == u.language else p.translations[e.target_language] for p in u.parts]
+        assert e.target_text == " ".join(texts) and u.id.startswith(f"{u.parts[0].id}+{len(u.parts) - 1}-")
+    assert len({e.utterance.id for e in joins}) == len(joins)

@@ -279,6 +279,8 @@ def test_old_records_read_and_report_has_no_nan(tmp_path):
     ({"target_sparsity": 1.5}, "TrainConfig.target_sparsity must lie in"),
     ({"lr": "1e-3"}, "TrainConfig.lr must be a number > 0"),
     ({"batch_size": 0}, "TrainConfig.batch_size must be a positive integer"),
+    ({"join_clips": 1.5}, "TrainConfig.join_clips must be a share in"),
+    ({"gates": {"encoder": "temporal", "skip_fill": "median"}}, "skip_fill must be 'zero' or 'mean'"),
 ])
 def test_config_fields_are_checked(overrides, message):
     with pytest.raises(ValueError, match=message):

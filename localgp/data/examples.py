@@ -3,10 +3,12 @@ produce from it (its transcript for ASR, one of its translations for ST)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 
 from localgp.data.audio import MIN_SAMPLES, SAMPLE_RATE, load_checked
 from localgp.data.corpora import Utterance, europarl_st, kaldi_dir
@@ -108,6 +110,94 @@ def make_examples(utterances: list[Utterance], tasks,
     if not examples:
         raise UserError("the corpus gives no example for the tasks asked")
     return examples
+
+
+@dataclass(frozen=True)
+class JoinedUtterance:
+    """Clips of one language heard one after another, each after a pause: a training window that
+    speech fills as far as long-form transcription fills it (Whisper's gates trained on short
+    clips alone see speech only at the window's start, and learn to skip later frames)."""
+
+    parts: tuple[Utterance, ...]
+    pauses: tuple[float, ...]  # seconds of silence before each part but the first
+
+    @property
+    def id(self) -> str:
+        """'<first id>+<n more>-<digest of all ids>': unique, and short enough for a file name (the
+        context cache's)."""
+        digest = hashlib.sha1("\n".join(u.id for u in self.parts).encode()).hexdigest()[:12]
+        return f"{self.parts[0].id}+{len(self.parts) - 1}-{digest}"
+
+    @property
+    def language(self) -> str:
+        return self.parts[0].language
+
+    @property
+    def speaker(self) -> str:
+        return self.parts[0].speaker
+
+    @property
+    def text(self) -> str:
+        return " ".join(u.text.strip() for u in self.parts)
+
+    @property
+    def translations(self) -> dict[str, str]:
+        common = set.intersection(*(set(u.translations) for u in self.parts))
+        return {lang: " ".join(u.translations[lang].strip() for u in self.parts) for lang in sorted(common)}
+
+    def load(self):
+        pieces = [self.parts[0].load()]
+        for pause, u in zip(self.pauses, self.parts[1:], strict=True):
+            pieces += [np.zeros(round(pause * SAMPLE_RATE), np.float32), u.load()]
+        return np.concatenate(pieces)
+
+
+def join_examples(examples: list[Example], share: float, max_seconds: float, seed: int) -> list[Example]:
+    """The examples with `share` of them replaced by joined ones: each a run of examples of the
+    same source language and task (after a shuffle), 0.3-1.5 s pauses between them, as long as
+    a length drawn uniformly up to max_seconds allows (at least two clips). Deterministic in
+    `seed`; every example appears once, alone or in a join."""
+    if share == 0:
+        return examples
+    rng = np.random.default_rng(seed)
+    seconds = {}
+    groups: dict[tuple[str, str], list[Example]] = {}
+    for e in examples:
+        groups.setdefault((e.utterance.language, e.target_language), []).append(e)
+    joined = []
+    for key in sorted(groups):
+        group = [groups[key][i] for i in rng.permutation(len(groups[key]))]
+        i = 0
+        while i < len(group):
+            if rng.random() >= share:
+                joined.append(group[i])
+                i += 1
+                continue
+            budget = rng.uniform(0, max_seconds)
+            parts, pauses, total = [group[i]], [], _seconds(group[i].utterance, seconds)
+            i += 1
+            while i < len(group):
+                pause = float(rng.uniform(0.3, 1.5))
+                length = _seconds(group[i].utterance, seconds)
+                if total + pause + length > max_seconds or (len(parts) > 1 and total + pause + length > budget):
+                    break
+                parts.append(group[i])
+                pauses.append(pause)
+                total += pause + length
+                i += 1
+            if len(parts) == 1:
+                joined.append(parts[0])
+                continue
+            utterance = JoinedUtterance(tuple(e.utterance for e in parts), tuple(pauses))
+            target = " ".join(e.target_text.strip() for e in parts)
+            joined.append(Example(utterance, key[1], target))
+    return joined
+
+
+def _seconds(utterance, cache: dict) -> float:
+    if utterance.id not in cache:
+        cache[utterance.id] = len(utterance.load()) / SAMPLE_RATE
+    return cache[utterance.id]
 
 
 def record_id(example) -> str:
