@@ -91,7 +91,6 @@ class WhisperModels:
 
     def __init__(self, setting: Setting):
         from localgp.model.pruning import ungated_copy
-        from localgp.model.whisper_weights import default_whisper_dir
 
         self.run = None
         if setting.checkpoint:  # a trained run: its gates decide, fed the clips' own contexts (set_contexts)
@@ -105,7 +104,7 @@ class WhisperModels:
             model, self.masks = self.run.model, GATES
             self.weights = self.run.backbone.directory()
         else:
-            model = self._random_masks_model(setting, default_whisper_dir)
+            model = self._random_masks_model(setting)
             self.masks = "random"
         self.model = model.to(setting.torch_device(), setting.torch_dtype()).eval()
         # openai-whisper's own classes with the same weights: the Whisper shell, ungated parts
@@ -114,9 +113,10 @@ class WhisperModels:
         self._ct2 = {}
         self.setting = setting
 
-    def _random_masks_model(self, setting: Setting, default_whisper_dir):
+    def _random_masks_model(self, setting: Setting):
+        """Whisper base (or its shapes with random weights) gated for forced masks."""
         from localgp.model.whisper import gate_whisper
-        from localgp.model.whisper_weights import load_whisper
+        from localgp.model.whisper_weights import default_whisper_dir, load_whisper
 
         self.weights = None if setting.weights == "random" else Path(setting.weights or default_whisper_dir())
         if self.weights is None:  # base's shapes, random weights (machines without them: timing only)
@@ -259,7 +259,7 @@ class DecodeWorkload:
 
         def run():
             prepare_encoder(self.encoder, provider, keep, setting.seed)
-            if gated and hasattr(model.decoder, "pruning"):
+            if gated:  # an ungated decoder (a run's gates on the encoder only) has nothing to force
                 force_keep(model.decoder, keep, seed=setting.seed)
             mel = log_mel(self.clips.waves, setting.torch_device(), setting.torch_dtype())
             hyps = search(self.encoder(mel), self.clips.languages)

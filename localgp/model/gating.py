@@ -105,7 +105,7 @@ class PositionGate:
         """Compact: x + scale * y at the rows `index` of x, x (+ the fill) elsewhere: in place where
         allowed, else a new tensor."""
         with profiled("scatter"):
-            fill = self._fill(name)
+            fill = self._fill(name, x.dtype)
             if fill is not None:  # every frame gets the fill; the kept ones trade it for their output
                 x = x.add_(fill) if self.inplace and x.is_contiguous() else x + fill
                 y, scale = scale * y - ops.gather_rows(fill, index % x.shape[1]), 1.0
@@ -120,11 +120,11 @@ class PositionGate:
         with profiled("scatter"):
             m = mask.to(x.dtype)[..., None]
             out = x + scale * y * m
-            fill = self._fill(name)
+            fill = self._fill(name, x.dtype)
             return out if fill is None else out + (1 - m) * fill
 
-    def _fill(self, name: str) -> Tensor | None:
-        return None if self.fill is None else self.fill[self.names.index(name)].to(self.logits.dtype)
+    def _fill(self, name: str, dtype: torch.dtype) -> Tensor | None:
+        return None if self.fill is None else self.fill[self.names.index(name)].to(dtype)
 
     def residual(self, name: str, x: Tensor, fn, scale: float = 1.0) -> Tensor:
         """x + scale * fn(x) where the module is kept, x elsewhere."""
