@@ -93,6 +93,41 @@ def test_vad_finds_the_clips_and_cuts_at_pauses(clips):
     assert windows[0].start / SAMPLE_RATE > 1.0  # the leading pause is not decoded
 
 
+def test_vad_batched_is_silero_own_per_chunk_call(clips, monkeypatch):
+    """The batched network (blocks of chunks, one LSTM over them) against silero's own loop,
+    which calls the TorchScript model chunk by chunk: same probabilities, same regions; blocks
+    small enough that the LSTM's state crosses several of them and the last chunk is partial."""
+    from silero_vad import get_speech_timestamps
+
+    wav, _ = assemble([0.7, clips[0], 0.4, clips[1], 2.0, clips[2], 0.013])
+    assert len(wav) % 512
+    vad = SileroVAD()
+    monkeypatch.setattr(SileroVAD, "BLOCK", 37)
+    own, audio = vad.model, torch.from_numpy(wav)
+    own.reset_states()
+    with torch.inference_mode():
+        expected = [own(torch.nn.functional.pad(audio[i : i + 512], (0, max(0, i + 512 - len(audio)))), SAMPLE_RATE).item()
+                    for i in range(0, len(audio), 512)]
+    got = vad.probabilities(wav)
+    assert len(got) == len(expected) and max(abs(a - b) for a, b in zip(got, expected)) < 1e-4
+    assert sum(p > 0.5 for p in got) > len(got) / 3  # real speech: a test of something
+    regions = get_speech_timestamps(audio, own, threshold=0.5, sampling_rate=SAMPLE_RATE, max_speech_duration_s=30,
+                                    min_silence_duration_ms=160, speech_pad_ms=200)
+    assert vad(wav) == [(r["start"], r["end"]) for r in regions]
+
+
+def test_vad_leaves_the_thread_count_alone():
+    """silero_vad's import calls torch.set_num_threads(1) for the whole process (it halved
+    transcribe's speed on 2 cores); in a fresh process, as a user's first transcribe meets it."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(3); from localgp.longform.vad import SileroVAD; SileroVAD(); "
+            "print(torch.get_num_threads())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-1] == "3"
+
+
 def srt_cues(text: str, decimal: str) -> list[tuple[str, str, str]]:
     stamp = rf"(\d\d:\d\d:\d\d{re.escape(decimal)}\d\d\d)"
     return re.findall(rf"{stamp} --> {stamp}\n(.+)\n", text)
