@@ -12,6 +12,7 @@ from whisper.model import ModelDimensions, Whisper
 from localgp.decoding.whisper import WhisperBeamSearch, WhisperDecodeOptions
 from localgp.model.config import GateConfig
 from localgp.model.convert import force_keep
+from localgp.model.packed import pack_linears
 from localgp.model.whisper import gate_whisper
 
 # Multilingual vocabulary (51865), everything else small; 64 positions -> at most 32 sampled tokens.
@@ -128,5 +129,9 @@ def test_real_whisper_base_equals_openai_whisper_on_real_clips(whisper_base, rea
         got = WhisperBeamSearch(model)(model.encoder(mel), languages)
     assert [h.token_ids for h in got] == [r.tokens for r in want]
     assert all(len(h.token_ids) > 3 for h in got)  # real transcripts, not empty ones
+    fast = copy.deepcopy(model)
+    pack_linears(fast)  # what decode and transcribe run on the CPU: the same tokens
+    with torch.no_grad():
+        assert [h.token_ids for h in WhisperBeamSearch(fast)(fast.encoder(mel), languages)] == [r.tokens for r in want]
     detected = WhisperBeamSearch(model)(model.encoder(mel[:2]), [None, None])
     assert [h.language for h in detected] == languages[:2]

@@ -14,6 +14,7 @@ import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from localgp.errors import UserError
@@ -99,6 +100,22 @@ class Backbone(abc.ABC):
     @abc.abstractmethod
     def corpus_decoder(self, model: nn.Module, contexts, options, device: str = "cpu"):
         """An object whose .batch(examples) decodes a batch into evaluate.Decoded records."""
+
+
+def ready_for_decoding(model: nn.Module, execution: str, device: str) -> torch.device:
+    """Moves a model (plain or gated) to `device` for decoding a corpus: eval mode, the gated
+    parts' execution, and on the CPU its linears through oneDNN's packed weights (`pack_linears`:
+    1.5-3x faster there than PyTorch's own path, the same function up to rounding)."""
+    from localgp.model.convert import gated_parts, set_execution
+    from localgp.model.packed import pack_linears
+
+    device = torch.device(device)
+    model.to(device).eval()
+    if gated_parts(model):
+        set_execution(model, execution)
+    if device.type == "cpu":
+        pack_linears(model)
+    return device
 
 
 def backbone_class(name: str) -> type[Backbone]:

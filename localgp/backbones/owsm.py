@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from localgp import flops
-from localgp.backbones import Backbone, StepOutput, gate_config
+from localgp.backbones import Backbone, StepOutput, gate_config, ready_for_decoding
 from localgp.data.examples import record_id
 from localgp.data.tokenizer import Tokenizer
 from localgp.decoding import BatchBeamSearch, DecodeOptions
@@ -118,13 +118,8 @@ class OwsmCorpusDecoder:
     """Decodes examples (utterance, target language) of a corpus with an OWSM model."""
 
     def __init__(self, model, tokenizer, contexts, options: DecodeOptions, device: str = "cpu"):
-        from localgp.model.convert import gated_parts, set_execution
-
         self.model, self.tokenizer, self.contexts, self.options = model, tokenizer, contexts, options
-        self.device = torch.device(device)
-        self.model.to(self.device).eval()
-        if gated_parts(model):
-            set_execution(model, options.execution)
+        self.device = ready_for_decoding(model, options.execution, device)
         self.search = BatchBeamSearch(model, options)
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from localgp import flops
-from localgp.backbones import Backbone, StepOutput, gate_config
+from localgp.backbones import Backbone, StepOutput, gate_config, ready_for_decoding
 from localgp.data.examples import record_id
 from localgp.files import file_sha256
 from localgp.decoding import DecodeOptions
@@ -212,13 +212,8 @@ class WhisperCorpusDecoder:
 
     def __init__(self, backbone: WhisperBaseBackbone, model, contexts, options: WhisperDecodeOptions,
                  device: str = "cpu"):
-        from localgp.model.convert import gated_parts, set_execution
-
         self.backbone, self.model, self.contexts, self.options = backbone, model, contexts, options
-        self.device = torch.device(device)
-        self.model.to(self.device).eval()
-        if gated_parts(model):
-            set_execution(model, options.execution)
+        self.device = ready_for_decoding(model, options.execution, device)
         self.search = WhisperBeamSearch(model, options)
         self.dtype = next(model.parameters()).dtype
         self.last_hypotheses: list = []  # the last batch's best hypotheses (detected language, avg_logprob)

@@ -8,7 +8,8 @@ run instead, in the same run on the same clips:
   timestamps, no previous text, no VAD: what `whisper.decode` does);
 - `dense`, `masked`, `compact`: localgp (encoder: the gated encoder in that execution; decode:
   the log-mel, the encoder and `WhisperBeamSearch` over the whole batch at once; dense decodes
-  with the ungated decoder through the same search).
+  with the ungated decoder through the same search; on the CPU their linears run through
+  oneDNN's packed weights, `pack_linears`, as `localgp decode` and `transcribe` run them).
 
 Masks are forced at random on the encoder's attention and MLP per frame (`--granularity`
 temporal, with token-level decoder gates) or per utterance, or come from a trained run's gates
@@ -32,6 +33,7 @@ from localgp.bench.core import (
     FASTER_WHISPER, GATES, BenchError, Case, Setting, gated_encoder_case, kept_share, pruned_label, prepare_encoder,
 )
 from localgp.model.config import GateConfig
+from localgp.model.packed import pack_linears
 
 PROVIDERS = ("openai-whisper", *FASTER_WHISPER, "dense", "masked", "compact")
 BASE_DIMS = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8, n_audio_layer=6, n_vocab=51865,
@@ -110,6 +112,13 @@ class WhisperModels:
         # openai-whisper's own classes with the same weights: the Whisper shell, ungated parts
         self.plain = copy.copy(self.model)
         self.plain._modules = {"encoder": ungated_copy(self.model.encoder), "decoder": ungated_copy(self.model.decoder)}
+        # localgp dense decodes with the ungated decoder; on the CPU localgp's linears go through
+        # oneDNN's packed weights as `localgp decode/transcribe` run them, openai-whisper's stay its own
+        self.dense = copy.copy(self.plain)
+        self.dense._modules = {"encoder": self.plain.encoder, "decoder": ungated_copy(self.model.decoder)}
+        if setting.torch_device().type == "cpu":
+            pack_linears(self.model)
+            pack_linears(self.dense.decoder)
         self._ct2 = {}
         self.setting = setting
 
@@ -252,7 +261,7 @@ class DecodeWorkload:
 
         model, setting = self.models.model, self.setting
         gated = provider != "dense"
-        decoder_model = model if gated else self.models.plain
+        decoder_model = model if gated else self.models.dense
         options = WhisperDecodeOptions(beam_size=setting.beam, execution=provider if gated else "compact")
         search = WhisperBeamSearch(decoder_model, options)  # the ungated decoder ignores the execution
         last = {}
