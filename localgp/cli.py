@@ -150,6 +150,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 def cmd_transcribe(args: argparse.Namespace) -> int:
     import logging
 
+    from localgp import distributed
     from localgp.longform import summary, transcribe
     from localgp.longform.outputs import parse_formats
 
@@ -165,7 +166,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         print(f"localgp transcribe: interrupted; the files finished are in {args.out}, a rerun goes on with the "
               f"others", file=sys.stderr)
         return 130
-    print(summary(result), file=sys.stderr)
+    if distributed.is_main_process():  # under torchrun every process holds the merged result: one summary
+        print(summary(result), file=sys.stderr)
     return 1 if result.failed else 0
 
 

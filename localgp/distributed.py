@@ -1,4 +1,4 @@
-"""torch.distributed for the commands `torchrun` launches (`localgp train`, `localgp decode`):
+"""torch.distributed for the commands `torchrun` launches (`localgp train`, `decode`, `transcribe`):
 one process per GPU (or per CPU share), on one machine or several.
 
 torchrun sets WORLD_SIZE, RANK and LOCAL_RANK in each process's environment; `setup` joins the
@@ -46,6 +46,11 @@ class Context:
     def active(self) -> bool:
         """Whether there are other processes to talk to."""
         return self.world > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the process group this process joined, or a process that joined none."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def launched_world() -> int:
@@ -124,6 +129,15 @@ def sum_over_ranks(ctx: Context, values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def gather_objects(ctx: Context, value: T) -> list[T]:
+    """Every rank's `value` (picklable), in rank order, on every rank."""
+    if not ctx.active:
+        return [value]
+    values: list = [None] * ctx.world
+    dist.all_gather_object(values, value)
+    return values
 
 
 def any_rank(ctx: Context, flag: bool) -> bool:

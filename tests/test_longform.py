@@ -391,3 +391,43 @@ def test_killed_run_resumes(tiny_whisper, clips, tmp_path):
     assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(f"f{i}.{x}" for i in range(8) for x in outputs.FORMATS)
     assert all((out / name).stat().st_mtime_ns == ns for name, ns in stamps.items())
+
+
+def test_torchrun_transcribes_what_one_process_does(tiny_whisper, clips, tmp_path, capsys):
+    """Two processes (torchrun, Gloo, one thread each) share the files out, write what one process
+    writes (every field but the timings), report one summary with the broken file, and a rerun
+    finds every file done."""
+    from tests.test_distributed import torchrun
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(5):
+        sf.write(inputs / f"f{i}.wav", assemble([0.5, clips[i % len(clips)], 0.7, clips[(i + 2) % len(clips)]])[0],
+                 SAMPLE_RATE)
+    (inputs / "broken.wav").write_bytes(b"RIFF, but not audio")
+    argv = [inputs, "--whisper-dir", tiny_whisper, "--language", "en", "--beam", "2", "--batch", "1", "--device",
+            "cpu", "--quiet"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, err = run_cli(["transcribe", *argv, "--out", tmp_path / "one"], capsys)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 1 and "transcribed 5 files" in err
+    done = torchrun(2, "-m", "localgp", "transcribe", *argv, "--out", tmp_path / "two", check=False)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.count("transcribed 5 files") == 1 and done.stderr.count("cannot decode audio file") == 1
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+    def timeless(path):
+        data = json.loads(path.read_text())
+        data.pop("seconds")
+        for segment in data["segments"]:
+            segment.pop("seconds")
+        return data
+
+    for path in (tmp_path / "one").glob("*.json"):
+        assert timeless(tmp_path / "two" / path.name) == timeless(path)
+        assert (tmp_path / "two" / path.with_suffix(".srt").name).read_text() == path.with_suffix(".srt").read_text()
+    again = torchrun(2, "-m", "localgp", "transcribe", *argv, "--out", tmp_path / "two", check=False)
+    assert again.returncode == 1 and "transcribed 0 files, 5 already done, 1 failed" in again.stderr

@@ -9,10 +9,16 @@ go in order. With --language auto, a file's first window detects its language (W
 the most probable language token) and its other windows wait for it, then decode in that
 language ahead of later files' windows, as openai-whisper and faster-whisper decide one
 language per file. A file whose audio cannot be used (not audio, cut short, no samples, no
-speech found) is reported with the reason and the others go on."""
+speech found) is reported with the reason and the others go on.
+
+Under torchrun each process transcribes a share of the files (rank 0 plans the shares, balanced by
+the seconds their headers declare, after leaving out the files already done) on its own device
+(cuda:LOCAL_RANK on a GPU node), writing their outputs as one process does; every process then
+returns the merged result, and the command line's summary is rank 0's."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import tempfile
@@ -25,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from localgp import distributed
 from localgp.data.audio import SAMPLE_RATE, declared_seconds, load_checked
 from localgp.errors import UserError
 from localgp.longform.outputs import (
@@ -37,6 +44,9 @@ log = logging.getLogger(__name__)
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".g722", ".webm",
                   ".mp4", ".mkv", ".mov", ".avi", ".aiff", ".aif", ".amr", ".ac3", ".caf", ".au"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Under torchrun the process group carries the plan and the final merge, which waits for the
+# slowest process: Gloo (on GPUs too: a few objects), with a long timeout.
+TRANSCRIBE_TIMEOUT = datetime.timedelta(days=1)
 
 
 # ------------------------------------------------------------------ inputs
@@ -192,7 +202,8 @@ class Transcriber:
                  device: str = "auto", dtype: str = "float32"):
         if dtype not in DTYPES:
             raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.device = pick_device(device)
+        self.ctx = distributed.setup(pick_device(device), backend="gloo", timeout=TRANSCRIBE_TIMEOUT)
+        self.device = self.ctx.device
         if DTYPES[dtype] != torch.float32 and self.device.type != "cuda":
             raise UserError(f"dtype {dtype} is for a GPU; on the CPU localgp decodes in float32")
         self.model, self.gates, self.whisper_dir, self.dtype = model, gates, whisper_dir, DTYPES[dtype]
@@ -241,18 +252,19 @@ class Transcriber:
         out_dir = Path(out) if out is not None else None
 
         recordings = [Recording(i, p, n) for i, (p, n) in enumerate(zip(inputs, names, strict=True))]
-        skipped, transcripts = [], {}
-        if out_dir is not None and not overwrite:
-            for r in [r for r in recordings if is_done(out_dir, r.name, formats)]:
-                skipped.append(str(r.path))
-                if "json" in formats:
-                    text = output_paths(out_dir, r.name, ["json"])[0].read_text(encoding="utf-8")
-                    transcripts[r.index] = Transcript.from_json(json.loads(text))
-            recordings = [r for r in recordings if str(r.path) not in set(skipped)]
-            if skipped:
-                log.info("transcribe: %d of %d files already done in %s", len(skipped), len(inputs), out_dir)
+        # rank 0 decides what is done and who does the rest before any process writes an output
+        done, shares = distributed.on_main(self.ctx, lambda: plan(recordings, out_dir, formats, overwrite,
+                                                                  self.ctx.world))
+        skipped, transcripts = [str(recordings[i].path) for i in done], {}
+        if "json" in formats and out_dir is not None:
+            for i in done:
+                text = output_paths(out_dir, recordings[i].name, ["json"])[0].read_text(encoding="utf-8")
+                transcripts[i] = Transcript.from_json(json.loads(text))
+        if skipped:
+            log.info("transcribe: %d of %d files already done in %s", len(skipped), len(inputs), out_dir)
+        recordings = [recordings[i] for i in shares[self.ctx.rank]]
         result = Result([], [], skipped)
-        if not recordings:
+        if not any(shares):
             result.transcripts = [transcripts[i] for i in sorted(transcripts)]
             return result
 
@@ -264,7 +276,8 @@ class Transcriber:
         options = WhisperDecodeOptions(beam_size=beam, execution=execution)
         decoder = run.backbone.corpus_decoder(run.model, contexts, options, str(self.device))
         target = "en" if task == "translate" else language
-        bar = tqdm(total=sum(declared(r.path) for r in recordings), unit="s", desc="transcribe", disable=not progress,
+        bar = tqdm(total=sum(declared(r.path) for r in recordings), unit="s", disable=not progress or not self.ctx.main,
+                   desc="transcribe" if not self.ctx.active else f"transcribe (rank 0 of {self.ctx.world})",
                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}{postfix}]")
         started = time.perf_counter()
 
@@ -349,8 +362,29 @@ class Transcriber:
         finally:
             bar.close()
         result.seconds = time.perf_counter() - started
+        if self.ctx.active:  # every rank's files, in every rank's result, in the order of the inputs
+            parts = distributed.gather_objects(self.ctx, (transcripts, result.failed, result.decoded,
+                                                          result.audio_seconds, result.seconds))
+            order = {str(path): i for i, path in enumerate(inputs)}
+            for theirs, *_ in parts:
+                transcripts.update(theirs)
+            result.failed = sorted((f for part in parts for f in part[1]), key=lambda f: order[f.file])
+            result.decoded = sum(part[2] for part in parts)
+            result.audio_seconds = sum(part[3] for part in parts)
+            result.seconds = max(part[4] for part in parts)  # the slowest process: the command's wall-clock
         result.transcripts = [transcripts[i] for i in sorted(transcripts)]
         return result
+
+
+def plan(recordings: list[Recording], out_dir: Path | None, formats, overwrite: bool,
+         world: int) -> tuple[list[int], list[list[int]]]:
+    """(indices of the recordings already done: all their outputs in out_dir, unless overwrite;
+    for each of `world` processes, the indices of the others it transcribes, balanced by the
+    seconds their headers declare)."""
+    done = [] if out_dir is None or overwrite else [r.index for r in recordings if is_done(out_dir, r.name, formats)]
+    todo = [r for r in recordings if r.index not in set(done)]
+    shares = distributed.balance([declared(r.path) for r in todo], world)
+    return done, [[todo[i].index for i in share] for share in shares]
 
 
 def declared(path: Path) -> float:
