@@ -82,6 +82,13 @@ def test_kaldi_dir(tmp_path):
     (data / "segments").write_text("u1 rec1 0.5 1.5\nu2 rec1 1.0 2.0\n")
     utts = kaldi_dir(data, "de", audio_root=tmp_path)
     assert utts[0].start == 0.5 and len(utts[0].load()) == 16000
+    (data / "segments").write_text("u1 rec1 0.5 1.5\nu2 rec1 1.2 2.005\nu3 rec1 0.25 1.3\n")  # u2 past the end
+    (data / "text").write_text("u1 a\nu2 b\nu3 c\n")
+    (data / "utt2spk").write_text("u1 s\nu2 s\nu3 s\n")
+    from localgp.data.examples import check_audio
+
+    for u in check_audio(kaldi_dir(data, "de", audio_root=tmp_path)):  # each as long as it decodes
+        assert u.seconds == len(u.load()) / 16000
 
 
 def test_kaldi_dir_errors(tmp_path):
@@ -111,9 +118,9 @@ def test_load_audio_errors(tmp_path):
         load_audio(tmp_path / "a.wav", 0.5, 3.0)
 
 
-def test_join_examples_fill_the_window_with_clips_of_one_language_and_task(tmp_path):
+def test_join_examples_fill_the_window_with_clips_of_one_language_and_task(tmp_path, monkeypatch):
     from localgp.data.corpora import Utterance
-    from localgp.data.examples import JoinedUtterance, join_examples, make_examples
+    from localgp.data.examples import JoinedUtterance, check_audio, join_examples, make_examples
 
     utterances = []
     for lang in ("en", "fr"):
@@ -124,6 +131,10 @@ def test_join_examples_fill_the_window_with_clips_of_one_language_and_task(tmp_p
                                         translations={"en" if lang == "fr" else "fr": f"translated {lang} {i}"}))
     examples = make_examples(utterances, ("asr", "st"))
     joined = join_examples(examples, share=1.0, max_seconds=10.0, seed=3)
+    measured = make_examples(check_audio(utterances), ("asr", "st"))  # lengths from the check: no decoding
+    monkeypatch.setattr(Utterance, "load", lambda self: pytest.fail("join_examples decoded a measured clip"))
+    assert join_examples(measured, share=1.0, max_seconds=10.0, seed=3) == joined
+    monkeypatch.undo()
     assert joined == join_examples(examples, share=1.0, max_seconds=10.0, seed=3)  # deterministic
     assert join_examples(examples, share=0.0, max_seconds=10.0, seed=3) == examples
     seen = []

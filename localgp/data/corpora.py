@@ -19,6 +19,8 @@ class Utterance:
     start: float | None = None  # segment start in seconds within `audio`, None: whole file
     end: float | None = None  # segment end in seconds, None: to the end
     translations: dict[str, str] = field(default_factory=dict)  # target language -> text
+    # its length as decoded, when known (load_corpus measures every utterance it checks)
+    seconds: float | None = field(default=None, compare=False)
 
     def load(self):
         return load_audio(self.audio, self.start, self.end)

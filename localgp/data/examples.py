@@ -3,6 +3,7 @@ produce from it (its transcript for ASR, one of its translations for ST)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable
@@ -50,13 +51,16 @@ def load_corpus(data: dict, skip_bad_audio: bool = False, max_seconds: float | N
     return check_audio(utterances, skip_bad_audio, max_seconds)
 
 
-def audio_problems(utterances: list[Utterance], max_seconds: float | None = None) -> dict[str, str]:
+def audio_problems(utterances: list[Utterance], max_seconds: float | None = None,
+                   lengths: dict[str, float] | None = None) -> dict[str, str]:
     """{utterance id: why its audio cannot be used}: a missing or undecodable file, no samples,
     NaN or infinite samples, shorter than MIN_SAMPLES (0.1 s), shorter than its header declares (cut short), a segment
     outside its file, longer than `max_seconds` (what the model reads of it: Whisper's window).
-    Each file is decoded once, however many segments it holds."""
+    Each file is decoded once, however many segments it holds. `lengths`, when given, receives
+    the seconds of every utterance that can be used."""
     files: dict = {}  # path -> its number of samples, or what is wrong with it
     problems = {}
+    lengths = {} if lengths is None else lengths
     for u in utterances:
         if u.audio not in files:
             try:
@@ -76,13 +80,17 @@ def audio_problems(utterances: list[Utterance], max_seconds: float | None = None
             problems[u.id] = f"{where}: {(last - first) / SAMPLE_RATE:.3f} s, shorter than {MIN_SAMPLES / SAMPLE_RATE} s"
         elif max_seconds is not None and (last - first) / SAMPLE_RATE > max_seconds:
             problems[u.id] = f"{where}: {(last - first) / SAMPLE_RATE:.2f} s, longer than the model's {max_seconds:g} s"
+        else:
+            lengths[u.id] = (min(last, samples) - first) / SAMPLE_RATE
     return problems
 
 
 def check_audio(utterances: list[Utterance], skip: bool = False, max_seconds: float | None = None) -> list[Utterance]:
     """The utterances whose audio can be used (audio_problems). Any other stops with a UserError
     listing them all, or with `skip` is left out, each one logged."""
-    problems = audio_problems(utterances, max_seconds)
+    lengths: dict[str, float] = {}
+    problems = audio_problems(utterances, max_seconds, lengths)
+    utterances = [dataclasses.replace(u, seconds=lengths[u.id]) if u.id in lengths else u for u in utterances]
     if not problems:
         return utterances
     listing = "; ".join(f"{uid}: {why}" for uid, why in problems.items())
@@ -195,6 +203,9 @@ def join_examples(examples: list[Example], share: float, max_seconds: float, see
 
 
 def _seconds(utterance, cache: dict) -> float:
+    """Its length: as load_corpus measured it, else decoded here (once)."""
+    if getattr(utterance, "seconds", None) is not None:
+        return utterance.seconds
     if utterance.id not in cache:
         cache[utterance.id] = len(utterance.load()) / SAMPLE_RATE
     return cache[utterance.id]
