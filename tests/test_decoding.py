@@ -194,19 +194,29 @@ def test_forced_masks_compact_equals_masked(tiny, keep, whole_modules, monkeypat
         assert [h.score for h in out["compact"][a]] == pytest.approx([h.score for h in out["masked"][a]], rel=1e-5)
 
 
-def test_output_layer_copy_follows_the_weight(tiny):
-    """The CPU output layer multiplies by a (D, V) copy of the weight; changing the weight in place
-    (an optimizer step, load_state_dict) must renew it."""
+def test_packed_output_layer_follows_the_weight(tiny, monkeypatch):
+    """With the decoder's linears packed (pack_linears: what decode runs on the CPU) the output
+    layer multiplies by oneDNN's packed copy of its weight; changing the weight in place (an
+    optimizer step, load_state_dict) must renew it."""
+    from localgp.model import packed
+
     model = copy.deepcopy(tiny[0])
+    assert IncrementalDecoder(model.decoder).packed_output is None  # unpacked: the model's own linear
+    packed.pack_linears(model)
     decoder = IncrementalDecoder(model.decoder)
     layer = model.decoder.output_layer
     x = torch.randn(5, layer.in_features)
-    for _ in range(2):
-        assert torch.allclose(decoder._output_layer(x), layer(x), rtol=1e-5, atol=1e-5)
-        with torch.no_grad():
+    calls = []
+    real = packed.linear
+    monkeypatch.setattr(packed, "linear", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.allclose(decoder._output_layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
+                                  rtol=1e-5, atol=1e-5)
             layer.weight.mul_(-2.0)
-    model.decoder.load_state_dict(tiny[0].decoder.state_dict())
-    assert torch.allclose(decoder._output_layer(x), tiny[0].decoder.output_layer(x), rtol=1e-5, atol=1e-5)
+        model.decoder.load_state_dict(tiny[0].decoder.state_dict())
+        assert torch.allclose(decoder._output_layer(x), tiny[0].decoder.output_layer(x), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 3
 
 
 def test_bad_options_and_inputs(tiny):
