@@ -53,6 +53,10 @@ def test_takes_the_packed_path_only_where_it_applies(monkeypatch):
     torch.testing.assert_close(net[0].weight.grad, torch.autograd.grad(plain(x).sum(), plain[0].weight)[0])
     with torch.no_grad():
         assert torch.equal(net.bfloat16()(x.bfloat16()), plain.bfloat16()(x.bfloat16())) and not calls
+    with torch.inference_mode():  # weights made here have no version counter: never packed
+        made = small_net()
+        pack_linears(made)
+        assert torch.equal(made(x), small_net()(x)) and not calls
 
 
 def test_follows_the_weight_when_it_changes():

@@ -105,7 +105,7 @@ class Backbone(abc.ABC):
 def ready_for_decoding(model: nn.Module, execution: str, device: str) -> torch.device:
     """Moves a model (plain or gated) to `device` for decoding a corpus: eval mode, the gated
     parts' execution, and on the CPU its linears through oneDNN's packed weights (`pack_linears`:
-    1.5-3x faster there than PyTorch's own path, the same function up to rounding)."""
+    1.2-2.8x faster there than PyTorch's own path, the same function up to rounding)."""
     from localgp.model.convert import gated_parts, set_execution
     from localgp.model.packed import pack_linears
 

@@ -3,14 +3,16 @@
 PyTorch multiplies a float32 `nn.Linear` on the CPU with MKL's sgemm, which on AMD processors
 takes a generic path (no AVX-512): on the project's AMD EPYC, oneDNN with the weight reordered
 once into its blocked layout (what `torch.compile`'s CPU freezing does) runs Whisper base's
-linears 1.5-2.3x faster, and the decoder's output layer (51,865 x 512, 30 rows) 3x faster.
+linears 1.2-1.8x faster, and the decoder's output layer (51,865 x 512, 30 rows) 2.8x faster
+(`benchmarks/cpu_inference.py`).
 `pack_linears(model)` switches every `nn.Linear` of a model to it: the module and its state-dict
 keys stay as they are (the class becomes a subclass of its own), the packed copy is made on first
 use and renewed whenever the weight changes. It is the same function up to float32 rounding (the
 sums are added in another order: ~1e-5 relative; tests).
 
-It applies only where it can: float32 on the CPU with no gradient to compute (training, other
-dtypes and devices take the module's own forward). Model-wide, backbone-free, like
+It applies only where it can: float32 on the CPU with no gradient to compute, weights made
+outside torch.inference_mode (training, other dtypes and devices, and such weights take the
+module's own forward). Model-wide, backbone-free, like
 `set_execution`."""
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "
 
 
 def applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether x @ weight.T may take the packed path: float32 on the CPU, nothing to differentiate."""
+    """Whether x @ weight.T may take the packed path: float32 on the CPU, nothing to differentiate,
+    and a weight whose changes can be seen (a weight made under torch.inference_mode has no
+    version counter: a packed copy could go stale unnoticed)."""
     return (AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not weight.is_inference()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
