@@ -94,7 +94,7 @@ def _print_flops(report: dict, title: str, modules, dense: dict, pruned: dict, a
 def cmd_train(args: argparse.Namespace) -> int:
     import logging
 
-    from localgp.runs import TrainConfig
+    from localgp.train_config import TrainConfig
     from localgp.train import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a gated model (OWSM or Whisper base) from a YAML config "
                                          "(resumes from its out_dir)")
-    train.add_argument("config", help="YAML file with the fields of localgp.runs.TrainConfig")
+    train.add_argument("config", help="YAML file with the fields of localgp.train_config.TrainConfig")
     train.add_argument("--steps", type=positive_int, help="override max_steps")
     train.add_argument("--overwrite", action="store_true",
                        help="start over: remove the run that out_dir holds (checkpoint, log, tokenizer, context cache) "

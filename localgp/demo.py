@@ -73,7 +73,7 @@ WHISPER_MINUTES = 6.0
 
 def whisper_config(out: Path, manifest: Path, row: Row, target: float, minutes: float, steps: int | None,
                    device: str, whisper_dir: str | None):
-    from localgp.runs import TrainConfig
+    from localgp.train_config import TrainConfig
 
     return TrainConfig(
         out_dir=str(out / "run"), backbone="whisper-base", whisper_dir=whisper_dir,
@@ -210,7 +210,7 @@ OWSM_GATES = {"encoder": "temporal", "decoder": "token", "contexts": [["front", 
 
 
 def owsm_config(out: Path, manifest: Path, steps: int | None, minutes: float, device: str):
-    from localgp.runs import TrainConfig
+    from localgp.train_config import TrainConfig
 
     return TrainConfig(
         out_dir=str(out / "run"), data={"kind": "manifest", "path": str(manifest), "split": "train"},

@@ -16,7 +16,7 @@ import yaml
 from localgp import flops
 from localgp.cli import main
 from localgp.evaluate import Decoded, append_decoded, read_decoded
-from localgp.runs import TrainConfig
+from localgp.train_config import TrainConfig
 from tests.test_train import config
 
 

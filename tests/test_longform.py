@@ -325,7 +325,7 @@ def test_transcribe_bench_rows(whisper_base, real_speech, tmp_path):
 @pytest.fixture(scope="module")
 def gated_run(tiny_whisper, real_speech, tmp_path_factory):
     """A `localgp train` run of the tiny Whisper with temporal encoder and token decoder gates (one step)."""
-    from localgp.runs import TrainConfig
+    from localgp.train_config import TrainConfig
     from localgp.train import Trainer
 
     root = tmp_path_factory.mktemp("gated_run")

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from localgp.errors import UserError
-from localgp.runs import TrainConfig
+from localgp.train_config import TrainConfig
 from localgp.train import Trainer, batch_order, warmup_lr
 
 SENTENCES = {

@@ -12,7 +12,8 @@ import torch
 
 from localgp.decoding.whisper import WhisperDecodeOptions
 from localgp.evaluate import Decoded, read_decoded, score, write_report
-from localgp.runs import TrainConfig, load_trained
+from localgp.runs import load_trained
+from localgp.train_config import TrainConfig
 from localgp.train import Trainer
 
 # Texts of the real clips (conftest's REAL_PROMPTS), parallel across the two languages.

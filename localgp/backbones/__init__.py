@@ -19,11 +19,10 @@ from torch import Tensor, nn
 
 from localgp.errors import UserError
 
+from localgp.train_config import BACKBONES, TrainConfig
+
 if TYPE_CHECKING:
     from localgp.data.examples import Example
-    from localgp.runs import TrainConfig
-
-BACKBONES = ("owsm", "whisper-base")
 
 
 @dataclass
@@ -41,7 +40,6 @@ class Backbone(abc.ABC):
     the batches need the tokenizer it makes (kept as `self.tokenizer`)."""
 
     name: ClassVar[str]
-    freeze_by_default: ClassVar[bool]  # TrainConfig.freeze_backbone's meaning when it is None
     normalizer: ClassVar[str]  # the text normalisation its WER uses (localgp.evaluate.NORMALIZERS)
     max_seconds: ClassVar[float | None] = None  # longest audio the model reads whole (None: no limit)
 
@@ -132,14 +130,3 @@ def backbone_class(name: str) -> type[Backbone]:
 
 def get_backbone(config: TrainConfig) -> Backbone:
     return backbone_class(config.backbone)(config)
-
-
-def gate_config(gates: dict):
-    """TrainConfig.gates (YAML lists included) as a GateConfig."""
-    from localgp.model.config import GateConfig
-
-    gates = dict(gates)
-    for key in ("contexts", "decoder_contexts"):  # YAML lists -> the dataclass's tuples
-        if key in gates:
-            gates[key] = tuple(tuple(item) for item in gates[key])
-    return GateConfig(**gates)

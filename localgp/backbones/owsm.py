@@ -11,19 +11,19 @@ import numpy as np
 import torch
 
 from localgp import flops
-from localgp.backbones import Backbone, StepOutput, gate_config, ready_for_decoding
+from localgp.backbones import Backbone, StepOutput, ready_for_decoding
 from localgp.data.examples import record_id
 from localgp.data.tokenizer import Tokenizer
 from localgp.decoding import BatchBeamSearch, DecodeOptions
 from localgp.evaluate import Decoded
 from localgp.decoding.beam import decoder_keep
 from localgp.gates import GateRecord, utterance_record
+from localgp.model.config import gate_config
 from localgp.errors import UserError
 
 
 class OwsmBackbone(Backbone):
     name = "owsm"
-    freeze_by_default = False  # a preset model starts from random weights: everything trains
     normalizer = "localgp"
 
     def build(self, texts=None, gated: bool = True):

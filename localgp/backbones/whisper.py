@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from localgp import flops
-from localgp.backbones import Backbone, StepOutput, gate_config, ready_for_decoding
+from localgp.backbones import Backbone, StepOutput, ready_for_decoding
 from localgp.data.examples import record_id
 from localgp.files import file_sha256
 from localgp.decoding import DecodeOptions
@@ -39,6 +39,7 @@ from localgp.decoding.whisper import (
 from localgp.errors import UserError
 from localgp.evaluate import Decoded
 from localgp.gates import utterance_record
+from localgp.model.config import gate_config
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ WORD_START = "\u2581"  # analyze's word-start mark; Whisper's BPE marks a word s
 
 class WhisperBaseBackbone(Backbone):
     name = "whisper-base"
-    freeze_by_default = True  # pretrained: train the gates, keep Whisper's weights
     normalizer = "whisper"
     max_seconds = 30.0  # its one window (localgp.model.whisper.WINDOW_SECONDS): the rest would be cut off unread
 

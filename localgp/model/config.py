@@ -93,3 +93,12 @@ class GateConfig:
                                                  or self.predictor_width % self.heads):
             raise ValueError(f"GateConfig.predictor_width must be a positive multiple of heads ({self.heads}) or None, "
                              f"got {self.predictor_width!r}")
+
+
+def gate_config(gates: dict) -> GateConfig:
+    """A mapping of GateConfig fields (TrainConfig.gates, YAML lists included) as a GateConfig."""
+    gates = dict(gates)
+    for key in ("contexts", "decoder_contexts"):  # YAML lists -> the dataclass's tuples
+        if key in gates:
+            gates[key] = tuple(tuple(item) for item in gates[key])
+    return GateConfig(**gates)
