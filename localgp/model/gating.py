@@ -60,6 +60,11 @@ def device_rows(rows: list[int], device: torch.device) -> Tensor:
     return index.pin_memory().to(device, non_blocking=True)
 
 
+def module_fill(fill: Tensor | None, names, name: str, dtype: torch.dtype) -> Tensor | None:
+    """Module `name`'s slice of a layer's fill (modules first), in `dtype`; None without a fill."""
+    return None if fill is None else fill[names.index(name)].to(dtype)
+
+
 class PositionGate:
     """Per-position decisions (frames of the encoder, tokens of the decoder).
 
@@ -124,7 +129,7 @@ class PositionGate:
             return out if fill is None else out + (1 - m) * fill
 
     def _fill(self, name: str, dtype: torch.dtype) -> Tensor | None:
-        return None if self.fill is None else self.fill[self.names.index(name)].to(dtype)
+        return module_fill(self.fill, self.names, name, dtype)
 
     def residual(self, name: str, x: Tensor, fn, scale: float = 1.0) -> Tensor:
         """x + scale * fn(x) where the module is kept, x elsewhere."""
@@ -205,7 +210,7 @@ class UtteranceGate:
 
     def residual(self, name: str, x: Tensor, fn, scale: float = 1.0, row_args=()) -> Tensor:
         mask = self.mask(name)
-        fill = None if self.fill is None else self.fill[self.names.index(name)].to(x.dtype)
+        fill = module_fill(self.fill, self.names, name, x.dtype)
         if self.execution == "masked":
             y = self._masked(name, x, fn, row_args)
             with profiled("scatter"):

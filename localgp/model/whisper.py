@@ -136,7 +136,7 @@ class GatedWhisperEncoder(GatedEncoderMixin, AudioEncoder):
                 after = torch.arange(frames, device=x.device)[None] >= counts.to(x.device)[:, None]  # (B, T)
                 padding_counts += after.sum(0)
             for index, block in enumerate(self.blocks):
-                outputs = {"attn": lambda h: block.attn(block.attn_ln(h))[0], "mlp": lambda h: block.mlp(block.mlp_ln(h))}
+                outputs = block_modules(block)
                 for m, name in enumerate(names):
                     y = outputs[name](x)
                     sums[index, m] += y.sum(0, dtype=torch.float64)
@@ -154,6 +154,12 @@ class GatedWhisperEncoder(GatedEncoderMixin, AudioEncoder):
         return clips
 
 
+def block_modules(block: ResidualAttentionBlock) -> dict:
+    """A block's residual branches as functions of the residual stream h (extra arguments
+    ignored: the gates pass row arguments): "attn" = attn(attn_ln(h)), "mlp" = mlp(mlp_ln(h))."""
+    return {"attn": lambda h, *_: block.attn(block.attn_ln(h))[0], "mlp": lambda h, *_: block.mlp(block.mlp_ln(h))}
+
+
 def run_encoder_block(block: ResidualAttentionBlock, x: Tensor, valid: Tensor, lengths: Tensor, logits: Tensor | None,
                       cfg: GateConfig, execution: str, record: GateRecord, prefix: str, inplace: bool = False,
                       fill: Tensor | None = None) -> Tensor:
@@ -161,8 +167,8 @@ def run_encoder_block(block: ResidualAttentionBlock, x: Tensor, valid: Tensor, l
     inplace: compact execution may overwrite x (inference only; the caller does not need x afterwards).
     fill (modules, T, D): what a skipped module adds (skip_fill "mean"), None: nothing."""
     names = ENCODER_MODULES[cfg.encoder]
-    attention = lambda h, *_: block.attn(block.attn_ln(h))[0]  # noqa: E731
-    mlp = lambda h, *_: block.mlp(block.mlp_ln(h))  # noqa: E731
+    modules = block_modules(block)
+    attention, mlp = modules["attn"], modules["mlp"]
     if execution == DENSE:
         gate = NoGate()
         x = gate.residual("attn", x, attention)
@@ -247,7 +253,7 @@ def run_decoder_block(block: ResidualAttentionBlock, x: Tensor, valid: Tensor, l
                       causal: Tensor) -> Tensor:
     """One Whisper decoder block under its gates. x (B, L, D); causal: the decoder's additive mask."""
     names = DECODER_MODULES[cfg.decoder]
-    mlp = lambda h, *_: block.mlp(block.mlp_ln(h))  # noqa: E731
+    mlp = block_modules(block)["mlp"]
     if cfg.decoder == "token":
         gate = PositionGate(logits, valid, lengths, names, cfg, execution, block.training, record, prefix)
         L, S = x.shape[1], xa.shape[1]
