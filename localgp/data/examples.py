@@ -204,7 +204,7 @@ def join_examples(examples: list[Example], share: float, max_seconds: float, see
 
 def _seconds(utterance, cache: dict) -> float:
     """Its length: as load_corpus measured it, else decoded here (once)."""
-    if getattr(utterance, "seconds", None) is not None:
+    if utterance.seconds is not None:
         return utterance.seconds
     if utterance.id not in cache:
         cache[utterance.id] = len(utterance.load()) / SAMPLE_RATE

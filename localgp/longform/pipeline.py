@@ -363,7 +363,9 @@ class Transcriber:
             bar.close()
         result.seconds = time.perf_counter() - started
         if self.ctx.active:  # every rank's files, in every rank's result, in the order of the inputs
-            parts = distributed.gather_objects(self.ctx, (transcripts, result.failed, result.decoded,
+            # this rank's own files (every rank read the ones done before from their .json already)
+            decoded = {i: transcripts[i] for i in shares[self.ctx.rank] if i in transcripts}
+            parts = distributed.gather_objects(self.ctx, (decoded, result.failed, result.decoded,
                                                           result.audio_seconds, result.seconds))
             order = {str(path): i for i, path in enumerate(inputs)}
             for theirs, *_ in parts:
