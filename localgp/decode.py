@@ -25,7 +25,7 @@ from pathlib import Path
 from localgp import distributed
 from localgp.data.examples import record_id
 from localgp.errors import UserError
-from localgp.files import replace_atomically, write_text_atomically
+from localgp.files import read_json, replace_atomically, write_text_atomically
 from localgp.evaluate import Decoded, append_decoded, read_decoded
 
 log = logging.getLogger(__name__)
@@ -144,11 +144,12 @@ def claim_records(out_path: Path, source: dict, overwrite: bool) -> set[str]:
                 log.info("decode: removed %s (overwrite)", path)
         parts = []
     claim_output(out_path, source)
-    for part in parts:
-        data = part.read_bytes()
-        if data and not data.endswith(b"\n"):
-            part.write_bytes(data[: data.rfind(b"\n") + 1])
-            log.warning("decode: %s: dropped its last line, cut short (a crash while writing)", part)
+    for path in (out_path, *parts):  # a last line that a kill cut short: that record is decoded again
+        data = path.read_bytes() if path.is_file() else b""
+        if data and not data.endswith(b"\n") and b"\0" not in data[data.rfind(b"\n") + 1 :]:  # (NULs: zeroed)
+            read_decoded(path, last_cut=True)  # the lines before it are whole records, else DamagedFile
+            replace_atomically(path, lambda tmp: tmp.write_bytes(data[: data.rfind(b"\n") + 1]))
+            log.warning("decode: %s: dropped its last line, cut short (a crash while writing)", path)
     return {r.id for path in (out_path, *parts) if path.is_file() for r in read_decoded(path)}
 
 
@@ -193,14 +194,10 @@ def claim_output(out_path: Path, source: dict) -> None:
     has_records = any(p.is_file() and p.stat().st_size > 0 for p in (out_path, *part_paths(out_path)))
     source = json.loads(json.dumps(source))  # tuples -> lists, as read back
     if has_records:
-        if not recorded_at.is_file():
+        if not recorded_at.exists():
             raise UserError(f"{out_path} holds decoded records but not what produced them ({recorded_at.name} is "
                             f"missing): decode into another --out, or start over with --overwrite")
-        try:
-            recorded = json.loads(recorded_at.read_text())
-        except ValueError as err:
-            raise UserError(f"{recorded_at} is not valid JSON ({err}): decode into another --out, or start over "
-                            f"with --overwrite") from err
+        recorded = read_json(recorded_at, "decode into another --out, or start over with --overwrite")
         changes = differences(recorded, source)
         if changes:
             raise UserError(f"{out_path} holds records of another decode ({'; '.join(changes)}): decode into another "

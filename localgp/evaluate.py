@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localgp.errors import UserError
+from localgp.errors import DamagedFile, UserError
 
 
 @dataclass(frozen=True)
@@ -113,27 +113,36 @@ def append_decoded(records: Iterable[Decoded], path: str | Path) -> int:
     return written
 
 
-def read_decoded(path: str | Path) -> list[Decoded]:
+def read_decoded(path: str | Path, last_cut: bool = False) -> list[Decoded]:
     """The records of a JSONL file written by append_decoded (an empty file gives []). A
-    malformed line or a repeated utterance id raises ValueError with its line number."""
+    malformed line (DamagedFile) or a repeated utterance id raises a UserError with its line
+    number; last_cut: a last line without its newline (cut short by a kill) is left out."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"decoded records {path} do not exist")
+    fix = "decode into it again (`localgp decode ... --overwrite`)"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DamagedFile(path, f"not UTF-8 text: {err}", fix) from err
     records, first_line = [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = Decoded.from_json(line)
-            except (json.JSONDecodeError, ValueError, TypeError) as err:
-                cut = "" if line.endswith("\n") else " (the last line is cut short: an interrupted write?)"
-                raise UserError(f"{path}:{line_no}: malformed decoded record{cut}: {err}") from err
-            if record.id in first_line:
-                raise UserError(f"{path}:{line_no}: utterance {record.id!r} again (first on line "
-                                 f"{first_line[record.id]})")
-            first_line[record.id] = line_no
-            records.append(record)
+    parts = text.split("\n")  # not splitlines: a record may hold U+2028 and its kin
+    lines = [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if last_cut and not line.endswith("\n"):
+            break
+        try:
+            record = Decoded.from_json(line)
+        except (json.JSONDecodeError, ValueError, TypeError) as err:
+            cut = "" if line.endswith("\n") else ", the last line, cut short"
+            raise DamagedFile(path, f"line {line_no}{cut}: not a decoded record: {err}", fix) from err
+        if record.id in first_line:
+            raise UserError(f"{path}:{line_no}: utterance {record.id!r} again (first on line "
+                             f"{first_line[record.id]})")
+        first_line[record.id] = line_no
+        records.append(record)
     return records
 
 

@@ -21,15 +21,20 @@ from pathlib import Path
 import torch
 
 from localgp.backbones import Backbone, get_backbone
-from localgp.errors import UserError
-from localgp.files import write_text_atomically
+from localgp.errors import DamagedFile, UserError, reader_error
+from localgp.files import read_json, write_text_atomically
 from localgp.train_config import TrainConfig
 
 CHECKPOINT = "checkpoint.pth"
+# The checkpoint before it, kept: a checkpoint.pth damaged on disk then costs save_every steps, not
+# the run (a resume goes on from this one and says so), for its size again on disk (a Whisper run:
+# the gates, their skip values and optimizer state, 50 MB).
+PREVIOUS = "checkpoint.prev.pth"
 RECORD = "config.json"  # the config a run directory was trained with
 LOG = "log.jsonl"
 # What `localgp train` writes into its out_dir (and --overwrite removes): nothing else there is touched.
-RUN_FILES = (CHECKPOINT, "checkpoint.tmp", LOG, "tokenizer", "context", RECORD)
+RUN_FILES = (CHECKPOINT, PREVIOUS, "checkpoint.tmp", LOG, "tokenizer", "context", RECORD)
+CHECKPOINT_KEYS = {"model", "optimizer", "step", "config"}  # what every checkpoint holds (and "weights")
 # Fields that may change between a run and its resume: how long, how often, where, where from.
 RESUMABLE = ("out_dir", "max_steps", "max_minutes", "log_every", "save_every", "device")
 
@@ -55,16 +60,21 @@ def recorded_config(out_dir: str | Path) -> dict | None:
     """The config a run directory records: its config.json, else (a run from before that file) its
     checkpoint's; None when it holds neither (a new run, or a setup that failed before training)."""
     out = Path(out_dir)
-    if (out / RECORD).is_file():
-        try:
-            return json.loads((out / RECORD).read_text())
-        except ValueError as err:
-            raise UserError(f"{out / RECORD} is not valid JSON ({err}); use another out_dir, or start over "
-                            f"(localgp train --overwrite)") from err
-    if checkpoint_path(out).is_file():
-        return read_checkpoint(checkpoint_path(out), "cannot resume from {path}: {err}; move it away to start "
-                                                     "afresh")["config"]
+    if (out / RECORD).exists():
+        return read_record(out)
+    if checkpoint_path(out).exists() or (out / PREVIOUS).exists():
+        return last_whole_checkpoint(out)[1]["config"]
     return None
+
+
+def read_record(out: Path) -> dict:
+    """out/config.json, read back (DamagedFile with what recreates it when it is not what was written)."""
+    if checkpoint_path(out).is_file():
+        fix = (f"delete it: {checkpoint_path(out)} holds the run's config too, and `localgp train` with that config "
+               f"writes {RECORD} again")
+    else:
+        fix = "delete the run directory's files and train again (localgp train --overwrite)"
+    return read_json(out / RECORD, fix)
 
 
 def config_changes(recorded: dict, config: TrainConfig) -> list[str]:
@@ -134,19 +144,61 @@ def checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT
 
 
-def read_checkpoint(path: Path, message: str) -> dict:
-    """torch.load of a training checkpoint; a corrupt file raises UserError(message) with
-    {path} and {err} filled in, never a half-loaded model."""
+def read_checkpoint(path: Path, fix: str) -> dict:
+    """torch.load of a training checkpoint, checked to be one (torch's zip reader checks each
+    record's CRC-32): DamagedFile(path, what is wrong, `fix`) otherwise, never a half-loaded model.
+    A checkpoint of another run (its config not the one config.json beside it records) is
+    damaged too."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise UserError(message.format(path=path, err=err)) from err
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except IsADirectoryError:
+        raise DamagedFile(path, "a directory where a file should be", fix) from None
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch's zip reader, unpickling
+        raise DamagedFile(path, reader_error(err), fix) from err
+    if (not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state) or not isinstance(state["config"], dict)
+            or not isinstance(state["step"], int)):
+        raise DamagedFile(path, "not a localgp training checkpoint", fix)
+    record = path.parent / RECORD
+    if record.is_file():
+        try:
+            changes = config_changes(json.loads(record.read_text()), TrainConfig(**state["config"]))
+        except (ValueError, TypeError):
+            changes = []  # config.json's own damage is named where it is read
+        if changes:
+            raise DamagedFile(path, f"a checkpoint of another run: {'; '.join(changes)} against {RECORD}", fix)
+    return state
 
 
-def write_checkpoint(state: dict, path: Path) -> None:
-    """torch.save through a temporary file renamed over `path`: never a half-written checkpoint."""
+def last_whole_checkpoint(out: Path) -> tuple[Path, dict, DamagedFile | None]:
+    """(path, state, damage) of a run's last whole checkpoint: checkpoint.pth, else (damage: what
+    is wrong with checkpoint.pth) the previous one kept beside it. DamagedFile when neither is
+    whole, with the fix: train again."""
+    path, previous = checkpoint_path(out), out / PREVIOUS
+    fix = (f"no whole checkpoint is left{'' if previous.exists() else f' ({PREVIOUS} is not there)'}: train the "
+           f"run again (localgp train --overwrite)")
+    try:
+        return path, read_checkpoint(path, fix), None
+    except DamagedFile as damage:
+        if not previous.exists():
+            raise
+        try:
+            return previous, read_checkpoint(previous, fix), damage
+        except DamagedFile:
+            raise damage from None
+    except FileNotFoundError:  # a save killed between its two renames
+        return previous, read_checkpoint(previous, fix), None
+
+
+def write_checkpoint(state: dict, path: Path, keep_previous: bool = True) -> None:
+    """torch.save through a temporary file renamed over `path`: never a half-written checkpoint.
+    The checkpoint it replaces becomes PREVIOUS (keep_previous=False: it goes, e.g. when it is
+    damaged and PREVIOUS is the whole one)."""
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
+    if keep_previous and path.is_file():
+        path.replace(path.with_name(PREVIOUS))
     tmp.replace(path)
 
 
@@ -195,9 +247,14 @@ def load_run(out_dir: str | Path) -> Run:
 
     out = Path(out_dir)
     path = checkpoint_path(out)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"checkpoint {path} does not exist (localgp train CONFIG.yaml writes it into out_dir)")
-    state = read_checkpoint(path, "cannot load the trained model {path}: {err}")
+    try:
+        state = read_checkpoint(path, "")
+    except DamagedFile as damage:
+        _, earlier, _ = last_whole_checkpoint(out)  # DamagedFile (train again) when none is whole
+        raise DamagedFile(path, damage.why, f"`localgp train` with this run's config resumes from {PREVIOUS} (step "
+                                            f"{earlier['step']}, its last whole checkpoint) and writes it again") from None
     config = dataclasses.replace(TrainConfig(**state["config"]), out_dir=str(out))
     backbone = get_backbone(config)
     model, tokenizer = backbone.build()

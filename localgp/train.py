@@ -37,12 +37,13 @@ from localgp.model.convert import (
 from localgp.errors import UserError
 from localgp.runs import (
     LOG,
+    PREVIOUS,
     TrainConfig,
     check_device,
     checkpoint_path,
     claim_run_dir,
+    last_whole_checkpoint,
     model_state,
-    read_checkpoint,
     record_config,
     restore_model,
     truncate_log,
@@ -164,6 +165,7 @@ class Trainer:
         parameters = dict(self.model.named_parameters())
         self.optimizer = torch.optim.Adam([parameters[n] for n in self.trainable], lr=config.lr)
         self.step = 0
+        self.keep_previous = True  # False: checkpoint.pth is damaged, and PREVIOUS is the whole one
         self._resume()
         if self.step == 0:  # a fresh run (a resumed one has it in its checkpoint)
             self.backbone.prepare_gates(self.model, self.examples)  # every rank alike: the same clips
@@ -195,17 +197,24 @@ class Trainer:
         state = {"model": model_state(self.model, set(self.trainable), self.weights), "weights": self.weights,
                  "optimizer": self.optimizer.state_dict(), "step": self.step,
                  "config": dataclasses.asdict(self.config)}
-        write_checkpoint(state, self._checkpoint_path())
+        write_checkpoint(state, self._checkpoint_path(), self.keep_previous)
+        self.keep_previous = True
 
     def _resume(self) -> None:
-        path = self._checkpoint_path()
-        if not path.exists():
+        """From out_dir's last whole checkpoint: checkpoint.pth, or where that is damaged the
+        previous one (said, and checkpoint.pth's next save does not keep the damaged one)."""
+        if not self._checkpoint_path().exists() and not (self.out / PREVIOUS).exists():
             return
-        state = read_checkpoint(path, "cannot resume from {path}: {err}; move it away to start afresh")
+        path, state, damage = last_whole_checkpoint(self.out)
         restore_model(self.model, state, self.backbone, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
-        log.info("resumed from %s at step %d", path, self.step)
+        self.keep_previous = damage is None
+        if damage is not None:
+            log.warning("%s is damaged (%s): resumed from %s, the last whole checkpoint, at step %d",
+                        damage.path, damage.why, path, self.step)
+        else:
+            log.info("resumed from %s at step %d", path, self.step)
 
     @torch.no_grad()
     def teacher_logits(self, batch: dict) -> torch.Tensor:

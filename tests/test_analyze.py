@@ -150,7 +150,7 @@ def test_analyze_masks_cli(trained, tmp_path, cli_error):
     masks("checkpoint .*checkpoint.pth does not exist", **{"--checkpoint": str(tmp_path)})
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "checkpoint.pth").write_bytes(b"garbage")
-    masks("cannot load the trained model .*broken/checkpoint.pth", **{"--checkpoint": str(tmp_path / "broken")})
+    masks("broken/checkpoint.pth is damaged .*train the run again", **{"--checkpoint": str(tmp_path / "broken")})
     assert not (tmp_path / "x.png").exists()
 
 

@@ -89,14 +89,14 @@ def test_read_decoded_refuses_malformed_lines(tmp_path):
     }
     for bad, why in cases.items():
         path.write_text(f"{good}\n\n{bad}\n")
-        with pytest.raises(ValueError, match=rf"d.jsonl:3: malformed decoded record: .*{why}"):
+        with pytest.raises(ValueError, match=rf"d.jsonl is damaged \(line 3: not a decoded record: .*{why}"):
             read_decoded(path)
     path.write_text(f"{good}\n{good}\n")
     with pytest.raises(ValueError, match=r"d.jsonl:2: utterance 'de-de-a' again \(first on line 1\)"):
         read_decoded(path)
     # a decode killed in the middle of a line: reading says so, appending refuses to merge
     path.write_text(f"{good}\n{good[:30]}")
-    with pytest.raises(ValueError, match="d.jsonl:2: malformed decoded record .the last line is cut short"):
+    with pytest.raises(ValueError, match="d.jsonl is damaged .line 2, the last line, cut short: not a decoded record"):
         read_decoded(path)
     with pytest.raises(ValueError, match="last line is cut short"):
         append_decoded([rec("fr", "fr", "x", "y")], path)

