@@ -282,9 +282,8 @@ def test_user_errors(tiny_whisper, tmp_path, cli_error):
     cli_error(["transcribe", tmp_path / "a.wav", "--output-format", "txt,doc"], "--output-format: doc")
     (tmp_path / "nothing").mkdir()
     cli_error(["transcribe", tmp_path / "nothing"], "holds no audio file")
-    (tmp_path / "x").mkdir()
-    sf.write(tmp_path / "x" / "a.flac", silence(1.0), SAMPLE_RATE)
-    cli_error(["transcribe", tmp_path / "a.wav", tmp_path / "x" / "a.flac", "--whisper-dir", tiny_whisper],
+    sf.write(tmp_path / "a.flac", silence(1.0), SAMPLE_RATE)  # (in another folder it would be x/a.*)
+    cli_error(["transcribe", tmp_path / "a.wav", tmp_path / "a.flac", "--whisper-dir", tiny_whisper],
               "would both write a")
     cli_error(["transcribe", tmp_path / "a.wav", "--dtype", "bfloat16", "--device", "cpu", "--whisper-dir", tiny_whisper],
               "for a GPU")

@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localgp.errors import UserError
-from localgp.files import write_text_atomically
+from localgp.errors import DamagedFile, UserError, reader_error
+from localgp.files import locked, read_json, remove_leftovers, write_text_atomically
 
 FORMATS = ("txt", "srt", "vtt", "json")  # json last: written after the others
 
@@ -102,24 +102,92 @@ def render(transcript: Transcript, fmt: str) -> str:
 
 
 def output_paths(out_dir: Path, name: str, formats) -> list[Path]:
+    """`name`'s outputs: out_dir/<name>.<format>; a name may hold folders (the inputs' tree)."""
     return [out_dir / f"{name}.{fmt}" for fmt in formats]
 
 
-def is_done(out_dir: Path, name: str, formats) -> bool:
-    return all(p.is_file() for p in output_paths(out_dir, name, formats))
+DAMAGED_FIX = "delete it (a rerun transcribes that file again), or rerun with --overwrite (every file again)"
 
 
-def remove_leftovers(out_dir: Path, name: str) -> None:
-    """The temporary files of `name`'s outputs that a killed run left behind (replace_atomically
-    names them `.<file name>.tmp<pid>`)."""
-    for leftover in out_dir.glob(f".{name}.*.tmp*"):
-        leftover.unlink(missing_ok=True)
+def read_transcript(path: Path) -> Transcript:
+    """A .json output read back (DamagedFile when it is not one)."""
+    data = read_json(path, DAMAGED_FIX)
+    try:
+        return Transcript.from_json(data)
+    except (KeyError, TypeError) as err:
+        raise DamagedFile(path, f"not a transcript: {reader_error(err)}", DAMAGED_FIX) from err
 
 
-def write_outputs(transcript: Transcript, out_dir: Path, name: str, formats) -> list[Path]:
-    """Each format through a temporary file renamed over its name (json last)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def check_text(path: Path, rendered: str | None) -> None:
+    """A .txt/.srt/.vtt output as written: UTF-8 without NUL bytes, and not a strict beginning of
+    what its .json renders (`rendered`; cut short). A file edited since is taken as it is."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DamagedFile(path, "not UTF-8 text", DAMAGED_FIX) from None
+    if "\0" in text:
+        raise DamagedFile(path, "NUL bytes in it", DAMAGED_FIX)
+    if rendered is not None and text != rendered and rendered.startswith(text):
+        raise DamagedFile(path, f"cut short: {len(data)} of the {len(rendered.encode())} bytes its .json renders",
+                          DAMAGED_FIX)
+
+
+def owner(out_dir: Path, name: str) -> str | None:
+    """The recording whose transcript `name`'s .json holds (None: no whole .json there)."""
+    path = output_paths(out_dir, name, ["json"])[0]
+    try:
+        return read_transcript(path).file if path.is_file() else None
+    except DamagedFile:
+        return None
+
+
+def check_outputs(out_dir: Path, name: str, formats, source: str, overwrite: bool) -> bool:
+    """Whether `source`'s outputs `name`.<formats> in out_dir are all there and whole (it is
+    done). Refuses (before anything is written) a directory or file where they or their folder
+    should be, a damaged output of a done file (DamagedFile, with the fix), and a .json of
+    another recording (unless overwrite: it is replaced)."""
     paths = output_paths(out_dir, name, formats)
+    for folder in reversed(paths[0].relative_to(out_dir).parents[:-1]):
+        if (out_dir / folder).exists() and not (out_dir / folder).is_dir():
+            raise UserError(f"{out_dir / folder} is a file where the outputs of {source} need a folder: move it away")
+    for path in paths:
+        if path.exists() and not path.is_file():
+            raise DamagedFile(path, "a directory where a file should be", "move it away")
+    if overwrite:
+        return False
+    json_path = output_paths(out_dir, name, ["json"])[0]
+    transcript = read_transcript(json_path) if "json" in formats and json_path.is_file() else None
+    other = transcript.file if transcript is not None else owner(out_dir, name)
+    if other is not None and other != source:
+        raise UserError(f"{json_path} holds the transcript of {other}, not of {source}: transcribe into another "
+                        f"--out, or give --overwrite to replace it")
+    if not all(p.is_file() for p in paths):
+        return False
     for fmt, path in zip(formats, paths, strict=True):
-        write_text_atomically(path, render(transcript, fmt))
+        if fmt != "json":
+            check_text(path, render(transcript, fmt) if transcript is not None else None)
+    return True
+
+
+class Taken(Exception):
+    """Another run wrote another recording's outputs under this name meanwhile."""
+
+
+def write_outputs(transcript: Transcript, out_dir: Path, name: str, formats, overwrite: bool = False) -> list[Path]:
+    """Each format through a temporary file renamed over its name (json last), under a lock on
+    out_dir: two runs writing there at once never mix their files of one name. Raises Taken,
+    writing nothing, when another run wrote another recording's .json under `name` since this
+    one planned (unless overwrite)."""
+    paths = output_paths(out_dir, name, formats)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    with locked(out_dir):
+        other = owner(out_dir, name)
+        if other is not None and other != transcript.file and not overwrite:
+            raise Taken(f"another run wrote the transcript of {other} into {paths[-1].with_suffix('.json')} "
+                        f"meanwhile: transcribe it into another --out")
+        for path in paths:
+            remove_leftovers(path)
+        for fmt, path in zip(formats, paths, strict=True):
+            write_text_atomically(path, render(transcript, fmt))
     return paths

@@ -19,8 +19,8 @@ returns the merged result, and the command line's summary is rank 0's."""
 from __future__ import annotations
 
 import datetime
-import json
 import logging
+import os
 import tempfile
 import time
 from collections import deque
@@ -35,7 +35,7 @@ from localgp import distributed
 from localgp.data.audio import SAMPLE_RATE, declared_seconds, load_checked
 from localgp.errors import UserError
 from localgp.longform.outputs import (
-    FORMATS, Segment, Transcript, is_done, output_paths, remove_leftovers, write_outputs,
+    FORMATS, Segment, Taken, Transcript, check_outputs, output_paths, read_transcript, write_outputs,
 )
 from localgp.longform.vad import WINDOW_SECONDS, SileroVAD, Window, speech_windows
 
@@ -51,10 +51,13 @@ TRANSCRIBE_TIMEOUT = datetime.timedelta(days=1)
 
 # ------------------------------------------------------------------ inputs
 
-def expand_inputs(items) -> list[Path]:
-    """Files, directories (their audio files, recursively, by suffix) and @list.txt (a path per
-    line, relative to the list; blank lines and # comments skipped), in order, each once."""
+def expand_inputs(items) -> tuple[list[Path], Path]:
+    """(files, their common folder): files, directories (their audio files, recursively, by
+    suffix) and @list.txt (a path per line, relative to the list; blank lines and # comments
+    skipped), in order, each once; the common folder of the directories given and of the files'
+    folders, which the outputs' tree mirrors."""
     paths: list[Path] = []
+    folders: list[Path] = []
     for item in [items] if isinstance(items, (str, Path)) else items:
         text = str(item)
         if text.startswith("@"):
@@ -62,25 +65,30 @@ def expand_inputs(items) -> list[Path]:
             if not listing.is_file():
                 raise UserError(f"file list {listing} does not exist")
             lines = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines()]
-            paths += [p if p.is_absolute() else listing.parent / p
+            listed = [p if p.is_absolute() else listing.parent / p
                       for p in (Path(line) for line in lines if line and not line.startswith("#"))]
+            paths += listed
+            folders += [p.resolve().parent for p in listed]
         elif Path(text).is_dir():
             found = sorted(p for p in Path(text).rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
             if not found:
                 raise UserError(f"directory {text} holds no audio file (suffixes {', '.join(sorted(AUDIO_SUFFIXES))})")
             paths += found
+            folders.append(Path(text).resolve())
         else:
             paths.append(Path(text))  # a missing file is reported with the failed ones
+            folders.append(Path(text).resolve().parent)
     unique = list(dict.fromkeys(p.resolve() for p in paths))
     if not unique:
         raise UserError("no audio file given")
-    return unique
+    return unique, Path(os.path.commonpath(folders))
 
 
-def output_names(paths: list[Path]) -> list[str]:
-    """Each file's outputs are <stem>.<format>; two inputs with one stem are refused (one would
-    overwrite the other's)."""
-    names = [p.stem for p in paths]
+def output_names(paths: list[Path], root: Path) -> list[str]:
+    """Each file's outputs are <its path under root, without its suffix>.<format>: the inputs'
+    folder tree, mirrored (2024/01/call.wav -> 2024/01/call.txt). Two inputs of one name (call.wav
+    and call.mp3 in one folder) are refused: one would overwrite the other's."""
+    names = [p.relative_to(root).with_suffix("").as_posix() for p in paths]
     seen: dict[str, Path] = {}
     for name, path in zip(names, paths, strict=True):
         if name in seen:
@@ -115,7 +123,7 @@ def load_model(model: str = "whisper-base", gates: str | None = None, whisper_di
     if not run_dir.is_dir():
         raise UserError(f"--model {model}: not whisper-base and no such directory" if run_dir == Path(model)
                         else f"--gates {gates}: no such run directory")
-    if not checkpoint_path(run_dir).is_file():
+    if not checkpoint_path(run_dir).exists():
         if (run_dir / "config.yaml").is_file() or any(run_dir.rglob("config.yaml")):
             raise UserError(f"{run_dir} looks like an OWSM snapshot: `localgp transcribe` decodes Whisper models only "
                             f"so far (whisper-base, or a run trained on it); OWSM snapshots are not supported yet")
@@ -247,9 +255,11 @@ class Transcriber:
         if language is not None and language not in LANGUAGES:
             raise UserError(f"language {language!r}: Whisper knows {', '.join(sorted(LANGUAGES))} (or auto)")
         formats = tuple(formats)
-        inputs = expand_inputs(paths)
-        names = output_names(inputs)
+        inputs, root = expand_inputs(paths)
+        names = output_names(inputs, root)
         out_dir = Path(out) if out is not None else None
+        if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"--out {out_dir} is a file, not a folder")
 
         recordings = [Recording(i, p, n) for i, (p, n) in enumerate(zip(inputs, names, strict=True))]
         # rank 0 decides what is done and who does the rest before any process writes an output
@@ -258,8 +268,7 @@ class Transcriber:
         skipped, transcripts = [str(recordings[i].path) for i in done], {}
         if "json" in formats and out_dir is not None:
             for i in done:
-                text = output_paths(out_dir, recordings[i].name, ["json"])[0].read_text(encoding="utf-8")
-                transcripts[i] = Transcript.from_json(json.loads(text))
+                transcripts[i] = read_transcript(output_paths(out_dir, recordings[i].name, ["json"])[0])
         if skipped:
             log.info("transcribe: %d of %d files already done in %s", len(skipped), len(inputs), out_dir)
         recordings = [recordings[i] for i in shares[self.ctx.rank]]
@@ -296,8 +305,11 @@ class Transcriber:
             transcript = Transcript(str(recording.path), recording.language or segments[0].language,
                                     len(recording.wav) / SAMPLE_RATE, task, self.loaded.identity, segments)
             if out_dir is not None:
-                remove_leftovers(out_dir, recording.name)
-                write_outputs(transcript, out_dir, recording.name, formats)
+                try:
+                    write_outputs(transcript, out_dir, recording.name, formats, overwrite)
+                except Taken as taken:
+                    fail(recording, str(taken))
+                    return
             transcripts[recording.index] = transcript
             result.decoded += 1
             result.audio_seconds += transcript.duration
@@ -380,10 +392,12 @@ class Transcriber:
 
 def plan(recordings: list[Recording], out_dir: Path | None, formats, overwrite: bool,
          world: int) -> tuple[list[int], list[list[int]]]:
-    """(indices of the recordings already done: all their outputs in out_dir, unless overwrite;
-    for each of `world` processes, the indices of the others it transcribes, balanced by the
-    seconds their headers declare)."""
-    done = [] if out_dir is None or overwrite else [r.index for r in recordings if is_done(out_dir, r.name, formats)]
+    """(indices of the recordings already done: all their outputs in out_dir, whole, unless
+    overwrite; for each of `world` processes, the indices of the others it transcribes, balanced
+    by the seconds their headers declare). Refuses damaged outputs and another recording's
+    (check_outputs) before anything is written."""
+    done = [] if out_dir is None else [r.index for r in recordings
+                                       if check_outputs(out_dir, r.name, formats, str(r.path), overwrite)]
     todo = [r for r in recordings if r.index not in set(done)]
     shares = distributed.balance([declared(r.path) for r in todo], world)
     return done, [[todo[i].index for i in share] for share in shares]
