@@ -2,7 +2,7 @@
 pipeline (float32, int8), localgp dense and localgp gated compact, on a recording assembled from
 the demo corpus' held-out test clips. See localgp/bench/transcribe.py.
 
-    python benchmarks/transcribe.py [--seconds 300] [--run out/demo/localgp+speaker-0.5/run] [--json F]
+    python benchmarks/transcribe.py [--seconds 300] [--run RUN (default: the run out/demo/report.json names)] [--json F]
 """
 
 import sys

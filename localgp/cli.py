@@ -271,7 +271,7 @@ def _bench_transcribe(args: argparse.Namespace) -> int:
         raise bench.BenchError("--part transcribe: compared on the CPU only (faster-whisper runs there)")
     systems = longform.SYSTEMS if args.providers is None else [p for p in args.providers.split(",") if p]
     rows = longform.run_bench(systems, args.audio or longform.DEFAULT_AUDIO, args.seconds or 300.0, beam=args.beam,
-                              batch=args.batch or 8, weights=args.weights, run_dir=args.checkpoint or longform.DEFAULT_RUN,
+                              batch=args.batch or 8, weights=args.weights, run_dir=args.checkpoint,
                               seed=args.seed)
     print(longform.table(rows))
     return _write_rows(rows, args)

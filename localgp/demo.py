@@ -71,6 +71,25 @@ WHISPER_TARGETS = (0.6,)
 WHISPER_MINUTES = 6.0
 
 
+def row_folder(out: Path, model: str, target: float) -> Path:
+    """Where the demo trains (its `run`) and decodes a gated row of its table: out/<model>-<target>."""
+    return out / f"{model}-{target:g}"
+
+
+def trained_run(report: str | Path) -> Path:
+    """The run directory of the first gated row of a demo's report.json (the one its summary names)."""
+    from localgp.files import read_json
+
+    path = Path(report)
+    if not path.exists():
+        raise UserError(f"{path} does not exist: `make demo` (localgp demo) writes it, with the run it trains")
+    rows = read_json(path, "run `make demo` again, which writes it anew").get("rows")
+    gated = [r for r in rows or [] if isinstance(r, dict) and r.get("execution") == "compact"]
+    if not gated:
+        raise UserError(f"{path}: no gated row in its table (a demo that trained no run)")
+    return row_folder(path.parent, gated[0]["model"], gated[0]["target"]) / "run"
+
+
 def whisper_config(out: Path, manifest: Path, row: Row, target: float, minutes: float, steps: int | None,
                    device: str, whisper_dir: str | None):
     from localgp.train_config import TrainConfig
@@ -167,7 +186,7 @@ def run_whisper_demo(out: Path, data: Path, rows=("localgp+speaker",), targets=W
     for name in rows:
         for target in targets:
             row = ROWS[name]
-            folder = out / f"{name}-{target:g}"
+            folder = row_folder(out, name, target)
             config = whisper_config(folder, manifest, row, target, minutes, steps, device, str(weights))
             log.info("demo: training %s, target sparsity %g", row.label, target)
             started = time.monotonic()
@@ -202,7 +221,34 @@ def run_whisper_demo(out: Path, data: Path, rows=("localgp+speaker",), targets=W
     write_report(finite_report(report), out, "demo")
     (out / "report.md").write_text("# localgp demo: Whisper base on the demo corpus's test split\n\n" + text)
     print(text, end="")
+    print(closing_summary(out, report))
     return report
+
+
+def closing_summary(out: Path, report: dict) -> str:
+    """What the demo's terminal ends with: where its files are and what they show, and in two
+    lines the first gated row against the dense one (speed, WER, BLEU)."""
+    figure = report.get("mask_figure")
+    lines = [f"wrote {out / 'report.md'} (the table above) and {out / 'report.json'} (its rows, every measurement)"
+             + (f"; {figure}: the gates' decisions on a test utterance" if isinstance(figure, str) else "")]
+    rows = report["rows"]
+    dense = rows[0]
+    for row in rows[1:2]:
+        speed = row["dense_seconds_per_utterance"] / row["seconds_per_utterance"]
+        encoder = (row["dense_encoder_seconds_per_utterance"] or float("nan")) / (
+            row["encoder_seconds_per_utterance"] or float("nan"))
+        skipped, speech = row["sparsity"].get("all_frames"), row["sparsity"].get("speech_frames")
+        lines.append(f"{row['label']} (target {row['target']:g}): {speed:.2f}x the dense model's speed "
+                     f"({row['seconds_per_utterance']:.3f} vs {row['dense_seconds_per_utterance']:.3f} s per utterance, "
+                     f"the encoder {encoder:.2f}x)"
+                     + (f"; its gates skip {skipped:.0%} of the encoder's work" if skipped is not None else "")
+                     + (f" ({speech:.0%} over the frames that carry speech)" if speech is not None else ""))
+        wer, bleu = (row["wer"].get("average"), dense["wer"].get("average")), (row["bleu"].get("average"),
+                                                                              dense["bleu"].get("average"))
+        change = lambda new, old: "-" if new is None or old is None else f"{old:.1f} -> {new:.1f} ({new - old:+.1f})"  # noqa: E731
+        lines.append(f"  WER {change(*wer)} against dense, averaged over "
+                     f"{', '.join(k for k in dense['wer'] if k != 'average')}; BLEU {change(*bleu)}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ OWSM (tiny, from scratch)

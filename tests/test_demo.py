@@ -67,6 +67,59 @@ def test_whisper_demo_table(tmp_path, whisper_base, capsys):
     table = (out / "report.md").read_text()
     assert "dense (zero-shot)" in table and "localGP + speaker" in table
     first = capsys.readouterr().out
+    # the terminal ends with where the files are and what they show, and the gated row against dense
+    *_, files, speed, quality = first.rstrip("\n").splitlines()
+    assert files.startswith(f"wrote {out / 'report.md'} (the table above) and {out / 'report.json'}")
+    assert "masks.png: the gates' decisions on a test utterance" in files
+    assert speed.startswith("localGP + speaker (target 0.5): ") and "x the dense model's speed" in speed
+    assert f"{gated['seconds_per_utterance']:.3f} vs {dense['seconds_per_utterance']:.3f} s per utterance" in speed
+    change = gated["wer"]["average"] - dense["wer"]["average"]
+    assert quality.startswith(f"  WER {dense['wer']['average']:.1f} -> {gated['wer']['average']:.1f} ({change:+.1f})")
     assert main(args) == 0  # resumes: nothing to train or decode again
     assert json.loads((out / "report.json").read_text())["rows"][1]["wer"] == gated["wer"]
     assert "dense (zero-shot)" in first
+
+
+def test_the_transcribe_benchmark_runs_by_default_on_the_demos_output(tmp_path, whisper_base, real_speech, monkeypatch):
+    """`make demo`, then `python benchmarks/transcribe.py` with no argument but a short --seconds,
+    where make demo leaves its output (out/demo, data/demo, the prepared weights' default
+    directory): the gated system runs the run that the demo's report.json names."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_whisper_train import TEXTS
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "whisper-base").symlink_to(whisper_base)  # default_whisper_dir() under LOCALGP_CACHE
+    monkeypatch.setenv("LOCALGP_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data" / "demo"
+    (data / "audio").mkdir(parents=True)
+    lines = []
+    for item in real_speech:
+        language, prompt = item["language"], item["id"].split("_", 1)[1]
+        other = "it" if language == "en" else "en"
+        sf.write(data / "audio" / f"{item['id']}.wav", item["wav"], 16000)
+        lines.append({"id": item["id"], "audio": f"audio/{item['id']}.wav", "language": language,
+                      "text": TEXTS[prompt][language], "speaker": item["speaker"],
+                      "split": "test" if prompt == "pbx-invalid" else "train",
+                      "translations": {other: TEXTS[prompt][other]}})
+    (data / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["demo", "--steps", "1", "--beam", "2", "--device", "cpu"]) == 0
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "transcribe.py"
+    done = subprocess.run([sys.executable, str(script), "--seconds", "5", "--json", "rows.json"], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["system"] for r in rows] == ["openai-whisper", "faster-whisper-float32", "faster-whisper-int8",
+                                           "localgp-dense", "localgp-compact"]
+    assert all(r["audio_seconds"] > 2 and r["seconds"] > 0 for r in rows)
+    assert "localgp-compact" in done.stdout
+    # without the demo's report, the default names what is missing and what writes it
+    (tmp_path / "out" / "demo" / "report.json").unlink()
+    done = subprocess.run([sys.executable, str(script), "--seconds", "5", "--systems", "localgp-compact"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--run not given, and out/demo/report.json does not exist: `make demo`" in done.stderr

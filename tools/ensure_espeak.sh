@@ -21,6 +21,15 @@
 set -euo pipefail
 
 log() { printf '[ensure_espeak] %s\n' "$*" >&2; }
+# apt's own output (60 lines of unpacking) goes to a temporary file, its end shown where apt fails
+APT_LOG="$(mktemp -t ensure_espeak-apt.XXXXXX)"
+trap 'rm -f -- "$APT_LOG"' EXIT
+quietly() {
+  "$@" >>"$APT_LOG" 2>&1 && return 0
+  log "'$*' failed; the end of its output:"
+  tail -n 15 "$APT_LOG" >&2
+  return 1
+}
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PREFIX="$REPO/data/espeak-ng"
 INSTALL=1
@@ -70,11 +79,11 @@ command -v apt-get >/dev/null && command -v dpkg >/dev/null \
 # ---- 2. install as root
 SUDO=()
 if ((INSTALL)) && { ((EUID == 0)) || { command -v sudo >/dev/null && sudo -n true 2>/dev/null && SUDO=(sudo -n); }; }; then
-  apt_install() { "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng >&2; }
-  log "installing espeak-ng with apt-get${SUDO:+ (sudo)}"
-  if apt_install || { log "retrying after apt-get update"; "${SUDO[@]}" apt-get update -q >&2 && apt_install; }; then
+  apt_install() { quietly "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng; }
+  log "installing espeak-ng, which speaks the demo corpus's German sentences, with apt-get${SUDO:+ (sudo)}"
+  if apt_install || { log "retrying after apt-get update"; quietly "${SUDO[@]}" apt-get update -q && apt_install; }; then
     if cmd="$(command -v espeak-ng)" && works "$cmd"; then
-      log "installed $cmd"
+      log "installed $cmd ($(grep -o '[0-9]* newly installed' "$APT_LOG" | tail -n 1 || true) packages: espeak-ng, its voices and libraries)"
       dirname "$cmd"
       exit 0
     fi
@@ -92,10 +101,10 @@ wanted=("${CORE[@]}")
 for pkg in "${missing[@]}"; do
   [[ " ${CORE[*]} " == *" $pkg "* ]] || wanted+=("$pkg")
 done
-log "unpacking ${wanted[*]} into $PREFIX (no root, nothing installed)"
+log "unpacking espeak-ng, which speaks the demo corpus's German sentences, and the $((${#wanted[@]} - 1)) packages it needs into $PREFIX (no root: nothing installed)"
 debs="$(mktemp -d)"
-trap 'rm -rf -- "$debs"' EXIT
-(cd "$debs" && apt-get download "${wanted[@]}" >&2) || fail "'apt-get download ${wanted[*]}' failed (offline?)"
+trap 'rm -rf -- "$debs" "$APT_LOG"' EXIT
+(cd "$debs" && quietly apt-get download "${wanted[@]}") || fail "'apt-get download ${wanted[*]}' failed (offline?)"
 rm -rf -- "$PREFIX/root"
 mkdir -p "$PREFIX/root" "$PREFIX/bin"
 for deb in "$debs"/*.deb; do dpkg -x "$deb" "$PREFIX/root"; done

@@ -32,9 +32,10 @@ import numpy as np
 import torch
 
 from localgp.bench.core import BenchError, device_name, git_revision
+from localgp.errors import UserError
 
 SYSTEMS = ("openai-whisper", "faster-whisper-float32", "faster-whisper-int8", "localgp-dense", "localgp-compact")
-DEFAULT_RUN = "out/demo/localgp+speaker-0.5/run"  # what `make demo` trains
+DEFAULT_REPORT = "out/demo/report.json"  # `make demo`'s: localgp-compact runs the run it trained
 DEFAULT_AUDIO = "data/demo/manifest.jsonl"
 WARMUP_SECONDS = 20.0
 
@@ -123,11 +124,12 @@ def run_system(system: str, audio: Path, language: str, beam: int, batch: int, w
 
 def run_bench(systems=SYSTEMS, manifest: str = DEFAULT_AUDIO, seconds: float = 300.0,
               language: str = "en", beam: int = 5, batch: int = 8, weights: str | None = None,
-              run_dir: str = DEFAULT_RUN, threads: int | None = None, seed: int = 0) -> list[dict]:
-    """One row per system, each measured in its own process on the same recording."""
+              run_dir: str | None = None, threads: int | None = None, seed: int = 0) -> list[dict]:
+    """One row per system, each measured in its own process on the same recording. run_dir: the
+    gated run of localgp-compact (None: the one `make demo` trained, named by DEFAULT_REPORT)."""
     import soundfile as sf
 
-    from localgp.model.whisper_weights import default_whisper_dir
+    from localgp.model.whisper_weights import check_prepared, default_whisper_dir
 
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
@@ -135,6 +137,14 @@ def run_bench(systems=SYSTEMS, manifest: str = DEFAULT_AUDIO, seconds: float = 3
     weights_dir = Path(weights) if weights else default_whisper_dir()
     if not (weights_dir / "base.pt").is_file():
         raise BenchError(f"--weights: no base.pt in {weights_dir} (localgp prepare whisper)")
+    check_prepared(weights_dir)  # base.pt, and ct2/ that faster-whisper reads
+    if "localgp-compact" in systems and run_dir is None:
+        from localgp.demo import trained_run
+
+        try:
+            run_dir = str(trained_run(DEFAULT_REPORT))
+        except UserError as err:
+            raise BenchError(f"--run not given, and {err}") from None
     if "localgp-compact" in systems and not (Path(run_dir) / "checkpoint.pth").is_file():
         raise BenchError(f"--run: {run_dir} holds no trained run (checkpoint.pth); `make demo` trains one")
     threads = threads or torch.get_num_threads()
@@ -147,7 +157,7 @@ def run_bench(systems=SYSTEMS, manifest: str = DEFAULT_AUDIO, seconds: float = 3
         for system in systems:
             command = [sys.executable, "-m", "localgp.bench.transcribe", "--one", system, "--audio", str(audio),
                        "--language", language, "--beam", str(beam), "--batch", str(batch), "--weights", str(weights_dir),
-                       "--run", run_dir, "--threads", str(threads)]
+                       "--run", str(run_dir), "--threads", str(threads)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 raise BenchError(f"{system} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
@@ -190,7 +200,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--batch", type=int, default=8, help="windows per batch (localgp, faster-whisper)")
     p.add_argument("--weights", help="`localgp prepare whisper`'s directory (default: its own)")
-    p.add_argument("--run", default=DEFAULT_RUN, help="the trained gated Whisper run of localgp-compact")
+    p.add_argument("--run", help=f"the trained gated Whisper run of localgp-compact (default: the one {DEFAULT_REPORT} "
+                                 f"names, `make demo`'s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="the pauses between clips")
     p.add_argument("--json", help="write the rows to this JSON file")
@@ -206,7 +217,7 @@ def main(argv=None) -> int:
     try:
         rows = run_bench([s for s in args.systems.split(",") if s], args.audio, args.seconds, args.language, args.beam,
                          args.batch, args.weights, args.run, args.threads, args.seed)
-    except BenchError as err:
+    except UserError as err:  # a BenchError, or a damaged file
         print(f"transcribe benchmark: error: {err}", file=sys.stderr)
         return 2
     print(table(rows))
