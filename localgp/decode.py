@@ -68,6 +68,8 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
     if isinstance(data, (str, Path)):
         data = {"kind": "manifest", "path": str(data)}
     out_path = Path(out_path)
+    if out_path.exists() and not out_path.is_file():
+        raise UserError(f"--out {out_path} is a directory, not a file of records: decode into another --out")
     if run_dir is not None:
         if model is not None or data is not None or whisper_dir is not None:
             raise UserError("decode: a run directory brings its own model and corpus; model=, data= and whisper_dir= "

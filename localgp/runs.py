@@ -122,16 +122,24 @@ def record_config(config: TrainConfig) -> None:
 def truncate_log(path: Path, step: int) -> None:
     """Drops the rows of log.jsonl after `step` (written after the checkpoint a run resumes from,
     by a process that was killed): the resumed run writes them again."""
-    if not path.is_file():
+    if not path.exists():
         return
-    lines = path.read_text().splitlines(keepends=True)
+    fix = "delete it (the run's log: training goes on without it, and writes its rows from there on)"
+    if path.is_dir():
+        raise DamagedFile(path, "a directory where a file should be", fix)
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError as err:
+        raise DamagedFile(path, f"not UTF-8 text: {err}", fix) from err
     kept = []
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         try:
             if json.loads(line)["step"] > step:
                 break
-        except (ValueError, KeyError, TypeError):
-            break  # a row cut short by the kill, or not a row: nothing after it is kept
+        except (ValueError, KeyError, TypeError) as err:
+            if number < len(lines) or "\0" in line:  # a bad row before the last, or zeroes: no kill did that
+                raise DamagedFile(path, f"line {number}: not a log row: {reader_error(err)}", fix) from err
+            break  # the last row, cut short by the kill
         kept.append(line)
     if len(kept) < len(lines):
         write_text_atomically(path, "".join(kept))

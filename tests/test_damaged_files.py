@@ -22,7 +22,7 @@ from localgp.longform import outputs
 from localgp.train_config import TrainConfig
 from tests.test_bad_input import files_under
 from tests.test_distributed import write_config
-from tests.test_longform import assemble, clips, tiny_whisper  # noqa: F401 (fixtures)
+from tests.test_longform import assemble, clips, tiny_whisper, train_manifest  # noqa: F401 (fixtures)
 
 
 def cut_short(path: Path) -> None:
@@ -144,14 +144,7 @@ def test_a_hand_saved_base_pt_without_manifest_is_read_by_torch_and_named(tiny_w
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, real_speech):
-    root = tmp_path_factory.mktemp("damaged_corpus")
-    lines = []
-    for item in real_speech:
-        sf.write(root / f"{item['id']}.wav", item["wav"], SAMPLE_RATE)
-        lines.append({"id": item["id"], "audio": f"{item['id']}.wav", "language": item["language"],
-                      "speaker": item["speaker"], "text": "some text", "split": "train", "translations": {}})
-    (root / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return root / "manifest.jsonl"
+    return train_manifest(tmp_path_factory.mktemp("damaged_corpus"), real_speech)
 
 
 def run_config(out_dir: Path, manifest: Path, whisper_dir: Path, **changes) -> TrainConfig:
@@ -432,14 +425,20 @@ def test_a_tree_with_repeated_names_transcribes_into_the_mirrored_tree(tiny_whis
     for i, name in enumerate(names):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         sf.write(root / f"{name}.wav", assemble([0.5, clips[i % len(clips)], 0.5])[0], SAMPLE_RATE)
+    outside = tmp_path / "elsewhere" / "x.wav"  # a link in the tree to a file outside it: outputs where the link is
+    outside.parent.mkdir()
+    sf.write(outside, assemble([0.5, clips[1], 0.5])[0], SAMPLE_RATE)
+    (root / "links").mkdir()
+    (root / "links" / "x.wav").symlink_to(outside)
     out = tmp_path / "out"
     argv = ["transcribe", str(root), "--whisper-dir", str(tiny_whisper), "--out", str(out), "--language", "en",
             "--beam", "1", "--device", "cpu", "--quiet"]
     assert main(argv) == 0
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert written == sorted(f"{n}.{fmt}" for n in names for fmt in outputs.FORMATS)
+    assert written == sorted(f"{n}.{fmt}" for n in names + ["links/x"] for fmt in outputs.FORMATS)
     for name in names:
         assert json.loads((out / f"{name}.json").read_text())["file"] == str((root / f"{name}.wav").resolve())
+    assert json.loads((out / "links" / "x.json").read_text())["file"] == str(outside.resolve())
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     (out / "2024" / "02" / "notes.json").unlink()  # one file's outputs incomplete: it alone is redone
     capsys.readouterr()
@@ -488,3 +487,46 @@ def test_two_runs_into_one_out_leave_every_output_whole_and_under_its_name(tiny_
         assert transcript.file in {str((folder / name).resolve()) + ".wav" for folder in folders}
         for fmt in ("txt", "srt", "vtt"):
             assert path.with_suffix(f".{fmt}").read_text(encoding="utf-8") == outputs.render(transcript, fmt)
+
+
+@pytest.mark.parametrize("damage, why", [
+    (zeroed, r"line 1: not a log row"),
+    (lambda p: p.write_bytes(b"\xff\xfe\x00" + p.read_bytes()), r"not UTF-8 text"),
+    (lambda p: p.write_bytes(p.read_bytes()[10:]), r"line 1: not a log row"),
+])
+def test_a_damaged_training_log_is_named(run, cli_error, damage, why):
+    run_dir, config_file = run
+    damage(run_dir / "log.jsonl")
+    check = unchanged(run_dir)
+    cli_error(["train", config_file], rf"{run_dir / 'log.jsonl'} is damaged \({why}.*\): delete it \(the run's log")
+    check()
+    (run_dir / "log.jsonl").write_bytes(b"")  # an empty log is no damage: nothing to drop
+    assert main(["train", str(config_file)]) == 0
+
+
+def test_a_damaged_context_cache_entry_is_named(tmp_path):
+    import numpy as np
+    import torch
+
+    from localgp.context.cache import FeatureCache
+    from localgp.errors import DamagedFile
+
+    cache = FeatureCache(tmp_path)
+    features = torch.randn(3, 4)
+    assert torch.equal(cache.get("speaker", "u1", lambda: features), features)
+    path = cache.path("speaker", "u1")
+    assert torch.equal(torch.from_numpy(np.load(path)), features)
+    for damage in (cut_short, zeroed):
+        np.save(path, features.numpy())
+        damage(path)
+        with pytest.raises(DamagedFile, match=rf"{path} is damaged .*: delete it: it is a cache"):
+            cache.get("speaker", "u1", lambda: pytest.fail("a damaged entry is not recomputed silently"))
+
+
+def test_inputs_and_outputs_that_are_not_what_they_should_be(tiny_whisper, decoded, tmp_path, cli_error):
+    (tmp_path / "list.txt").write_bytes(b"\xff\xfe a list that is no text")
+    cli_error(["transcribe", f"@{tmp_path / 'list.txt'}", "--whisper-dir", tiny_whisper], "is not UTF-8 text")
+    records, argv = decoded
+    (tmp_path / "records").mkdir()
+    cli_error([*argv[:-8], "--out", tmp_path / "records", "--split", "train"], "is a directory, not a file of records")
+    assert not list((tmp_path / "records").iterdir())

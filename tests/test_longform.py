@@ -321,6 +321,17 @@ def test_transcribe_bench_rows(whisper_base, real_speech, tmp_path):
                         run_dir=str(tmp_path / "no-run"))
 
 
+def train_manifest(root, real_speech):
+    """The real clips as wav files in `root` and a manifest of them, every one in the train split."""
+    lines = []
+    for item in real_speech:
+        sf.write(root / f"{item['id']}.wav", item["wav"], SAMPLE_RATE)
+        lines.append({"id": item["id"], "audio": f"{item['id']}.wav", "language": item["language"],
+                      "speaker": item["speaker"], "text": "some text", "split": "train", "translations": {}})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root / "manifest.jsonl"
+
+
 @pytest.fixture(scope="module")
 def gated_run(tiny_whisper, real_speech, tmp_path_factory):
     """A `localgp train` run of the tiny Whisper with temporal encoder and token decoder gates (one step)."""
@@ -328,14 +339,8 @@ def gated_run(tiny_whisper, real_speech, tmp_path_factory):
     from localgp.train import Trainer
 
     root = tmp_path_factory.mktemp("gated_run")
-    lines = []
-    for item in real_speech:
-        sf.write(root / f"{item['id']}.wav", item["wav"], SAMPLE_RATE)
-        lines.append({"id": item["id"], "audio": f"{item['id']}.wav", "language": item["language"],
-                      "speaker": item["speaker"], "text": "some text", "split": "train", "translations": {}})
-    (root / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     config = TrainConfig(out_dir=str(root / "run"), backbone="whisper-base", whisper_dir=str(tiny_whisper),
-                         data={"kind": "manifest", "path": str(root / "manifest.jsonl"), "split": "train"},
+                         data={"kind": "manifest", "path": str(train_manifest(root, real_speech)), "split": "train"},
                          gates={"encoder": "temporal", "decoder": "token", "contexts": [["front", 0]]}, tasks=("asr",),
                          batch_size=2, max_steps=1, save_every=1, log_every=1)
     Trainer(config).train()

@@ -168,6 +168,10 @@ class WhisperModels:
         if provider not in self._ct2:
             from faster_whisper import WhisperModel
 
+            from localgp.model.whisper_weights import check_prepared
+
+            check_prepared(self.weights)  # ct2/ as `localgp prepare whisper` wrote it
+
             compute_type = provider.rsplit("-", 1)[1]
             self._ct2[provider] = WhisperModel(str(self.weights / "ct2"), device="cpu", compute_type=compute_type,
                                                cpu_threads=torch.get_num_threads())

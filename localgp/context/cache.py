@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from localgp.errors import DamagedFile, reader_error
+
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -23,7 +25,10 @@ class FeatureCache:
         """The cached features, or compute() stored atomically (a crash never leaves half a file)."""
         path = self.path(extractor, utterance_id)
         if path.exists():
-            return torch.from_numpy(np.load(path))
+            try:
+                return torch.from_numpy(np.load(path))
+            except (ValueError, OSError, EOFError) as err:  # np.load's errors on a file that is no .npy
+                raise DamagedFile(path, reader_error(err), "delete it: it is a cache, computed again when missing") from err
         features = compute()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npy")

@@ -114,7 +114,7 @@ def read_transcript(path: Path) -> Transcript:
     data = read_json(path, DAMAGED_FIX)
     try:
         return Transcript.from_json(data)
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, AttributeError, ValueError) as err:  # a field missing, or not of its type
         raise DamagedFile(path, f"not a transcript: {reader_error(err)}", DAMAGED_FIX) from err
 
 

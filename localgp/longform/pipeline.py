@@ -54,8 +54,9 @@ TRANSCRIBE_TIMEOUT = datetime.timedelta(days=1)
 def expand_inputs(items) -> tuple[list[Path], Path]:
     """(files, their common folder): files, directories (their audio files, recursively, by
     suffix) and @list.txt (a path per line, relative to the list; blank lines and # comments
-    skipped), in order, each once; the common folder of the directories given and of the files'
-    folders, which the outputs' tree mirrors."""
+    skipped), in order, each once (two paths of one file: the first), absolute as given (symbolic
+    links not followed: a link's outputs go where the link is); the common folder of the
+    directories given and of the files' folders, which the outputs' tree mirrors."""
     paths: list[Path] = []
     folders: list[Path] = []
     for item in [items] if isinstance(items, (str, Path)) else items:
@@ -64,24 +65,34 @@ def expand_inputs(items) -> tuple[list[Path], Path]:
             listing = Path(text[1:])
             if not listing.is_file():
                 raise UserError(f"file list {listing} does not exist")
-            lines = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines()]
+            try:
+                lines = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines()]
+            except UnicodeDecodeError as err:
+                raise UserError(f"file list {listing} is not UTF-8 text ({err}): give a path per line") from None
             listed = [p if p.is_absolute() else listing.parent / p
                       for p in (Path(line) for line in lines if line and not line.startswith("#"))]
             paths += listed
-            folders += [p.resolve().parent for p in listed]
+            folders += [absolute(p).parent for p in listed]
         elif Path(text).is_dir():
             found = sorted(p for p in Path(text).rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
             if not found:
                 raise UserError(f"directory {text} holds no audio file (suffixes {', '.join(sorted(AUDIO_SUFFIXES))})")
             paths += found
-            folders.append(Path(text).resolve())
+            folders.append(absolute(Path(text)))
         else:
             paths.append(Path(text))  # a missing file is reported with the failed ones
-            folders.append(Path(text).resolve().parent)
-    unique = list(dict.fromkeys(p.resolve() for p in paths))
+            folders.append(absolute(Path(text)).parent)
+    unique: dict[Path, Path] = {}
+    for path in paths:
+        unique.setdefault(path.resolve(), absolute(path))
     if not unique:
         raise UserError("no audio file given")
-    return unique, Path(os.path.commonpath(folders))
+    return list(unique.values()), Path(os.path.commonpath(folders))
+
+
+def absolute(path: Path) -> Path:
+    """The absolute path, `..` folded, symbolic links not followed."""
+    return Path(os.path.abspath(path))
 
 
 def output_names(paths: list[Path], root: Path) -> list[str]:
@@ -261,7 +272,7 @@ class Transcriber:
         if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
             raise UserError(f"--out {out_dir} is a file, not a folder")
 
-        recordings = [Recording(i, p, n) for i, (p, n) in enumerate(zip(inputs, names, strict=True))]
+        recordings = [Recording(i, p.resolve(), n) for i, (p, n) in enumerate(zip(inputs, names, strict=True))]
         # rank 0 decides what is done and who does the rest before any process writes an output
         done, shares = distributed.on_main(self.ctx, lambda: plan(recordings, out_dir, formats, overwrite,
                                                                   self.ctx.world))
@@ -379,7 +390,7 @@ class Transcriber:
             decoded = {i: transcripts[i] for i in shares[self.ctx.rank] if i in transcripts}
             parts = distributed.gather_objects(self.ctx, (decoded, result.failed, result.decoded,
                                                           result.audio_seconds, result.seconds))
-            order = {str(path): i for i, path in enumerate(inputs)}
+            order = {str(path.resolve()): i for i, path in enumerate(inputs)}
             for theirs, *_ in parts:
                 transcripts.update(theirs)
             result.failed = sorted((f for part in parts for f in part[1]), key=lambda f: order[f.file])
