@@ -40,9 +40,10 @@ from torch import Tensor, nn
 from localgp.errors import UserError
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-PRECISIONS = ("float32", "bfloat16", "int8")
-# the dtype a model runs in at each precision (int8 quantizes its linears only)
-MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
+PRECISIONS = ("float32", "bfloat16", "int8")  # of the packing (the CPU)
+# --dtype (decode, transcribe, bench, profile) -> the dtype the model runs in: int8 quantizes its
+# linears only (the rest runs in float32); float16 is for a GPU
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32, "float16": torch.float16}
 INT8_ENGINE = "fbgemm"
 
 
@@ -55,13 +56,15 @@ def _vnni() -> bool:
 
 
 def check_precision(precision: str, device: str | torch.device = "cpu") -> None:
-    """Refuses a precision this device cannot run, naming what is missing (UserError)."""
-    if precision not in PRECISIONS:
-        raise UserError(f"precision (--dtype) must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    """Refuses a --dtype this device cannot run, naming what is missing (UserError)."""
+    if precision not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {precision!r}")
     if torch.device(device).type != "cpu":
         if precision == "int8":
             raise UserError("--dtype int8 runs on the CPU only (fbgemm's int8 linears); on a GPU use float16 or bfloat16")
         return
+    if precision not in PRECISIONS:
+        raise UserError(f"--dtype {precision} is for a GPU; on the CPU use {', '.join(PRECISIONS)}")
     if precision != "float32" and not AVAILABLE:
         raise UserError(f"--dtype {precision}: this PyTorch build has no oneDNN (torch.backends.mkldnn)")
     if precision == "bfloat16" and not cpu_has_bf16():
@@ -180,6 +183,8 @@ def pack_linears(model: nn.Module, precision: str = "float32") -> int:
     where this PyTorch has no oneDNN or this CPU cannot run the precision (`check_precision`)."""
     if not AVAILABLE:
         raise RuntimeError("pack_linears: this PyTorch build has no oneDNN (torch.backends.mkldnn)")
+    if precision not in PRECISIONS:
+        raise UserError(f"pack_linears: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     check_precision(precision, "cpu")
     count = 0
     for module in model.modules():
