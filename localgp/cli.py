@@ -272,7 +272,7 @@ def _bench_transcribe(args: argparse.Namespace) -> int:
     systems = longform.SYSTEMS if args.providers is None else [p for p in args.providers.split(",") if p]
     rows = longform.run_bench(systems, args.audio or longform.DEFAULT_AUDIO, args.seconds or 300.0, beam=args.beam,
                               batch=args.batch or 8, weights=args.weights, run_dir=args.checkpoint or longform.DEFAULT_RUN,
-                              seed=args.seed)
+                              seed=args.seed, dtypes=[bench.parse_dtype(d) for d in args.dtype.split(",")])
     print(longform.table(rows))
     return _write_rows(rows, args)
 

@@ -228,3 +228,15 @@ def test_unrunnable_precisions_are_refused_by_name(monkeypatch):
     monkeypatch.setattr(packed, "cpu_has_bf16", lambda: False)
     with pytest.raises(UserError, match="bfloat16 on the CPU needs the AVX512-BF16 or AMX instructions"):
         pack_linears(small_net(), "bfloat16")
+
+
+@pytest.mark.parametrize("precision", ["float32", *LOW])
+def test_a_used_packed_model_deep_copies(precision):
+    net = small_net()
+    pack_linears(net, precision)
+    x = torch.randn(3, 33)
+    with torch.no_grad():
+        want = net(x)  # packed copies made (oneDNN's opaque tensors cannot be copied themselves)
+        other = copy.deepcopy(net)
+        assert packed.precision_of(other) == precision
+        torch.testing.assert_close(other(x), want, rtol=0, atol=0)

@@ -170,13 +170,6 @@ def check(setting: Setting, part: str, providers=(), repeats: int = 1, warmup: i
         raise BenchError(f"--preset: unknown preset {setting.preset!r}; choose from {', '.join(owsm.PRESETS)}")
     if setting.dtype not in DTYPES:
         raise BenchError(f"--dtype: {setting.dtype!r} is not one of {', '.join(DTYPES)}")
-    try:
-        check_precision(setting.dtype, setting.device)
-    except UserError as err:
-        raise BenchError(str(err)) from None
-    if setting.dtype == "int8" and setting.backbone == "owsm":
-        raise BenchError("--dtype int8: the OWSM parts time ESPnet's modules as they are (unpacked); int8 is for "
-                         "--backbone whisper-base")
     if setting.granularity not in ENCODER_MODULES:
         raise BenchError(f"--granularity: {setting.granularity!r} is not one of {', '.join(ENCODER_MODULES)}")
     for flag, value, least in (("--batch", setting.batch, 1), ("--beam", setting.beam, 1),
@@ -201,6 +194,13 @@ def check(setting: Setting, part: str, providers=(), repeats: int = 1, warmup: i
         if not ops.has_cuda_kernels():
             raise BenchError(f"--device {setting.device}: localgp was built without its CUDA kernels; rebuild with "
                              "LOCALGP_CUDA=1 pip install --no-build-isolation --no-deps -e .")
+    try:
+        check_precision(setting.dtype, setting.device)
+    except UserError as err:
+        raise BenchError(str(err)) from None
+    if setting.dtype == "int8" and setting.backbone == "owsm":
+        raise BenchError("--dtype int8: the OWSM parts time ESPnet's modules as they are (unpacked); int8 is for "
+                         "--backbone whisper-base")
     if setting.checkpoint and not Path(setting.checkpoint).is_dir():
         raise BenchError(f"--checkpoint: {setting.checkpoint} is not a directory (a `localgp train` out_dir)")
 

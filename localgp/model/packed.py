@@ -111,6 +111,9 @@ class PackedWeight:
         self.precision = precision
         self.version, self.packed, self.bias = None, None, None
 
+    def __deepcopy__(self, memo) -> "PackedWeight":  # a cache: a copy starts empty (oneDNN's packed tensors have no storage)
+        return PackedWeight(self.precision)
+
     def of(self, weight: Tensor, bias: Tensor | None = None):
         version = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
         if bias is not None:
