@@ -18,7 +18,8 @@
 #    medium decode, batch 32 -> OUTDIR/profile_decode/ (profile.txt/json, profile_<mode>.png, traces),
 #    and benchmarks/decode_modules.py there (which modules skipping saves on, and the best step);
 #    Whisper base's encoder (its shapes, random weights, noise clips: the weights are not carried)
-#    at batch 1 and 8 beside openai-whisper's own, and its profile -> OUTDIR/profile_whisper/;
+#    in bf16 at batch 1 and 8 and in fp16 at batch 8, beside openai-whisper's own (float32), and its
+#    profile -> OUTDIR/profile_whisper/;
 # 6. OUTDIR/results.md: every row in one Markdown table, headed by date, device and revision
 #    (for benchmarks/RESULTS.md); OUTDIR/log.txt: everything printed.
 #
@@ -152,10 +153,14 @@ step "decode modules medium b32" 90 "$PY" benchmarks/decode_modules.py --preset 
   --device cuda --tokens 30 --keep 0.5 --repeats 30 --json "$OUT/profile_decode/modules.json"
 # Whisper base: its weights (300 MB) cannot be carried (64 MiB), so base's shapes with random
 # weights on noise clips: encoder timing, beside openai-whisper's own encoder on the same weights.
-for batch in 1 8; do
-  step "bench_encoder_whisper-base_b$batch" 240 "$PY" -m localgp bench --backbone whisper-base --weights random \
-    --audio noise --seconds 5 --part encoder --batch "$batch" --dtype bfloat16 --device cuda --keep 1.0,0.7,0.5,0.3 \
-    --json "$OUT/bench_encoder_whisper-base_b$batch.json" --csv "$OUT/bench_encoder_whisper-base_b$batch.csv"
+# bf16 at batch 1 and 8, fp16 at batch 8 (issue 22: both half precisions in dense, masked and compact;
+# the CUDA tests above check them against float32 in every execution)
+for run in bfloat16:1 bfloat16:8 float16:8; do
+  dtype=${run%:*} batch=${run#*:}
+  name="bench_encoder_whisper-base_${dtype}_b$batch"
+  step "$name" 240 "$PY" -m localgp bench --backbone whisper-base --weights random \
+    --audio noise --seconds 5 --part encoder --batch "$batch" --dtype "$dtype" --device cuda --keep 1.0,0.7,0.5,0.3 \
+    --json "$OUT/$name.json" --csv "$OUT/$name.csv"
 done
 step "profile encoder whisper-base b8" 120 "$PY" -m localgp profile --backbone whisper-base --weights random \
   --audio noise --seconds 5 --part encoder --batch 8 --dtype bfloat16 --device cuda --keep 1.0,0.5 \

@@ -142,7 +142,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     records = decode_run(args.run, args.out, split=args.split, options=options, batch_size=args.batch,
                          tasks=tuple(args.tasks.split(",")), device=args.device, limit=args.limit,
                          model=args.model, data=args.data, whisper_dir=args.whisper_dir,
-                         skip_bad_audio=args.skip_bad_audio, overwrite=args.overwrite)
+                         skip_bad_audio=args.skip_bad_audio, overwrite=args.overwrite, dtype=args.dtype)
     print(f"{len(records)} decoded records in {args.out}")
     return 0
 
@@ -272,7 +272,7 @@ def _bench_transcribe(args: argparse.Namespace) -> int:
     systems = longform.SYSTEMS if args.providers is None else [p for p in args.providers.split(",") if p]
     rows = longform.run_bench(systems, args.audio or longform.DEFAULT_AUDIO, args.seconds or 300.0, beam=args.beam,
                               batch=args.batch or 8, weights=args.weights, run_dir=args.checkpoint,
-                              seed=args.seed)
+                              seed=args.seed, dtypes=[bench.parse_dtype(d) for d in args.dtype.split(",")])
     print(longform.table(rows))
     return _write_rows(rows, args)
 
@@ -343,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     from localgp.model.owsm import PRESETS
+    from localgp.model.packed import DTYPES
+
+    DTYPE_CHOICES = list(DTYPES)
+    DTYPE_HELP = ("float32; bfloat16 (CPU: needs AVX512-BF16 or AMX); int8 (CPU: linears int8 per channel, "
+                  "activations quantized on the fly, the rest float32); float16 (GPU)")
 
     flops = sub.add_parser("flops", help="encoder compute (MACs, the papers' GFLOPs), dense and pruned")
     flops.add_argument("--backbone", choices=["owsm", "whisper-base"], default="owsm",
@@ -396,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="OWSM: 0: up to one token per encoder frame with end detection; <0: at most -N tokens")
     decode.add_argument("--execution", choices=["compact", "masked"], default="compact")
     decode.add_argument("--device", default="cpu")
+    decode.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=DTYPE_HELP)
     decode.add_argument("--limit", type=positive_int, help="decode only the first N examples")
     decode.add_argument("--skip-bad-audio", action="store_true",
                         help="leave out (and list) audio that cannot be used instead of stopping")
@@ -420,8 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--batch", type=positive_int, default=8, help="30 s windows decoded together")
     transcribe.add_argument("--beam", type=positive_int, default=5, help="hypotheses per window")
     transcribe.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
-    transcribe.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                            help="float16/bfloat16: GPU only")
+    transcribe.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=DTYPE_HELP)
     transcribe.add_argument("--output-format", default="all", help="comma list of txt,srt,vtt,json, or all")
     transcribe.add_argument("--out", default=".", help="directory for <name>.<format> (a rerun skips files done)")
     transcribe.add_argument("--overwrite", action="store_true", help="decode files again whose outputs are there")
@@ -490,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", help="a `localgp train` out_dir: its model and trained gates decide the masks")
         p.add_argument("--batch", type=positive_int, help="utterances per call (default 1; transcribe: windows, 8)")
         p.add_argument("--seconds", type=positive_float, help="audio per utterance (default 30; OWSM pads to 30 s)")
-        p.add_argument("--dtype", default="float32", help="float32 (fp32) or bfloat16 (bf16)")
+        p.add_argument("--dtype", default="float32", help=DTYPE_HELP + " (aliases fp32, bf16, fp16)")
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
         p.add_argument("--granularity", choices=["temporal", "utterance"], default="temporal",
                        help="temporal: FFN1/attention/FFN2 per frame; utterance: all four modules per utterance")

@@ -39,7 +39,7 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
                batch_size: int = 8, tasks=("asr", "st"), device: str = "cpu", limit: int | None = None,
                model: str | None = None, data: dict | str | None = None,
                whisper_dir: str | None = None, skip_bad_audio: bool = False,
-               overwrite: bool = False) -> list[Decoded]:
+               overwrite: bool = False, dtype: str = "float32") -> list[Decoded]:
     """Decodes `split` of a corpus into out_path, resuming after the records already there.
     Returns all records.
 
@@ -48,6 +48,8 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
     ungated (the zero-shot baseline), on `data` (TrainConfig.data, or a manifest path).
     options: the backbone's decode options (None: its defaults; see Backbone.decode_options).
     skip_bad_audio: leave out (and log) utterances whose audio cannot be used, instead of stopping.
+    dtype: float32, bfloat16 or int8 on the CPU, float16/bfloat16 on a GPU (see
+    backbones.ready_for_decoding); recorded with the source unless float32.
     overwrite: start over, discarding the records in out_path (and their source), instead of
     resuming them or refusing them as another decode's.
     """
@@ -56,6 +58,7 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
     from localgp.context.feeder import ContextFeeder
     from localgp.data.examples import load_corpus, make_examples
     from localgp.files import file_sha256
+    from localgp.model.packed import check_precision
     from localgp.runs import check_device, checkpoint_path, dense_model, load_run
 
     if batch_size < 1:
@@ -64,6 +67,7 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
         raise UserError(f"decode: limit must be >= 1 (or None: every example), got {limit}")
     if not tasks or not set(tasks) <= {"asr", "st"}:
         raise UserError(f"decode: tasks must be asr, st or both, got {','.join(tasks)!r}")
+    check_precision(dtype, check_device(device))
     ctx = distributed.setup(check_device(device), backend="gloo", timeout=DECODE_TIMEOUT)
     if isinstance(data, (str, Path)):
         data = {"kind": "manifest", "path": str(data)}
@@ -92,6 +96,8 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
     examples = make_examples(utterances, tasks, run.backbone.supports)[:limit]
     corpus = {**data, "path": str(Path(data["path"]).resolve())} if "path" in data else data
     source = {"model": produced_by, "data": corpus, "options": dataclasses.asdict(options)}
+    if dtype != "float32":  # float32 records' sources (from before --dtype) stay as they were
+        source["dtype"] = dtype
     done = distributed.on_main(ctx, lambda: claim_records(out_path, source, overwrite))
     # ASR before ST: batches of one task where the backbone searches task by task (Whisper).
     todo = sorted((e for e in examples if record_id(e) not in done), key=lambda e: e.is_translation)
@@ -106,7 +112,7 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
         batches, target = [batches[i] for i in shares[ctx.rank]], part_path(out_path, ctx.rank)
         log.info("decode: %d processes decode %s examples, into %s.rank<r>", ctx.world, counts, out_path.name)
     contexts = ContextFeeder(run.model, run.config.context_extractors, cache, run.backbone.prompt_context)
-    decoder = run.backbone.corpus_decoder(run.model, contexts, options, str(ctx.device))
+    decoder = run.backbone.corpus_decoder(run.model, contexts, options, str(ctx.device), dtype)
     with tqdm(total=sum(map(len, batches)), desc="decode", disable=not ctx.main) as bar:
         for batch in batches:
             append_decoded(decoder.batch(batch), target)

@@ -119,6 +119,7 @@ def table_row(row: Row | None, target: float | None, report: dict, dense: dict |
         "label": "dense (zero-shot)" if row is None else row.label,
         "target": target,
         "execution": "dense" if row is None else "compact",
+        "dtype": "float32",  # the demo decodes in float32 (`localgp decode --dtype` for the others)
         "wer": report["wer"], "bleu": report["bleu"],
         "encoder_gflops": report["encoder_gflops"], "decoder_gflops": report.get("decoder_gflops"),
         "sparsity": sparsity,

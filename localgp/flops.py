@@ -128,7 +128,7 @@ def kept_frames(record, b: int, t: int, layers: int) -> dict[str, list[int]]:
     for name, mask in record.masks.items():
         _, layer, module = name.split(".")
         m = mask[b]
-        count = int(m.sum()) if m.dim() else int(m) * t  # per frame, or the whole utterance
+        count = int(m.float().sum()) if m.dim() else int(m) * t  # per frame, or the whole utterance
         kept.setdefault(module, [0] * layers)[int(layer)] = count
     return kept
 

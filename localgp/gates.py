@@ -60,7 +60,8 @@ class GateRecord:
         """Fraction of gated units (module x frame/token) skipped over valid positions."""
         if not self.masks:
             raise ValueError("sparsity: no gate was applied in this forward pass")
-        kept = sum((m * v).sum() for m, v in zip(self.masks.values(), self.valid.values(), strict=True))
+        # in float32 whatever the masks' dtype: a bfloat16 sum of thousands of ones is off by tens
+        kept = sum((m * v).sum(dtype=torch.float32) for m, v in zip(self.masks.values(), self.valid.values(), strict=True))
         total = sum(v.sum() for v in self.valid.values())
         return 1 - kept / total.clamp(min=1)
 

@@ -55,6 +55,7 @@ def test_whisper_demo_table(tmp_path, whisper_base, capsys):
     dense, gated = report["rows"]
     assert (dense["model"], dense["execution"], dense["target"]) == ("dense", "dense", None)
     assert (gated["model"], gated["execution"], gated["target"]) == ("localgp+speaker", "compact", 0.5)
+    assert dense["dtype"] == gated["dtype"] == "float32"
     for row in (dense, gated):
         assert set(row["wer"]) == {"en", "fr", "average"} and set(row["bleu"]) == {"fr-en", "average"}
         assert row["encoder_gflops"] > 0 and row["decoder_gflops"] > 0 and row["seconds_per_utterance"] > 0

@@ -272,7 +272,7 @@ def test_api_batches_windows_of_all_files(tiny_whisper, clips, tmp_path, monkeyp
     assert a.segments[-1].start == pytest.approx(len(long) / SAMPLE_RATE - 1.0 - len(clips[0]) / SAMPLE_RATE, abs=0.3)
 
 
-def test_user_errors(tiny_whisper, tmp_path, cli_error):
+def test_user_errors(tiny_whisper, tmp_path, cli_error, monkeypatch):
     snapshot = tmp_path / "owsm"
     (snapshot / "exp").mkdir(parents=True)
     (snapshot / "exp" / "config.yaml").write_text("encoder: e_branchformer\n")
@@ -285,8 +285,16 @@ def test_user_errors(tiny_whisper, tmp_path, cli_error):
     sf.write(tmp_path / "a.flac", silence(1.0), SAMPLE_RATE)  # (in another folder it would be x/a.*)
     cli_error(["transcribe", tmp_path / "a.wav", tmp_path / "a.flac", "--whisper-dir", tiny_whisper],
               "would both write a")
-    cli_error(["transcribe", tmp_path / "a.wav", "--dtype", "bfloat16", "--device", "cpu", "--whisper-dir", tiny_whisper],
-              "for a GPU")
+    cli_error(["transcribe", tmp_path / "a.wav", "--dtype", "float16", "--device", "cpu", "--whisper-dir", tiny_whisper],
+              "--dtype float16 is for a GPU; on the CPU use float32, bfloat16, int8")
+    cli_error(["transcribe", tmp_path / "a.wav", "--dtype", "int4", "--whisper-dir", tiny_whisper], "--dtype: invalid choice")
+    from localgp.model import packed
+
+    monkeypatch.setattr(packed, "cpu_has_bf16", lambda: False)  # a CPU without them
+    for command in (["transcribe", tmp_path / "a.wav", "--device", "cpu", "--whisper-dir", tiny_whisper],
+                    ["decode", "--model", "whisper-base", "--data", tmp_path / "m.jsonl", "--out", tmp_path / "d.jsonl"],
+                    ["bench", "--backbone", "whisper-base", "--weights", "random"]):
+        cli_error([*command, "--dtype", "bfloat16"], "--dtype bfloat16 on the CPU needs the AVX512-BF16 or AMX instructions")
 
 
 def test_transcribe_bench_rows(whisper_base, real_speech, tmp_path):
@@ -294,6 +302,7 @@ def test_transcribe_bench_rows(whisper_base, real_speech, tmp_path):
     three of its systems (the gated one needs a trained run: refused without one)."""
     from localgp.bench import transcribe as bench
     from localgp.bench.core import BenchError
+    from localgp.errors import UserError
     from tests.test_whisper_train import TEXTS
 
     lines = []
@@ -308,14 +317,17 @@ def test_transcribe_bench_rows(whisper_base, real_speech, tmp_path):
     assert sum(len(x["wav"]) for x in real_speech if x["language"] == "en") + 3 * 0.8 * SAMPLE_RATE <= len(wav)
     systems = ["openai-whisper", "faster-whisper-int8", "localgp-dense"]
     rows = bench.run_bench(systems, tmp_path / "manifest.jsonl", 60.0, beam=2, batch=4, weights=str(whisper_base),
-                           run_dir=str(tmp_path / "no-run"))
-    assert [r["system"] for r in rows] == systems
+                           run_dir=str(tmp_path / "no-run"), dtypes=("float32", "int8"))
+    assert [(r["system"], r["dtype"]) for r in rows] == [("openai-whisper", "float32"), ("faster-whisper-int8", "int8"),
+                                                          ("localgp-dense", "float32"), ("localgp-dense", "int8")]
     for r in rows:
         assert r["audio_seconds"] == pytest.approx(len(wav) / SAMPLE_RATE, abs=0.01)
         assert r["rtf"] == pytest.approx(r["seconds"] / r["audio_seconds"])
         assert 0 <= r["wer"] < 30, r  # read prompts, clean: Whisper base gets them nearly right
         assert r["peak_mb"] > 100 and r["threads"] >= 1 and r["revision"] and r["clips"] == len(texts)
     assert "localgp-dense" in bench.table(rows)
+    with pytest.raises(UserError, match="--dtype must be one of"):
+        bench.run_bench(["localgp-dense"], tmp_path / "manifest.jsonl", 60.0, weights=str(whisper_base), dtypes=("int4",))
     with pytest.raises(BenchError, match="no trained run"):
         bench.run_bench(["localgp-compact"], tmp_path / "manifest.jsonl", 60.0, weights=str(whisper_base),
                         run_dir=str(tmp_path / "no-run"))

@@ -86,3 +86,157 @@ def test_cuda_tensors_take_the_module_forward():
     x = torch.randn(5, 33, device="cuda")
     with torch.no_grad():
         assert torch.equal(net(x), plain(x))
+
+
+# ---------------------------------------------------------------- bfloat16 and int8: one path, a precision of the packing
+LOW = [p for p in ("bfloat16", "int8") if p != "bfloat16" or packed.cpu_has_bf16()]
+needs_bf16 = pytest.mark.skipif(not packed.cpu_has_bf16(), reason="this CPU has neither AVX512-BF16 nor AMX")
+
+
+def fresh_inputs(width: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(0, width, generator=gen), torch.randn(1, width, generator=gen),
+            torch.randn(7, width, generator=gen), 3 * torch.randn(3, 11, width, generator=gen),
+            torch.randn(width, 9, generator=gen).t(), torch.randn(4, 20, width, generator=gen)[:, ::3],
+            torch.zeros(2, width)]  # empty, one row, batches, non-contiguous, all zero
+
+
+def dequantized_reference(weight):
+    """int8 per output channel in plain PyTorch: scale max|w|/127 (1 for an all-zero row)."""
+    scale = weight.abs().amax(1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(weight / scale).clamp(-128, 127) * scale
+
+
+def int8_reference(x, weight, bias):
+    """The plain reference for int8: the dequantized weight times x, and the bound of activation
+    quantization's error: each input rounded to a step of (max(x,0) - min(x,0)) / 255 (off by at
+    most one step, zero-point nudging included), so output j is off by at most step * sum_k |w_jk|."""
+    w = packed.dequantized_weight(weight)  # itself checked against dequantized_reference
+    want = torch.nn.functional.linear(x, w, bias)
+    step = (x.max().clamp(min=0) - x.min().clamp(max=0)) / 255 if x.numel() else torch.tensor(0.0)
+    return want, step * w.abs().sum(1) + 1e-4
+
+
+@pytest.mark.parametrize("width,out", [(33, 70), (64, 17), (1, 5), (129, 300)])
+def test_int8_against_the_dequantized_reference(width, out):
+    torch.manual_seed(width)
+    layer = nn.Linear(width, out)
+    with torch.no_grad():
+        layer.weight[0] = 0  # an all-zero channel
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    pack_linears(layer, "int8")
+    # the same levels as plain PyTorch's, but at a rounding tie (w/scale within float rounding of k + 1/2)
+    diff, step = (packed.dequantized_weight(weight) - dequantized_reference(weight)).abs(), weight.abs().amax(1, keepdim=True) / 127
+    assert (diff <= step * 1.001 + 1e-12).all() and (diff > 1e-7).float().mean() < 1e-3
+    with torch.no_grad():
+        for x in fresh_inputs(width, seed=out):
+            got = layer(x)
+            want, bound = int8_reference(x, weight, bias)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            assert ((got - want).abs() <= bound).all(), float(((got - want).abs() - bound).max())
+            if x.numel() and x.abs().max() == 0:
+                torch.testing.assert_close(got, bias.expand_as(got), rtol=0, atol=1e-6)  # zero maps exactly
+
+
+@needs_bf16
+@pytest.mark.parametrize("width,out", [(33, 70), (64, 17), (1, 5), (129, 300)])
+def test_bfloat16_against_the_rounded_reference(width, out):
+    """bf16 weights and inputs, float32 sums: the float32 product of the bf16-rounded operands,
+    within 2^-7 relative (the output's own bf16 rounding is 2^-8) plus 1e-3 absolute."""
+    torch.manual_seed(out)
+    layer = nn.Linear(width, out)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    pack_linears(layer, "bfloat16")
+
+    def rounded(t):
+        return t.bfloat16().float()
+
+    with torch.no_grad():
+        for x in fresh_inputs(width, seed=width):
+            want = torch.nn.functional.linear(rounded(x), rounded(weight), rounded(bias))
+            got = layer(x)  # a float32 input: float32 out
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-3)
+        layer.bfloat16()  # a bfloat16 model: bfloat16 through
+        for x in fresh_inputs(width, seed=width + 1):
+            got = layer(x.bfloat16())
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), torch.nn.functional.linear(rounded(x), rounded(weight), rounded(bias)),
+                                       rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("precision", LOW)
+def test_low_precision_follows_weight_and_bias_changes(precision):
+    net = small_net()
+    plain = copy.deepcopy(net)
+    pack_linears(net, precision)
+    x = torch.randn(6, 33)
+    with torch.no_grad():
+        before = net(x)
+        torch.testing.assert_close(before, plain(x), rtol=0.05, atol=0.05)
+        for layer in (net[0], plain[0]):
+            layer.weight.mul_(2)
+            layer.bias.add_(1)  # int8's packing holds the bias
+        torch.testing.assert_close(net(x), plain(x), rtol=0.05, atol=0.05)
+        assert not torch.allclose(net(x), before, atol=0.5)
+        net.load_state_dict(small_net().state_dict())
+        torch.testing.assert_close(net(x), before, rtol=0, atol=0)  # back to the same packing's output
+
+
+@pytest.mark.parametrize("precision", LOW)
+def test_low_precision_leaves_gradients_and_training_in_float32(precision, monkeypatch):
+    net, plain = small_net(), small_net()
+    pack_linears(net, precision)
+    calls = []
+    real = packed.linear
+    monkeypatch.setattr(packed, "linear", lambda *a: calls.append(a[3].precision) or real(*a))
+    x = torch.randn(5, 33)
+    out = net(x)  # gradients wanted: the module's own float32 forward, bit for bit
+    assert not calls and torch.equal(out, plain(x))
+    out.sum().backward()
+    torch.testing.assert_close(net[0].weight.grad, torch.autograd.grad(plain(x).sum(), plain[0].weight)[0])
+    with torch.no_grad():
+        net(x)
+    assert calls == [precision] * 3
+    assert packed.precision_of(net) == precision and packed.precision_of(plain) is None
+
+
+def test_precision_is_switched_by_packing_again():
+    net = small_net()
+    x = torch.randn(4, 33)
+    with torch.no_grad():
+        pack_linears(net, "int8")
+        low = net(x)
+        pack_linears(net)
+        assert packed.precision_of(net) == "float32"
+        torch.testing.assert_close(net(x), small_net()(x), **TOLERANCE)
+        pack_linears(net, "int8")
+        assert torch.equal(net(x), low)
+        with pytest.raises(ValueError, match="int8 linear: the input must be float32"):
+            net(x.bfloat16())
+
+
+def test_unrunnable_precisions_are_refused_by_name(monkeypatch):
+    from localgp.errors import UserError
+
+    with pytest.raises(UserError, match="must be one of float32, bfloat16, int8, got 'int4'"):
+        pack_linears(small_net(), "int4")
+    with pytest.raises(UserError, match="int8 runs on the CPU only"):
+        packed.check_precision("int8", "cuda")
+    packed.check_precision("bfloat16", "cuda")  # the GPU's own matter
+    monkeypatch.setattr(packed, "cpu_has_bf16", lambda: False)
+    with pytest.raises(UserError, match="bfloat16 on the CPU needs the AVX512-BF16 or AMX instructions"):
+        pack_linears(small_net(), "bfloat16")
+
+
+@pytest.mark.parametrize("precision", ["float32", *LOW])
+def test_a_used_packed_model_deep_copies(precision):
+    net = small_net()
+    pack_linears(net, precision)
+    x = torch.randn(3, 33)
+    with torch.no_grad():
+        want = net(x)  # packed copies made (oneDNN's opaque tensors cannot be copied themselves)
+        other = copy.deepcopy(net)
+        assert packed.precision_of(other) == precision
+        torch.testing.assert_close(other(x), want, rtol=0, atol=0)

@@ -135,3 +135,51 @@ def test_real_whisper_base_equals_openai_whisper_on_real_clips(whisper_base, rea
         assert [h.token_ids for h in WhisperBeamSearch(fast)(fast.encoder(mel), languages)] == [r.tokens for r in want]
     detected = WhisperBeamSearch(model)(model.encoder(mel[:2]), [None, None])
     assert [h.language for h in detected] == languages[:2]
+
+
+def token_agreement(got: list[list[int]], want: list[list[int]]) -> float:
+    """Share of tokens two decodes have in common: matched tokens (difflib's longest matching
+    blocks, in order) over the longer decode's tokens, summed over clips."""
+    import difflib
+
+    matched = sum(sum(b.size for b in difflib.SequenceMatcher(a=g, b=w, autojunk=False).get_matching_blocks())
+                  for g, w in zip(got, want, strict=True))
+    return matched / max(1, sum(max(len(g), len(w)) for g, w in zip(got, want, strict=True)))
+
+
+# measured on these 6 clips: int8 mean abs error 0.19 of the mean |output| (activations per tensor:
+# a few frames at the window's end carry 100x the typical value), token agreement 0.91; bf16: below
+MEAN_ERROR = {"int8": 0.3, "bfloat16": 0.3}
+AGREEMENT = {"int8": 0.85, "bfloat16": 0.85}
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_real_whisper_base_in_low_precision_decodes_real_clips_as_float32(whisper_base, real_speech, dtype):
+    """int8 (linears int8 per channel, activations per tensor) and bfloat16 (all of it) on the CPU,
+    as decode and transcribe run them (`set_precision`): the encoder's output within a stated error
+    of float32's, and the beam search's tokens agree with float32's (AGREEMENT, MEAN_ERROR: the
+    rates measured are beside them)."""
+    from localgp.model import packed
+    from localgp.model.convert import set_precision
+    from localgp.model.whisper_weights import load_whisper
+
+    if dtype == "bfloat16" and not packed.cpu_has_bf16():
+        pytest.skip("this CPU has neither AVX512-BF16 nor AMX")
+    model = load_whisper(whisper_base).float().eval()
+    pack_linears(model)
+    low = copy.deepcopy(model)
+    set_precision(low, dtype)
+    assert packed.precision_of(low) == dtype and next(low.parameters()).dtype == packed.DTYPES[dtype]
+    mel = torch.stack([whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.as_tensor(u["wav"]).float())) for u in real_speech])
+    languages = [u["language"] for u in real_speech]
+    with torch.no_grad():
+        want_features, got_features = model.encoder(mel), low.encoder(mel.to(packed.DTYPES[dtype])).float()
+        error = (got_features - want_features).abs()
+        scale = want_features.abs().mean()
+        print(dtype, "encoder output: mean abs error", float(error.mean() / scale), "max", float(error.max() / scale),
+              "of the mean |output|")
+        assert error.mean() < MEAN_ERROR[dtype] * scale, float(error.mean() / scale)
+        want = [h.token_ids for h in WhisperBeamSearch(model)(want_features, languages)]
+        got = [h.token_ids for h in WhisperBeamSearch(low)(low.encoder(mel.to(packed.DTYPES[dtype])), languages)]
+    print(dtype, "token agreement", token_agreement(got, want))
+    assert token_agreement(got, want) >= AGREEMENT[dtype], (got, want)

@@ -11,6 +11,7 @@ from localgp import ops
 from localgp.model.config import GateConfig
 from localgp.model.convert import force_keep, gate_state_dict, last_record, pruning_loss, set_execution
 from localgp.model.whisper import frames_sparsity, gate_whisper, speech_frames
+from tests.conftest import requires_cuda
 
 DIMS = ModelDimensions(n_mels=80, n_audio_ctx=24, n_audio_state=32, n_audio_head=4, n_audio_layer=2,
                        n_vocab=300, n_text_ctx=16, n_text_state=32, n_text_head=4, n_text_layer=2)
@@ -119,6 +120,49 @@ def test_masked_and_compact_agree(name, keep):
         force_keep(model, None)
         with torch.no_grad():
             assert not torch.allclose(model.encoder(mel), a_m, atol=1e-3)
+
+
+LOW_PRECISION = [("cpu", "bfloat16"), pytest.param("cuda", "bfloat16", marks=requires_cuda),
+                 pytest.param("cuda", "float16", marks=requires_cuda)]
+
+
+@pytest.mark.parametrize("device,dtype", LOW_PRECISION)
+@pytest.mark.parametrize("name", ["temporal_token", "filled", "utterance"])
+def test_low_precision_in_every_execution(name, device, dtype):
+    """bf16 (CPU: AVX512-BF16/AMX, linears packed; GPU) and fp16 (GPU) through `set_precision`,
+    the fused ops in that dtype: dense, masked and compact each within 5% of the largest float32
+    output (a tiny random model), compact within as much of masked, the same masks."""
+    from localgp.model import packed
+    from localgp.model.convert import set_precision
+
+    if device == "cpu" and not packed.cpu_has_bf16():
+        pytest.skip("this CPU has neither AVX512-BF16 nor AMX")
+    want = gate_whisper(tiny_whisper(), CONFIGS[name])
+    mel, tokens = inputs(B=4, L=9)
+    feed_context(want, name, mel.shape[0])
+    low = copy.deepcopy(want)
+    set_precision(low, dtype, device)
+    torch_dtype = packed.DTYPES[dtype]
+    results = {}
+    for execution, keep in (("dense", 1.0), ("masked", 0.5), ("compact", 0.5)):
+        outs = []
+        for model, dev, dt in ((want, "cpu", torch.float32), (low, device, torch_dtype)):
+            model.encoder.execution = execution
+            if execution != "dense":
+                set_execution(model, execution)
+            force_keep(model, keep, seed=5)
+            with torch.no_grad():
+                audio = model.encoder(mel.to(dev, dt))
+                logits = model.decoder(tokens.to(dev), audio)
+            assert audio.dtype == dt and audio.device.type == dev
+            outs.append((audio.float().cpu(), logits.float().cpu()))
+        (audio32, logits32), (audio_low, logits_low) = outs
+        for got, ref in ((audio_low, audio32), (logits_low, logits32)):
+            assert (got - ref).abs().max() <= 0.05 * ref.abs().max(), (execution, float((got - ref).abs().max()))
+        results[execution] = (audio_low, logits_low, last_record(low).sparsity() if execution != "dense" else None)
+    (a_m, l_m, s_m), (a_c, l_c, s_c) = results["masked"][:3], results["compact"][:3]
+    assert float(s_m) == pytest.approx(float(s_c))
+    assert (a_c - a_m).abs().max() <= 0.05 * a_m.abs().max() and (l_c - l_m).abs().max() <= 0.05 * l_m.abs().max()
 
 
 @pytest.mark.parametrize("name", CONFIGS)

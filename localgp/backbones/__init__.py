@@ -96,24 +96,22 @@ class Backbone(abc.ABC):
         converted where the backbone has its own, refusing settings it has no use for)."""
 
     @abc.abstractmethod
-    def corpus_decoder(self, model: nn.Module, contexts, options, device: str = "cpu"):
-        """An object whose .batch(examples) decodes a batch into evaluate.Decoded records."""
+    def corpus_decoder(self, model: nn.Module, contexts, options, device: str = "cpu", dtype: str = "float32"):
+        """An object whose .batch(examples) decodes a batch into evaluate.Decoded records, the model
+        in `dtype` (see ready_for_decoding)."""
 
 
-def ready_for_decoding(model: nn.Module, execution: str, device: str) -> torch.device:
+def ready_for_decoding(model: nn.Module, execution: str, device: str, dtype: str = "float32") -> torch.device:
     """Moves a model (plain or gated) to `device` for decoding a corpus: eval mode, the gated
-    parts' execution, and on the CPU its linears through oneDNN's packed weights (`pack_linears`:
-    1.2-2.8x faster there than PyTorch's own path, the same function up to rounding)."""
-    from localgp.model.convert import gated_parts, set_execution
-    from localgp.model.packed import pack_linears
+    parts' execution, and `set_precision` at `dtype` (--dtype; on the CPU its linears through packed
+    weights: in float32 1.2-2.8x faster there than PyTorch's own path, the same function up to
+    rounding)."""
+    from localgp.model.convert import gated_parts, set_execution, set_precision
 
-    device = torch.device(device)
-    model.to(device).eval()
+    set_precision(model.eval(), dtype, device)
     if gated_parts(model):
         set_execution(model, execution)
-    if device.type == "cpu":
-        pack_linears(model)
-    return device
+    return torch.device(device)
 
 
 def backbone_class(name: str) -> type[Backbone]:

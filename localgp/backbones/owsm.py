@@ -102,8 +102,8 @@ class OwsmBackbone(Backbone):
             raise TypeError(f"decode: the OWSM backbone decodes with DecodeOptions, got {type(options).__name__}")
         return options
 
-    def corpus_decoder(self, model, contexts, options, device: str = "cpu"):
-        return OwsmCorpusDecoder(model, self.tokenizer, contexts, options, device)
+    def corpus_decoder(self, model, contexts, options, device: str = "cpu", dtype: str = "float32"):
+        return OwsmCorpusDecoder(model, self.tokenizer, contexts, options, device, dtype)
 
 
 def encoder_gflops(encoder, record: GateRecord | None, input_frames: int) -> float:
@@ -117,9 +117,9 @@ def encoder_gflops(encoder, record: GateRecord | None, input_frames: int) -> flo
 class OwsmCorpusDecoder:
     """Decodes examples (utterance, target language) of a corpus with an OWSM model."""
 
-    def __init__(self, model, tokenizer, contexts, options: DecodeOptions, device: str = "cpu"):
+    def __init__(self, model, tokenizer, contexts, options: DecodeOptions, device: str = "cpu", dtype: str = "float32"):
         self.model, self.tokenizer, self.contexts, self.options = model, tokenizer, contexts, options
-        self.device = ready_for_decoding(model, options.execution, device)
+        self.device = ready_for_decoding(model, options.execution, device, dtype)
         self.search = BatchBeamSearch(model, options)
 
     @torch.no_grad()

@@ -196,8 +196,8 @@ class WhisperBaseBackbone(Backbone):
                              f"its own length rules); leave them at their defaults")
         return WhisperDecodeOptions(beam_size=options.beam_size, execution=options.execution)
 
-    def corpus_decoder(self, model, contexts, options, device: str = "cpu"):
-        return WhisperCorpusDecoder(self, model, contexts, self.decode_options(options), device)
+    def corpus_decoder(self, model, contexts, options, device: str = "cpu", dtype: str = "float32"):
+        return WhisperCorpusDecoder(self, model, contexts, self.decode_options(options), device, dtype)
 
 
 def token_piece(tokenizer, token_id: int) -> str:
@@ -211,9 +211,9 @@ class WhisperCorpusDecoder:
     through the encoder together, then one beam search per task (transcribe, translate)."""
 
     def __init__(self, backbone: WhisperBaseBackbone, model, contexts, options: WhisperDecodeOptions,
-                 device: str = "cpu"):
+                 device: str = "cpu", dtype: str = "float32"):
         self.backbone, self.model, self.contexts, self.options = backbone, model, contexts, options
-        self.device = ready_for_decoding(model, options.execution, device)
+        self.device = ready_for_decoding(model, options.execution, device, dtype)
         self.search = WhisperBeamSearch(model, options)
         self.dtype = next(model.parameters()).dtype
         self.last_hypotheses: list = []  # the last batch's best hypotheses (detected language, avg_logprob)

@@ -49,6 +49,7 @@ from localgp import flops
 from localgp.errors import UserError
 from localgp.model import owsm
 from localgp.model.config import ENCODER_MODULES
+from localgp.model.packed import DTYPES, check_precision
 
 # What users run instead, measured beside ours: ESPnet's own module (OWSM), openai-whisper's own
 # model and decode, faster-whisper (CTranslate2 on the original weights) at two compute types.
@@ -59,8 +60,7 @@ BACKBONES = ("owsm", "whisper-base")
 BASELINES = ("dense", "masked")
 GATED = ("masked", "compact")  # providers whose work depends on the masks
 DEFAULT_KEEPS = (1.0, 0.7, 0.5, 0.3)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 GATES = "gates"  # the keep "ratio" of a run whose masks come from trained gates
 
 
@@ -73,7 +73,7 @@ class Setting:
     preset: str = "medium"  # model size (owsm.PRESETS); ignored with a checkpoint, which has its own
     batch: int = 1  # utterances per call
     seconds: float = 30.0  # audio per utterance (OWSM pads to 30 s)
-    dtype: str = "float32"  # float32 or bfloat16
+    dtype: str = "float32"  # float32, bfloat16, int8 (CPU: linears in int8, the rest float32), float16 (GPU)
     device: str = "cpu"  # cpu, cuda, cuda:N
     beam: int = 5  # hypotheses per utterance (decoder parts)
     tokens: int = 50  # decoder parts: decode steps (decode), prefix length (decoder-step)
@@ -194,6 +194,13 @@ def check(setting: Setting, part: str, providers=(), repeats: int = 1, warmup: i
         if not ops.has_cuda_kernels():
             raise BenchError(f"--device {setting.device}: localgp was built without its CUDA kernels; rebuild with "
                              "LOCALGP_CUDA=1 pip install --no-build-isolation --no-deps -e .")
+    try:
+        check_precision(setting.dtype, setting.device)
+    except UserError as err:
+        raise BenchError(str(err)) from None
+    if setting.dtype == "int8" and setting.backbone == "owsm":
+        raise BenchError("--dtype int8: the OWSM parts time ESPnet's modules as they are (unpacked); int8 is for "
+                         "--backbone whisper-base")
     if setting.checkpoint and not Path(setting.checkpoint).is_dir():
         raise BenchError(f"--checkpoint: {setting.checkpoint} is not a directory (a `localgp train` out_dir)")
 

@@ -9,6 +9,10 @@ recording, side by side, in one run, by what users run and by localgp:
 - `localgp-dense`: `localgp transcribe` with the plain Whisper base;
 - `localgp-compact`: `localgp transcribe` with a trained gated Whisper run, compact execution.
 
+`--dtypes float32,bfloat16,int8` runs every localgp system in each (`localgp transcribe --dtype`);
+openai-whisper runs in float32 and faster-whisper's rows keep their compute types (each row's
+`dtype` says which).
+
 The recording is assembled from the demo corpus' held-out test clips of one language (read
 prompts, 8 kHz telephone speech), in order, with pauses of 0.8-2.5 s between them (seeded), up
 to --seconds; its reference is their prompt texts. WER: over the whole text, after Whisper's
@@ -33,6 +37,7 @@ import torch
 
 from localgp.bench.core import BenchError, device_name, git_revision
 from localgp.errors import UserError
+from localgp.model.packed import check_precision
 
 SYSTEMS = ("openai-whisper", "faster-whisper-float32", "faster-whisper-int8", "localgp-dense", "localgp-compact")
 DEFAULT_REPORT = "out/demo/report.json"  # `make demo`'s: localgp-compact runs the run it trained
@@ -73,7 +78,8 @@ def wer(reference: str, hypothesis: str, language: str) -> float:
     return 100.0 * jiwer.wer(ref, hyp)
 
 
-def run_system(system: str, audio: Path, language: str, beam: int, batch: int, weights: Path, run_dir: str) -> dict:
+def run_system(system: str, audio: Path, language: str, beam: int, batch: int, weights: Path, run_dir: str,
+               dtype: str = "float32") -> dict:
     """Transcribes `audio` with one system in this process: {text, seconds, audio_seconds}."""
     from localgp.data.audio import load_audio
 
@@ -101,8 +107,8 @@ def run_system(system: str, audio: Path, language: str, beam: int, batch: int, w
     elif system.startswith("localgp"):
         from localgp.longform import Transcriber
 
-        transcriber = (Transcriber("whisper-base", whisper_dir=str(weights), device="cpu") if system == "localgp-dense"
-                       else Transcriber(run_dir, device="cpu"))
+        transcriber = (Transcriber("whisper-base", whisper_dir=str(weights), device="cpu", dtype=dtype)
+                       if system == "localgp-dense" else Transcriber(run_dir, device="cpu", dtype=dtype))
         warm_file = audio.with_name("warmup.wav")
         import soundfile as sf
 
@@ -124,8 +130,9 @@ def run_system(system: str, audio: Path, language: str, beam: int, batch: int, w
 
 def run_bench(systems=SYSTEMS, manifest: str = DEFAULT_AUDIO, seconds: float = 300.0,
               language: str = "en", beam: int = 5, batch: int = 8, weights: str | None = None,
-              run_dir: str | None = None, threads: int | None = None, seed: int = 0) -> list[dict]:
-    """One row per system, each measured in its own process on the same recording. run_dir: the
+              run_dir: str | None = None, threads: int | None = None, seed: int = 0,
+              dtypes=("float32",)) -> list[dict]:
+    """One row per system (and per dtype for localgp's), each measured in its own process on the same recording. run_dir: the
     gated run of localgp-compact (None: the one `make demo` trained, named by DEFAULT_REPORT)."""
     import soundfile as sf
 
@@ -145,6 +152,8 @@ def run_bench(systems=SYSTEMS, manifest: str = DEFAULT_AUDIO, seconds: float = 3
             run_dir = str(trained_run(DEFAULT_REPORT))
         except UserError as err:
             raise BenchError(f"--run not given, and {err}") from None
+    for dtype in dtypes:
+        check_precision(dtype, "cpu")
     if "localgp-compact" in systems and not (Path(run_dir) / "checkpoint.pth").is_file():
         raise BenchError(f"--run: {run_dir} holds no trained run (checkpoint.pth); `make demo` trains one")
     threads = threads or torch.get_num_threads()
@@ -154,15 +163,18 @@ def run_bench(systems=SYSTEMS, manifest: str = DEFAULT_AUDIO, seconds: float = 3
     with tempfile.TemporaryDirectory(prefix="localgp-bench-transcribe-") as tmp:
         audio = Path(tmp) / "longform.wav"
         sf.write(audio, wav, 16000)
-        for system in systems:
+        runs = [(system, dtype) for system in systems
+                for dtype in (dtypes if system.startswith("localgp") else [system_dtype(system)])]
+        for system, dtype in runs:
             command = [sys.executable, "-m", "localgp.bench.transcribe", "--one", system, "--audio", str(audio),
                        "--language", language, "--beam", str(beam), "--batch", str(batch), "--weights", str(weights_dir),
-                       "--run", str(run_dir), "--threads", str(threads)]
+                       "--run", str(run_dir), "--threads", str(threads), "--dtypes", dtype]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
-                raise BenchError(f"{system} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+                raise BenchError(f"{system} ({dtype}) failed: "
+                                 f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
             measured = json.loads(done.stdout.strip().splitlines()[-1])
-            rows.append({"system": system, "seconds": measured["seconds"],
+            rows.append({"system": system, "dtype": dtype, "seconds": measured["seconds"],
                          "rtf": measured["seconds"] / measured["audio_seconds"],
                          "wer": wer(reference, measured["text"], language), "peak_mb": measured["peak_mb"],
                          "audio_seconds": measured["audio_seconds"], "clips": len(texts),
@@ -172,21 +184,27 @@ def run_bench(systems=SYSTEMS, manifest: str = DEFAULT_AUDIO, seconds: float = 3
     return rows
 
 
+def system_dtype(system: str) -> str:
+    """The dtype a baseline runs in: openai-whisper float32, faster-whisper its compute type."""
+    return system.rsplit("-", 1)[1] if system.startswith("faster-whisper") else "float32"
+
+
 def table(rows: list[dict]) -> str:
-    head = f"{'system':24s} {'seconds':>9s} {'rtf':>7s} {'wer %':>7s} {'peak MB':>8s} {'vs openai':>10s}"
+    head = f"{'system':24s} {'dtype':>8s} {'seconds':>9s} {'rtf':>7s} {'wer %':>7s} {'peak MB':>8s} {'vs openai':>10s}"
     base = next((r["seconds"] for r in rows if r["system"] == "openai-whisper"), None)
     lines = [f"{rows[0]['audio_seconds']:.1f} s of {rows[0]['language']} audio, beam {rows[0]['beam']}, batch "
              f"{rows[0]['batch']}, {rows[0]['threads']} threads, {rows[0]['device_name']}, {rows[0]['revision']}", head]
     for r in rows:
         ratio = f"{base / r['seconds']:.2f}x" if base else "-"
-        lines.append(f"{r['system']:24s} {r['seconds']:9.2f} {r['rtf']:7.3f} {r['wer']:7.1f} {r['peak_mb']:8.0f} {ratio:>10s}")
+        lines.append(f"{r['system']:24s} {r['dtype']:>8s} {r['seconds']:9.2f} {r['rtf']:7.3f} {r['wer']:7.1f} {r['peak_mb']:8.0f} {ratio:>10s}")
     return "\n".join(lines)
 
 
 def _one(args: argparse.Namespace) -> None:
     """The child process: one system, its result as a JSON line on stdout."""
     torch.set_num_threads(args.threads)
-    measured = run_system(args.one, Path(args.audio), args.language, args.beam, args.batch, Path(args.weights), args.run)
+    measured = run_system(args.one, Path(args.audio), args.language, args.beam, args.batch, Path(args.weights), args.run,
+                          args.dtypes)
     measured["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps(measured))
 
@@ -204,6 +222,7 @@ def parser() -> argparse.ArgumentParser:
                                  f"names, `make demo`'s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="the pauses between clips")
+    p.add_argument("--dtypes", default="float32", help="comma list of float32,bfloat16,int8: each localgp system in each")
     p.add_argument("--json", help="write the rows to this JSON file")
     p.add_argument("--one", help=argparse.SUPPRESS)
     return p
@@ -216,8 +235,9 @@ def main(argv=None) -> int:
         return 0
     try:
         rows = run_bench([s for s in args.systems.split(",") if s], args.audio, args.seconds, args.language, args.beam,
-                         args.batch, args.weights, args.run, args.threads, args.seed)
-    except UserError as err:  # a BenchError, or a damaged file
+                         args.batch, args.weights, args.run, args.threads, args.seed,
+                         [d for d in args.dtypes.split(",") if d])
+    except UserError as err:  # a BenchError, check_precision's, or a damaged file
         print(f"transcribe benchmark: error: {err}", file=sys.stderr)
         return 2
     print(table(rows))

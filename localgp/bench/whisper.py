@@ -8,8 +8,9 @@ run instead, in the same run on the same clips:
   timestamps, no previous text, no VAD: what `whisper.decode` does);
 - `dense`, `masked`, `compact`: localgp (encoder: the gated encoder in that execution; decode:
   the log-mel, the encoder and `WhisperBeamSearch` over the whole batch at once; dense decodes
-  with the ungated decoder through the same search; on the CPU their linears run through
-  oneDNN's packed weights, `pack_linears`, as `localgp decode` and `transcribe` run them).
+  with the ungated decoder through the same search; in --dtype, on the CPU their linears through
+  packed weights at that precision, `set_precision`, as `localgp decode` and `transcribe` run them).
+  openai-whisper runs in float32 whatever --dtype; faster-whisper in its providers' compute types.
 
 Masks are forced at random on the encoder's attention and MLP per frame (`--granularity`
 temporal, with token-level decoder gates) or per utterance, or come from a trained run's gates
@@ -33,7 +34,7 @@ from localgp.bench.core import (
     FASTER_WHISPER, GATES, BenchError, Case, Setting, gated_encoder_case, kept_share, pruned_label, prepare_encoder,
 )
 from localgp.model.config import GateConfig
-from localgp.model.packed import pack_linears
+from localgp.model.convert import set_precision
 
 PROVIDERS = ("openai-whisper", *FASTER_WHISPER, "dense", "masked", "compact")
 BASE_DIMS = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8, n_audio_layer=6, n_vocab=51865,
@@ -108,17 +109,17 @@ class WhisperModels:
         else:
             model = self._random_masks_model(setting)
             self.masks = "random"
-        self.model = model.to(setting.torch_device(), setting.torch_dtype()).eval()
+        self.model = model.to(setting.torch_device(), torch.float32).eval()
         # openai-whisper's own classes with the same weights: the Whisper shell, ungated parts
         self.plain = copy.copy(self.model)
         self.plain._modules = {"encoder": ungated_copy(self.model.encoder), "decoder": ungated_copy(self.model.decoder)}
-        # localgp dense decodes with the ungated decoder; on the CPU localgp's linears go through
-        # oneDNN's packed weights as `localgp decode/transcribe` run them, openai-whisper's stay its own
+        # localgp dense decodes with the ungated decoder; localgp's parts in --dtype, on the CPU their
+        # linears through packed weights at that precision as `localgp decode/transcribe` run them
+        # (`set_precision`); openai-whisper's stay its own, in float32
         self.dense = copy.copy(self.plain)
         self.dense._modules = {"encoder": self.plain.encoder, "decoder": ungated_copy(self.model.decoder)}
-        if setting.torch_device().type == "cpu":
-            pack_linears(self.model)
-            pack_linears(self.dense.decoder)
+        set_precision(self.model, setting.dtype, setting.torch_device())
+        set_precision(self.dense.decoder, setting.dtype, setting.torch_device())
         self._ct2 = {}
         self.setting = setting
 
@@ -203,7 +204,8 @@ class EncoderWorkload:
 
     def case(self, provider: str, keep: float | None) -> Case:
         if provider == "openai-whisper":
-            return Case(lambda: self.models.plain.encoder(self.mel), lambda: self.dense_gflops)
+            mel = self.mel.float()  # openai-whisper runs in float32
+            return Case(lambda: self.models.plain.encoder(mel), lambda: self.dense_gflops)
         if provider in FASTER_WHISPER:
             import ctranslate2
 
@@ -243,7 +245,7 @@ class DecodeWorkload:
             plain = self.models.plain
 
             def run():
-                mel = log_mel(waves, self.setting.torch_device(), self.setting.torch_dtype())
+                mel = log_mel(waves, self.setting.torch_device(), torch.float32)
                 return [whisper.decode(plain, m, whisper.DecodingOptions(
                     beam_size=beam, language=lang, without_timestamps=True, fp16=False)) for m, lang in zip(mel, languages)]
 

@@ -135,7 +135,8 @@ class IncrementalDecoder:
         self.macs = 0  # multiply-accumulates executed since the last start() (benchmarks)
         self.gated = hasattr(decoder, "pruning")  # gate_decoder() refuses an ungated config
         self.config = decoder.pruning.config if self.gated else None
-        self.packed_output = packed.PackedWeight() if packed.is_packed(decoder) else None  # see _output_layer
+        precision = packed.precision_of(decoder)  # see _output_layer
+        self.packed_output = None if precision is None else packed.PackedWeight(precision)
 
     # ------------------------------------------------------------------ set-up
     def start(self, memory: Tensor, memory_lens: Tensor) -> DecoderCache:
@@ -213,10 +214,10 @@ class IncrementalDecoder:
 
     def _output_layer(self, x: Tensor) -> Tensor:
         """The output layer, a third of a decode step on the CPU: through oneDNN's packed weight
-        when the decoder's linears are packed (`pack_linears`: base's 50k vocabulary at 30 rows,
-        26 -> 9.4 ms), else as the model computes it."""
+        when the decoder's linears are packed, at their precision (`pack_linears`: base's 50k
+        vocabulary at 30 rows, 26 -> 9.4 ms in float32), else as the model computes it."""
         weight, bias = self.view.output_weight, self.view.output_bias
-        if self.packed_output is not None and packed.applies(x, weight):
+        if self.packed_output is not None and packed.applies(x, weight, self.packed_output.precision):
             return packed.linear(x, weight, bias, self.packed_output)
         return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 

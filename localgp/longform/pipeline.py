@@ -38,12 +38,12 @@ from localgp.longform.outputs import (
     FORMATS, Segment, Taken, Transcript, check_outputs, output_paths, read_transcript, write_outputs,
 )
 from localgp.longform.vad import WINDOW_SECONDS, SileroVAD, Window, speech_windows
+from localgp.model.packed import DTYPES, check_precision
 
 log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".g722", ".webm",
                   ".mp4", ".mkv", ".mov", ".avi", ".aiff", ".aif", ".amr", ".ac3", ".caf", ".au"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Under torchrun the process group carries the plan and the final merge, which waits for the
 # slowest process: Gloo (on GPUs too: a few objects), with a long timeout.
 TRANSCRIBE_TIMEOUT = datetime.timedelta(days=1)
@@ -214,18 +214,15 @@ class Result:
 
 class Transcriber:
     """A model ready to transcribe (loaded on first use: a rerun with every file done loads
-    nothing). model, gates, whisper_dir: see load_model; device auto|cpu|cuda; dtype float32, or
-    float16/bfloat16 on a GPU."""
+    nothing). model, gates, whisper_dir: see load_model; device auto|cpu|cuda; dtype float32,
+    bfloat16 or int8 on the CPU, float16/bfloat16 on a GPU (backbones.ready_for_decoding)."""
 
     def __init__(self, model: str = "whisper-base", gates: str | None = None, whisper_dir: str | None = None,
                  device: str = "auto", dtype: str = "float32"):
-        if dtype not in DTYPES:
-            raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        check_precision(dtype, pick_device(device))
         self.ctx = distributed.setup(pick_device(device), backend="gloo", timeout=TRANSCRIBE_TIMEOUT)
         self.device = self.ctx.device
-        if DTYPES[dtype] != torch.float32 and self.device.type != "cuda":
-            raise UserError(f"dtype {dtype} is for a GPU; on the CPU localgp decodes in float32")
-        self.model, self.gates, self.whisper_dir, self.dtype = model, gates, whisper_dir, DTYPES[dtype]
+        self.model, self.gates, self.whisper_dir, self.dtype = model, gates, whisper_dir, dtype
         self.loaded = None
         self.calls = 0  # window ids differ from call to call: the context cache keys them
 
@@ -236,7 +233,7 @@ class Transcriber:
             return
         loaded = load_model(self.model, self.gates, self.whisper_dir)
         run = loaded.run
-        run.model.to(self.device, self.dtype)
+        run.model.to(self.device, DTYPES[self.dtype])
         self._cache = tempfile.TemporaryDirectory(prefix="localgp-context-")  # windows' contexts: this process only
         self.contexts = ContextFeeder(run.model, run.config.context_extractors, Path(self._cache.name),
                                       run.backbone.prompt_context)
@@ -294,7 +291,7 @@ class Transcriber:
         if language is None and (contexts.global_prompt or contexts.decoder_names):
             raise UserError("these gates read the prompt's language before decoding: give --language")
         options = WhisperDecodeOptions(beam_size=beam, execution=execution)
-        decoder = run.backbone.corpus_decoder(run.model, contexts, options, str(self.device))
+        decoder = run.backbone.corpus_decoder(run.model, contexts, options, str(self.device), self.dtype)
         target = "en" if task == "translate" else language
         bar = tqdm(total=sum(declared(r.path) for r in recordings), unit="s", disable=not progress or not self.ctx.main,
                    desc="transcribe" if not self.ctx.active else f"transcribe (rank 0 of {self.ctx.world})",

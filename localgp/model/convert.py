@@ -37,6 +37,29 @@ def gated_parts(model: nn.Module):
             if isinstance(m, (GatedEncoderMixin, GatedDecoderMixin))]
 
 
+def set_precision(model: nn.Module, dtype: str, device: str | torch.device = "cpu") -> None:
+    """Moves a model (plain or gated, any backbone) to `device` in --dtype `dtype` for inference:
+    float32, bfloat16 or int8 (the model in float32, its linears in int8, the gates' predictors'
+    linears left in float32: they decide what runs) on the CPU, where its linears go through packed
+    weights at that precision (`localgp.model.packed`); float32, float16 or bfloat16 on a GPU. In
+    bfloat16 and float16 the layer norms keep float32 parameters (openai-whisper's normalise in
+    float32, PyTorch's take a half-precision input with them). Refuses what the device cannot run
+    (`check_precision`)."""
+    from localgp.model.packed import DTYPES, check_precision, pack_linears
+
+    check_precision(dtype, device)
+    device = torch.device(device)
+    model.to(device, DTYPES[dtype])
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.float()
+    if device.type == "cpu":
+        pack_linears(model, dtype)
+        if dtype == "int8":
+            for part in gated_parts(model):
+                pack_linears(part.pruning)
+
+
 def set_execution(model: nn.Module, execution: str) -> None:
     """'masked' (the papers' reference) or 'compact' (skipped work is not done), at run time."""
     if execution not in EXECUTIONS:

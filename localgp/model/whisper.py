@@ -333,7 +333,7 @@ def frames_sparsity(record: GateRecord, speech: Tensor | None = None) -> float:
         use = record.valid[name]
         if speech is not None:
             use = use & (torch.arange(mask.shape[1], device=mask.device)[None] < speech.to(mask.device)[:, None])
-        kept += float((mask.detach() * use).sum())
+        kept += float((mask.detach().float() * use).sum())
         total += float(use.sum())
     if total == 0:
         return math.nan
