@@ -15,6 +15,7 @@ DECODER_MODULES = {
     "utterance": ("self_attn", "src_attn", "ffn"),
 }
 EXECUTIONS = ("masked", "compact")
+PREDICTORS = ("local", "global", "rule")
 # No gate at all, every module on every position: what benchmarks measure pruning against. Not a
 # pruning execution (set_execution refuses it); a gated part that supports it says so.
 DENSE = "dense"
@@ -23,7 +24,9 @@ DENSE = "dense"
 @dataclass(frozen=True)
 class GateConfig:
     # "local": localGP, a predictor per layer conditioned on context (the localGP paper);
-    # "global": globalGP, one utterance-wise predictor for all modules (the ICLR 2025 paper).
+    # "global": globalGP, one utterance-wise predictor for all modules (the ICLR 2025 paper);
+    # "rule": no predictor and no context: the frames a fixed rule keeps (`Rule`; the encoder's
+    # set_rule_keep() per batch), the same in every gated module of every layer.
     predictor: str = "local"
     # Encoder pruning granularity: "temporal" (per frame), "utterance", or None (not gated).
     encoder: str | None = "temporal"
@@ -63,8 +66,10 @@ class GateConfig:
     tau: float = 1.0  # Gumbel-softmax temperature (training)
 
     def __post_init__(self):
-        if self.predictor not in ("local", "global"):
-            raise ValueError(f"GateConfig.predictor must be 'local' or 'global', got {self.predictor!r}")
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"GateConfig.predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+        if self.predictor == "rule" and (self.encoder != "temporal" or self.decoder is not None):
+            raise ValueError("GateConfig: predictor 'rule' keeps frames of the encoder: encoder='temporal', decoder=None")
         if self.encoder not in (None, *ENCODER_MODULES):
             raise ValueError(f"GateConfig.encoder must be one of {list(ENCODER_MODULES)} or None, got {self.encoder!r}")
         if self.decoder not in (None, *DECODER_MODULES):
@@ -93,6 +98,60 @@ class GateConfig:
                                                  or self.predictor_width % self.heads):
             raise ValueError(f"GateConfig.predictor_width must be a positive multiple of heads ({self.heads}) or None, "
                              f"got {self.predictor_width!r}")
+
+
+# The training-free rules (`localgp transcribe/decode --gates RULE`), no predictor, no context:
+# "padding": every frame after the audio skipped in every gated encoder module (mean fill);
+# "silence": also the frames inside the audio that the VAD marks as non-speech;
+# "attention": Early Attentive Sparsification: at encoder block `block` (1-based) the frames are
+# ranked by the attention they receive (softmax(QK^T) of that block, mean over heads and
+# queries); the top `keep` share stays, in order, and the rest leave the sequence for blocks
+# `block`.. and for the decoder's cross-attention.
+RULES = ("padding", "silence", "attention")
+ATTENTION_BLOCK, ATTENTION_KEEP = 3, 0.5  # DESIGN.md section 8: WER en/fr/it within +1.5 of dense (measured)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    block: int = ATTENTION_BLOCK  # the attention rule's block (1-based), ignored by the others
+    keep: float = ATTENTION_KEEP  # the attention rule's kept share of the frames
+
+    def __post_init__(self):
+        if self.name not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.name!r}")
+        if not (isinstance(self.block, int) and self.block >= 1):
+            raise ValueError(f"rule {self.name}: block must be an integer >= 1 (1-based), got {self.block!r}")
+        if not (isinstance(self.keep, (int, float)) and 0 < self.keep <= 1):
+            raise ValueError(f"rule {self.name}: keep must lie in (0, 1], got {self.keep!r}")
+
+    @property
+    def label(self) -> str:
+        """What reports call it: the name, and for attention its settings unless the defaults."""
+        if self.name != "attention" or (self.block, self.keep) == (ATTENTION_BLOCK, ATTENTION_KEEP):
+            return self.name
+        return f"attention-k{self.block}-{self.keep:g}"
+
+
+def parse_rule(text: str) -> Rule:
+    """'padding', 'silence', 'attention', or 'attention:K:KEEP' (e.g. attention:3:0.5)."""
+    name, *settings = text.split(":")
+    if name != "attention" and settings or len(settings) not in (0, 2):
+        raise ValueError(f"a rule is padding, silence, attention or attention:BLOCK:KEEP (e.g. attention:3:0.5), "
+                         f"got {text!r}")
+    if not settings:
+        return Rule(name)
+    try:
+        block, keep = int(settings[0]), float(settings[1])
+    except ValueError:
+        raise ValueError(f"rule {text!r}: attention:BLOCK:KEEP takes an integer block and a share, e.g. "
+                         f"attention:3:0.5") from None
+    return Rule(name, block, keep)
+
+
+def is_rule(text: str | None) -> bool:
+    """Whether a --gates value names a rule (else a run directory or none)."""
+    return text is not None and text.split(":")[0] in RULES
 
 
 def gate_config(gates: dict) -> GateConfig:
