@@ -442,8 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "owsm: a tiny OWSM-architecture model trained from scratch")
     demo.add_argument("--out", default="out/demo", help="runs, decoded records, report.json/.md, masks.png")
     demo.add_argument("--data", default="data/demo", help="the demo corpus (prepared here when missing)")
-    demo.add_argument("--rows", default="localgp+speaker",
-                      help="whisper-base: comma list of gated rows: localgp+speaker, localgp, globalgp")
+    demo.add_argument("--rows", default="padding,silence,attention,localgp+speaker",
+                      help="whisper-base: comma list of rows beside dense: the training-free rules padding, silence, "
+                           "attention (attention:BLOCK:KEEP for other settings) and the trained localgp+speaker, "
+                           "localgp, globalgp")
     demo.add_argument("--targets", type=lambda t: tuple(keep_ratio(v) for v in t.split(",")),
                       help="whisper-base: comma list of sparsity targets, a run per row and target (default 0.6: "
                            "localgp.demo.WHISPER_TARGETS)")
