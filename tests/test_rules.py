@@ -158,9 +158,11 @@ def test_frame_kinds_and_sparsity_by_kind():
 
 @pytest.mark.parametrize("text,match", [("attention:0:0.5", "block must be an integer >= 1"),
                                         ("attention:3:1.5", r"keep must lie in \(0, 1\]"),
-                                        ("attention:3", "attention:BLOCK:KEEP"),
-                                        ("padding:3:0.5", "attention:BLOCK:KEEP"),
-                                        ("attention:x:0.5", "integer block")])
+                                        ("attention:3", "a rule is padding"),
+                                        ("padding:3:0.5", "a rule is padding"),
+                                        ("silence:-2", "margin must be an integer >= 0"),
+                                        ("padding:x", "integers for BLOCK and MARGIN"),
+                                        ("attention:x:0.5", "integers for BLOCK and MARGIN")])
 def test_bad_rule_settings(text, match):
     with pytest.raises(ValueError, match=match):
         parse_rule(text)
@@ -169,6 +171,15 @@ def test_bad_rule_settings(text, match):
 def test_rule_label_names_settings_other_than_the_defaults():
     assert parse_rule("attention").label == "attention" == parse_rule("attention:3:0.5").label
     assert parse_rule("attention:2:0.75").label == "attention-k2-0.75"
+    assert parse_rule("padding").label == "padding" and parse_rule("silence:25").label == "silence-m25"
+
+
+def test_rule_margins_keep_frames_beside_the_audio_and_the_speech():
+    kinds = frame_kinds([3200], [[(640, 1280)]], frames=20)  # 10 frames of audio, speech in frames 2-3
+    assert rule_keep(parse_rule("padding"), kinds)[0].nonzero().flatten().tolist() == list(range(10))
+    assert rule_keep(parse_rule("padding:2"), kinds)[0].nonzero().flatten().tolist() == list(range(12))
+    assert rule_keep(parse_rule("silence"), kinds)[0].nonzero().flatten().tolist() == [2, 3]
+    assert rule_keep(parse_rule("silence:1"), kinds)[0].nonzero().flatten().tolist() == [1, 2, 3, 4]
 
 
 @pytest.fixture(scope="module")
@@ -212,13 +223,20 @@ def test_rules_decode_real_speech(whisper_base, real_manifest, tmp_path, monkeyp
     assert json.loads((tmp_path / "padding.jsonl.source.json").read_text())["model"]["gates"] == "padding"
 
 
-def test_rule_user_errors(tiny_cli_whisper, tmp_path, cli_error):
+@pytest.fixture(scope="module")
+def tiny_whisper_dir(tmp_path_factory):
+    from tests.test_longform import save_tiny_whisper
+
+    return save_tiny_whisper(tmp_path_factory.mktemp("tiny_rules_whisper"))
+
+
+def test_rule_user_errors(tiny_whisper_dir, tmp_path, cli_error):
     sf.write(tmp_path / "a.wav", torch.zeros(16000).numpy(), SAMPLE_RATE)
-    cli_error(["transcribe", tmp_path / "a.wav", "--gates", "attention:9:0.5", "--whisper-dir", tiny_cli_whisper],
+    cli_error(["transcribe", tmp_path / "a.wav", "--gates", "attention:9:0.5", "--whisper-dir", tiny_whisper_dir],
               "block must be at most the encoder's 1 blocks")
-    cli_error(["transcribe", tmp_path / "a.wav", "--gates", "attention:2:1.5", "--whisper-dir", tiny_cli_whisper],
+    cli_error(["transcribe", tmp_path / "a.wav", "--gates", "attention:2:1.5", "--whisper-dir", tiny_whisper_dir],
               r"keep must lie in \(0, 1\]")
-    cli_error(["transcribe", tmp_path / "a.wav", "--gates", "padding", "--whisper-dir", tiny_cli_whisper,
+    cli_error(["transcribe", tmp_path / "a.wav", "--gates", "padding", "--whisper-dir", tiny_whisper_dir,
                "--calibration", tmp_path / "none.jsonl"], "none.jsonl does not exist")
     cli_error(["transcribe", tmp_path / "a.wav", "--calibration", tmp_path / "none.jsonl"],
               "--calibration goes with --gates padding or silence")
@@ -226,44 +244,18 @@ def test_rule_user_errors(tiny_cli_whisper, tmp_path, cli_error):
                "--gates", "attention:1:0"], r"keep must lie in \(0, 1\]")
 
 
-@pytest.fixture(scope="module")
-def tiny_cli_whisper(tmp_path_factory):
-    from tests.test_longform import TINY
-
-    import dataclasses
-
-    from whisper.model import ModelDimensions, Whisper
-
-    dims = ModelDimensions(**TINY)
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny_rules_whisper")
-    torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": Whisper(dims).state_dict()}, directory / "base.pt")
-    return directory
-
-
-def test_transcribe_computes_the_speaker_once_per_recording(tiny_cli_whisper, real_speech, tmp_path, monkeypatch):
+def test_transcribe_computes_the_speaker_once_per_recording(tiny_whisper_dir, real_speech, tmp_path, monkeypatch):
     """A gated run with a speaker context: its extractor runs once per file, on the file's speech,
     however many windows the file has; the time it takes is the result's context_seconds."""
     import numpy as np
 
     from localgp.context import feeder
     from localgp.longform import pipeline
-    from localgp.train import Trainer
-    from localgp.train_config import TrainConfig
+    from tests.test_longform import train_tiny_run
 
-    root = tmp_path / "run"
-    lines = []
-    for item in real_speech:
-        sf.write(tmp_path / f"{item['id']}.wav", item["wav"], SAMPLE_RATE)
-        lines.append({"id": item["id"], "audio": f"{item['id']}.wav", "language": item["language"],
-                      "speaker": item["speaker"], "text": "some text", "split": "train", "translations": {}})
-    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    config = TrainConfig(out_dir=str(root), backbone="whisper-base", whisper_dir=str(tiny_cli_whisper),
-                         data={"kind": "manifest", "path": str(tmp_path / "manifest.jsonl"), "split": "train"},
-                         gates={"encoder": "temporal", "contexts": [["front", 0], ["speaker", 256]]}, tasks=("asr",),
-                         context_extractors={"speaker": {"kind": "resemblyzer"}},
-                         batch_size=2, max_steps=1, save_every=1, log_every=1)
-    Trainer(config).train()
+    root = train_tiny_run(tmp_path, tiny_whisper_dir, real_speech,
+                          {"encoder": "temporal", "contexts": [["front", 0], ["speaker", 256]]},
+                          context_extractors={"speaker": {"kind": "resemblyzer"}})
     calls = []
     real_build = feeder.build_extractor
 

@@ -109,6 +109,7 @@ class GateConfig:
 # `block`.. and for the decoder's cross-attention.
 RULES = ("padding", "silence", "attention")
 ATTENTION_BLOCK, ATTENTION_KEEP = 3, 0.5  # DESIGN.md section 8: WER en/fr/it within +1.5 of dense (measured)
+RULE_MARGIN = 0
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,9 @@ class Rule:
     name: str
     block: int = ATTENTION_BLOCK  # the attention rule's block (1-based), ignored by the others
     keep: float = ATTENTION_KEEP  # the attention rule's kept share of the frames
+    # padding and silence rules: frames kept beside the audio's (padding) or the speech's (silence),
+    # on each side (20 ms each): spare frames after the audio, as whisper.cpp users keep them
+    margin: int = RULE_MARGIN
 
     def __post_init__(self):
         if self.name not in RULES:
@@ -124,29 +128,34 @@ class Rule:
             raise ValueError(f"rule {self.name}: block must be an integer >= 1 (1-based), got {self.block!r}")
         if not (isinstance(self.keep, (int, float)) and 0 < self.keep <= 1):
             raise ValueError(f"rule {self.name}: keep must lie in (0, 1], got {self.keep!r}")
+        if not (isinstance(self.margin, int) and self.margin >= 0):
+            raise ValueError(f"rule {self.name}: margin must be an integer >= 0 (frames), got {self.margin!r}")
 
     @property
     def label(self) -> str:
-        """What reports call it: the name, and for attention its settings unless the defaults."""
-        if self.name != "attention" or (self.block, self.keep) == (ATTENTION_BLOCK, ATTENTION_KEEP):
-            return self.name
-        return f"attention-k{self.block}-{self.keep:g}"
+        """What reports call it: the name, and its settings unless the defaults."""
+        if self.name == "attention":
+            same = (self.block, self.keep) == (ATTENTION_BLOCK, ATTENTION_KEEP)
+            return self.name if same else f"attention-k{self.block}-{self.keep:g}"
+        return self.name if self.margin == RULE_MARGIN else f"{self.name}-m{self.margin}"
+
+
+FORMS = "padding[:MARGIN], silence[:MARGIN], attention[:BLOCK:KEEP] (e.g. padding:32, attention:3:0.5)"
 
 
 def parse_rule(text: str) -> Rule:
-    """'padding', 'silence', 'attention', or 'attention:K:KEEP' (e.g. attention:3:0.5)."""
+    """A rule from its text: FORMS."""
     name, *settings = text.split(":")
-    if name != "attention" and settings or len(settings) not in (0, 2):
-        raise ValueError(f"a rule is padding, silence, attention or attention:BLOCK:KEEP (e.g. attention:3:0.5), "
-                         f"got {text!r}")
-    if not settings:
-        return Rule(name)
+    if len(settings) not in ((0, 2) if name == "attention" else (0, 1)):
+        raise ValueError(f"a rule is {FORMS}, got {text!r}")
     try:
-        block, keep = int(settings[0]), float(settings[1])
-    except ValueError:
-        raise ValueError(f"rule {text!r}: attention:BLOCK:KEEP takes an integer block and a share, e.g. "
-                         f"attention:3:0.5") from None
-    return Rule(name, block, keep)
+        if name == "attention" and settings:
+            return Rule(name, int(settings[0]), float(settings[1]))
+        return Rule(name, margin=int(settings[0])) if settings else Rule(name)
+    except ValueError as err:
+        if str(err).startswith("rule"):
+            raise
+        raise ValueError(f"rule {text!r}: integers for BLOCK and MARGIN, a share for KEEP: {FORMS}") from None
 
 
 def is_rule(text: str | None) -> bool:

@@ -76,12 +76,17 @@ def frame_kinds(samples: list[int], speech: list[list[tuple[int, int]]], frames:
 
 def rule_keep(rule: Rule, kinds: Tensor) -> Tensor:
     """The frames (B, T) bool the padding rule (every frame inside the audio) or the silence rule
-    (the speech frames) keeps, from frame_kinds()."""
+    (the speech frames) keeps, from frame_kinds(), and rule.margin frames on each side of them."""
     if rule.name == "padding":
-        return kinds != PADDING
-    if rule.name == "silence":
-        return kinds == SPEECH
-    raise ValueError(f"rule_keep: the {rule.name} rule chooses its frames inside the encoder")
+        keep = kinds != PADDING
+    elif rule.name == "silence":
+        keep = kinds == SPEECH
+    else:
+        raise ValueError(f"rule_keep: the {rule.name} rule chooses its frames inside the encoder")
+    if rule.margin:
+        width = 2 * rule.margin + 1
+        keep = F.max_pool1d(keep[:, None].float(), width, stride=1, padding=rule.margin)[:, 0] > 0
+    return keep
 
 
 def gate_whisper_rule(model: Whisper, rule: Rule) -> Whisper:
