@@ -287,3 +287,16 @@ def test_transcribe_computes_the_speaker_once_per_recording(tiny_whisper_dir, re
         assert clip_samples * 0.8 < got < clip_samples + 6 * 0.4 * SAMPLE_RATE
     assert result.context_seconds > 0 and result.encoder_seconds > 0 and result.decoder_seconds > 0
     assert result.context_seconds + result.encoder_seconds + result.decoder_seconds <= result.seconds
+
+
+def test_context_speech_is_the_first_seconds_of_the_speech():
+    import numpy as np
+
+    from localgp.longform.pipeline import context_speech
+
+    wav = np.arange(100 * SAMPLE_RATE, dtype=np.float32)
+    regions = [(0, 20 * SAMPLE_RATE), (30 * SAMPLE_RATE, 50 * SAMPLE_RATE), (60 * SAMPLE_RATE, 70 * SAMPLE_RATE)]
+    got = context_speech(wav, regions, seconds=30.0)
+    want = np.concatenate([wav[: 20 * SAMPLE_RATE], wav[30 * SAMPLE_RATE : 40 * SAMPLE_RATE]])
+    assert np.array_equal(got, want)
+    assert np.array_equal(context_speech(wav, regions[:1], seconds=30.0), wav[: 20 * SAMPLE_RATE])

@@ -47,6 +47,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Under torchrun the process group carries the plan and the final merge, which waits for the
 # slowest process: Gloo (on GPUs too: a few objects), with a long timeout.
 TRANSCRIBE_TIMEOUT = datetime.timedelta(days=1)
+CONTEXT_SECONDS = 30.0  # of a recording's speech, which its contexts (the speaker embedding) are computed from
 
 
 # ------------------------------------------------------------------ inputs
@@ -337,7 +338,7 @@ class Transcriber:
             utterance = WindowUtterance(f"{self.calls}-{recording.index}-{w}", lang,
                                         recording.wav[window.start:window.end], speech=inside,
                                         context_id=f"{self.calls}-{recording.index}",
-                                        context_audio=lambda: np.concatenate([wav[a:b] for a, b in regions]))
+                                        context_audio=lambda: context_speech(wav, regions))
             return recording, w, Example(utterance, target if target is not None else lang, "")
 
         pending = deque(recordings)
@@ -409,6 +410,19 @@ class Transcriber:
             result.seconds = max(part[4] for part in parts)  # the slowest process: the command's wall-clock
         result.transcripts = [transcripts[i] for i in sorted(transcripts)]
         return result
+
+
+def context_speech(wav: np.ndarray, regions: list[tuple[int, int]], seconds: float = CONTEXT_SECONDS) -> np.ndarray:
+    """What a recording's contexts are computed from: its speech regions joined, the first
+    `seconds` of them (a speaker embedding settles within seconds; its cost should not grow with
+    the recording)."""
+    limit, parts, total = int(seconds * SAMPLE_RATE), [], 0
+    for a, b in regions:
+        parts.append(wav[a : min(b, a + limit - total)])
+        total += len(parts[-1])
+        if total >= limit:
+            break
+    return np.concatenate(parts)
 
 
 def plan(recordings: list[Recording], out_dir: Path | None, formats, overwrite: bool,
