@@ -135,13 +135,13 @@ def cmd_decode(args: argparse.Namespace) -> int:
         raise UserError("give either a run directory or --model (a plain pretrained model), not both")
     if args.model is not None and args.data is None:
         raise UserError("--model needs --data (a corpus manifest, e.g. data/demo/manifest.jsonl)")
-    if args.run is not None and (args.data is not None or args.whisper_dir is not None):
-        raise UserError("--data and --whisper-dir go with --model; a run directory brings its own")
+    if args.run is not None and (args.data is not None or args.whisper_dir is not None or args.gates is not None):
+        raise UserError("--data, --whisper-dir and --gates go with --model; a run directory brings its own")
     options = DecodeOptions(beam_size=args.beam, ctc_weight=args.ctc_weight, penalty=args.penalty,
                             maxlenratio=args.maxlenratio, execution=args.execution)
     records = decode_run(args.run, args.out, split=args.split, options=options, batch_size=args.batch,
                          tasks=tuple(args.tasks.split(",")), device=args.device, limit=args.limit,
-                         model=args.model, data=args.data, whisper_dir=args.whisper_dir,
+                         model=args.model, data=args.data, whisper_dir=args.whisper_dir, gates=args.gates,
                          skip_bad_audio=args.skip_bad_audio, overwrite=args.overwrite, dtype=args.dtype)
     print(f"{len(records)} decoded records in {args.out}")
     return 0
@@ -159,7 +159,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         result = transcribe(args.audio, args.model, language=args.language, task=args.task, gates=args.gates,
                             batch=args.batch, beam=args.beam, device=args.device, dtype=args.dtype,
                             formats=parse_formats(args.output_format), out=args.out, overwrite=args.overwrite,
-                            whisper_dir=args.whisper_dir, progress=not args.quiet)
+                            whisper_dir=args.whisper_dir, calibration=args.calibration, progress=not args.quiet)
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -389,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of a run: this backbone's plain pretrained model, ungated (zero-shot)")
     decode.add_argument("--data", help="with --model: the corpus manifest (localgp prepare demo's manifest.jsonl)")
     decode.add_argument("--whisper-dir", help="with --model whisper-base: `localgp prepare whisper`'s directory")
+    decode.add_argument("--gates", help="with --model whisper-base: a training-free rule, padding, silence, attention "
+                                        "or attention:BLOCK:KEEP (default 3:0.5); the padding and silence rules' "
+                                        "fill is calibrated on --data's training clips")
     decode.add_argument("--out", required=True, help="JSONL of decoded records (appended; a rerun resumes)")
     decode.add_argument("--split", default="test", help="corpus split (manifest and Europarl-ST data)")
     decode.add_argument("--tasks", default="asr,st", help="asr, st or both (every translation present)")
@@ -417,7 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="whisper-base (the plain pretrained model) or a `localgp train` run directory "
                                  "(its gated model); OWSM snapshots are not supported yet")
     transcribe.add_argument("--gates", help="RUN_DIR: with --model whisper-base, that run's gated model; none: "
-                                            "--model RUN_DIR without its gates")
+                                            "--model RUN_DIR without its gates; padding, silence, attention or "
+                                            "attention:BLOCK:KEEP (default 3:0.5): a training-free rule on "
+                                            "whisper-base")
+    transcribe.add_argument("--calibration", help="with --gates padding|silence: the corpus manifest whose training "
+                                                  "clips calibrate the rule's fill (default data/demo/manifest.jsonl; "
+                                                  "cached beside the weights)")
     transcribe.add_argument("--whisper-dir", help="with --model whisper-base: `localgp prepare whisper`'s directory")
     transcribe.add_argument("--language", default="auto", help="Whisper language code of the speech, or auto "
                                                                 "(detected per file on its first window)")
@@ -439,8 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "owsm: a tiny OWSM-architecture model trained from scratch")
     demo.add_argument("--out", default="out/demo", help="runs, decoded records, report.json/.md, masks.png")
     demo.add_argument("--data", default="data/demo", help="the demo corpus (prepared here when missing)")
-    demo.add_argument("--rows", default="localgp+speaker",
-                      help="whisper-base: comma list of gated rows: localgp+speaker, localgp, globalgp")
+    demo.add_argument("--rows", default="padding,silence,attention,localgp+speaker",
+                      help="whisper-base: comma list of rows beside dense: the training-free rules padding, silence, "
+                           "attention (attention:BLOCK:KEEP for other settings) and the trained localgp+speaker, "
+                           "localgp, globalgp")
     demo.add_argument("--targets", type=lambda t: tuple(keep_ratio(v) for v in t.split(",")),
                       help="whisper-base: comma list of sparsity targets, a run per row and target (default 0.6: "
                            "localgp.demo.WHISPER_TARGETS)")

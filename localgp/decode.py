@@ -39,13 +39,15 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
                batch_size: int = 8, tasks=("asr", "st"), device: str = "cpu", limit: int | None = None,
                model: str | None = None, data: dict | str | None = None,
                whisper_dir: str | None = None, skip_bad_audio: bool = False,
-               overwrite: bool = False, dtype: str = "float32") -> list[Decoded]:
+               overwrite: bool = False, gates: str | None = None, dtype: str = "float32") -> list[Decoded]:
     """Decodes `split` of a corpus into out_path, resuming after the records already there.
     Returns all records.
 
     run_dir: a `localgp train` run; its own corpus (its data, with the split replaced) is decoded.
     Or run_dir=None and model= a backbone name (e.g. "whisper-base"): its plain pretrained model,
-    ungated (the zero-shot baseline), on `data` (TrainConfig.data, or a manifest path).
+    ungated (the zero-shot baseline), on `data` (TrainConfig.data, or a manifest path); with gates=
+    a training-free rule (padding, silence, attention[:BLOCK:KEEP]) on it, the padding and silence
+    rules' fill calibrated on the training clips of `data` (a manifest).
     options: the backbone's decode options (None: its defaults; see Backbone.decode_options).
     skip_bad_audio: leave out (and log) utterances whose audio cannot be used, instead of stopping.
     dtype: float32, bfloat16 or int8 on the CPU, float16/bfloat16 on a GPU (see
@@ -59,7 +61,7 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
     from localgp.data.examples import load_corpus, make_examples
     from localgp.files import file_sha256
     from localgp.model.packed import check_precision
-    from localgp.runs import check_device, checkpoint_path, dense_model, load_run
+    from localgp.runs import check_device, checkpoint_path, dense_model, load_run, rule_model
 
     if batch_size < 1:
         raise UserError(f"decode: batch_size must be >= 1, got {batch_size}")
@@ -75,14 +77,19 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
     if out_path.exists() and not out_path.is_file():
         raise UserError(f"--out {out_path} is a directory, not a file of records: decode into another --out")
     if run_dir is not None:
-        if model is not None or data is not None or whisper_dir is not None:
-            raise UserError("decode: a run directory brings its own model and corpus; model=, data= and whisper_dir= "
-                             "are for decoding a plain pretrained model without one")
+        if model is not None or data is not None or whisper_dir is not None or gates is not None:
+            raise UserError("decode: a run directory brings its own model and corpus; model=, data=, whisper_dir= "
+                             "and gates= are for decoding a plain pretrained model without one")
         run = load_run(run_dir)
         data, cache = dict(run.config.data), Path(run_dir) / "context"
         produced_by = {"checkpoint sha256": file_sha256(checkpoint_path(run_dir))}
     elif model is None or data is None:
         raise UserError("decode: give a run directory, or model= (a backbone name) and data= (its corpus)")
+    elif gates is not None:
+        calibration = data["path"] if data.get("kind") == "manifest" else None
+        run = rule_model(model, gates, data, whisper_dir, calibration)
+        cache = out_path.parent / "context"  # a rule reads no context
+        produced_by = {"model": model, "gates": run.model.encoder.rule.label, **run.backbone.weights_identity()}
     else:
         run = dense_model(model, data, whisper_dir)
         cache = out_path.parent / "context"  # the plain model has no gates: no context is computed

@@ -114,6 +114,8 @@ def table_row(row: Row | None, target: float | None, report: dict, dense: dict |
     sparsity = dict(report.get("sparsity", {}))
     sparsity["all_frames"] = report.get("encoder_sparsity")
     sparsity["speech_frames"] = report.get("encoder_speech_sparsity")
+    for kind in ("padding", "silence", "speech"):  # by kind of frame (VAD); 0 where nothing is gated
+        sparsity.setdefault(kind, 0.0 if row is None else None)
     return {
         "model": "dense" if row is None else row.model,
         "label": "dense (zero-shot)" if row is None else row.label,
@@ -138,7 +140,8 @@ def rows_markdown(rows: list[dict]) -> str:
     languages = sorted({k for r in rows for k in r["wer"] if k != "average"})
     pairs = sorted({k for r in rows for k in r["bleu"] if k != "average"})
     head = ["model", "target", *(f"WER {k}" for k in languages), "WER avg", *(f"BLEU {p}" for p in pairs), "BLEU avg",
-            "GFLOPs enc", "GFLOPs dec", "skipped all / speech frames", "s/utt compact", "s/utt dense",
+            "GFLOPs enc", "GFLOPs dec", "skipped all / speech frames", "skipped padding / silence / speech",
+            "s/utt compact", "s/utt dense",
             "enc s/utt compact", "enc s/utt dense", "training"]
     num = lambda v, spec=".1f": "-" if v is None else format(v, spec)  # noqa: E731
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -151,12 +154,16 @@ def rows_markdown(rows: list[dict]) -> str:
         lines.append("| " + " | ".join([
             r["label"], num(r["target"], ".1f"), *(num(r["wer"].get(k)) for k in languages), num(r["wer"].get("average")),
             *(num(r["bleu"].get(p)) for p in pairs), num(r["bleu"].get("average")), num(r["encoder_gflops"], ".2f"),
-            num(r["decoder_gflops"], ".2f"), frames, num(compact, ".3f"), num(r["dense_seconds_per_utterance"], ".3f"),
+            num(r["decoder_gflops"], ".2f"), frames,
+            " / ".join(num(s.get(k), ".2f") for k in ("padding", "silence", "speech")), num(compact, ".3f"), num(r["dense_seconds_per_utterance"], ".3f"),
             num(compact_enc, ".3f"), num(r["dense_encoder_seconds_per_utterance"], ".3f"), training]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def run_whisper_demo(out: Path, data: Path, rows=("localgp+speaker",), targets=WHISPER_TARGETS,
+DEFAULT_ROWS = ("padding", "silence", "attention", "localgp+speaker")
+
+
+def run_whisper_demo(out: Path, data: Path, rows=DEFAULT_ROWS, targets=WHISPER_TARGETS,
                      minutes: float = WHISPER_MINUTES,
                      steps: int | None = None, device: str = "cpu", beam: int = 5, batch: int = 8,
                      limit: int | None = None, whisper_dir: str | None = None) -> dict:
@@ -168,9 +175,16 @@ def run_whisper_demo(out: Path, data: Path, rows=("localgp+speaker",), targets=W
     from localgp.train import Trainer
     from localgp.decode import decode_run
 
-    unknown = [r for r in rows if r not in ROWS]
+    from localgp.model.config import RULES, is_rule, parse_rule
+
+    unknown = [r for r in rows if r not in ROWS and not is_rule(r)]
     if unknown:
-        raise UserError(f"demo: unknown rows {unknown}; choose from {', '.join(ROWS)}")
+        raise UserError(f"demo: unknown rows {unknown}; choose from {', '.join((*RULES, *ROWS))}")
+    for rule in (r for r in rows if is_rule(r)):
+        try:
+            parse_rule(rule)
+        except ValueError as err:
+            raise UserError(f"demo: --rows: {err}") from None
     weights = prepare_whisper(whisper_dir, log=log.info)
     manifest = data / "manifest.jsonl"
     if not manifest.is_file():
@@ -184,7 +198,14 @@ def run_whisper_demo(out: Path, data: Path, rows=("localgp+speaker",), targets=W
     dense = score(dense_records)
     table = [table_row(None, None, dense, None, None)]
     main = None
-    for name in rows:
+    for name in (r for r in rows if is_rule(r)):  # training-free: the plain model under the rule
+        label = parse_rule(name).label
+        log.info("demo: the %s rule", label)
+        records = decode_run(None, out / label / "decoded.jsonl", model="whisper-base", data=str(manifest),
+                             whisper_dir=str(weights), gates=name, options=options, batch_size=batch, device=device,
+                             limit=limit, skip_bad_audio=True)
+        table.append(table_row(Row(label, f"{label} rule", {}, {}), None, score(records), dense, None))
+    for name in (r for r in rows if not is_rule(r)):
         for target in targets:
             row = ROWS[name]
             folder = row_folder(out, name, target)
@@ -313,7 +334,7 @@ def resolve_device(device: str) -> str:
 
 def run_demo(out: str | Path = "out/demo", data: str | Path = "data/demo", backbone: str = "whisper-base",
              steps: int | None = None, minutes: float | None = None, device: str = "auto", beam: int = 5,
-             batch: int = 8, limit: int | None = None, rows=("localgp+speaker",), targets=None,
+             batch: int = 8, limit: int | None = None, rows=DEFAULT_ROWS, targets=None,
              whisper_dir: str | None = None) -> dict:
     out, data, device = Path(out), Path(data), resolve_device(device)
     if backbone == "owsm":

@@ -41,6 +41,9 @@ class Decoded:
     encoder_sparsity: float | None = None  # skipped (frame, encoder module) units over every encoder frame
     encoder_speech_sparsity: float | None = None  # the same over the frames that carry the audio (Whisper pads to 30 s)
     normalizer: str = "localgp"  # text normalisation for WER: NORMALIZERS (whisper: Whisper's own normalizers)
+    # Skipped (frame, encoder module) units by kind of frame: "padding" (after the audio), "silence"
+    # (inside it, VAD non-speech), "speech" (VAD speech); None: no such frame. Empty: not measured.
+    frames_skipped: dict[str, float | None] = field(default_factory=dict)
 
     def __post_init__(self):
         if len(self.tokens) != len(self.src_attn_keep):
@@ -208,6 +211,10 @@ def score(records: list[Decoded]) -> dict:
     report["seconds_per_utterance"] = statistics.mean(r.seconds for r in records)
     kinds = sorted({k for r in records for k in r.sparsity})
     report["sparsity"] = {k: statistics.mean(r.sparsity.get(k, 0.0) for r in records) for k in kinds}
+    for kind in ("padding", "silence", "speech"):  # over the records that have frames of that kind
+        values = [r.frames_skipped[kind] for r in records if r.frames_skipped.get(kind) is not None]
+        if values:
+            report["sparsity"][kind] = statistics.mean(values)
     reasons = {}
     for key, name in (("decoder_gflops", "decoder_gflops"), ("encoder_seconds_per_utterance", "encoder_seconds"),
                       ("encoder_sparsity", "encoder_sparsity"), ("encoder_speech_sparsity", "encoder_speech_sparsity")):

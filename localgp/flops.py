@@ -254,7 +254,9 @@ def executed_whisper_encoder_macs(encoder, record=None, execution: str | None = 
         utterances = next(iter(record.masks.values())).shape[0]
     elif utterances is None:
         raise ValueError("executed_whisper_encoder_macs: the record holds no mask; give the number of utterances")
-    compact = (execution or encoder.execution) == "compact"
+    rule = getattr(encoder, "rule", None)
+    removes = rule is not None and rule.name == "attention" and (execution or encoder.execution) != "dense"
+    compact = removes or (execution or encoder.execution) == "compact"  # the attention rule removes frames in any
     pruning = getattr(encoder, "pruning", None)
     all_keys = pruning is not None and pruning.config.attention_keys == "all"
     total = dict.fromkeys((*WHISPER_MODULES, "total"), 0)
@@ -262,4 +264,8 @@ def executed_whisper_encoder_macs(encoder, record=None, execution: str | None = 
         kept = kept_frames(record, b, s.frames, s.layers) if compact else {}
         for module, value in whisper_encoder_macs(s, kept, all_keys and compact).items():
             total[module] += value
+        if removes:  # its ranking: the block's queries and keys on every frame, and q k^T
+            ranking = 2 * s.frames * s.d_model * s.d_model + s.frames * s.frames * s.d_model
+            total["attn"] += ranking
+            total["total"] += ranking
     return total

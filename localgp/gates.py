@@ -98,9 +98,14 @@ def sparsity_loss(sparsity: Tensor, target: float, alpha: float = 1.0) -> Tensor
 def random_keep_logits(shape, keep: float, generator: torch.Generator, device=None) -> Tensor:
     """Logits (*shape, 2) whose decisions keep a random `keep` share: forced masks for
     benchmarks and tests."""
-    kept = torch.rand(shape, generator=generator) < keep
+    return mask_logits(torch.rand(shape, generator=generator) < keep).to(device)
+
+
+def mask_logits(kept: Tensor) -> Tensor:
+    """Logits (*kept.shape, 2) whose decisions are the bool mask `kept` (margin 4: kept at any
+    threshold up to 0.98)."""
     margin = torch.where(kept, 4.0, -4.0)
-    return torch.stack([-margin / 2, margin / 2], dim=-1).to(device)
+    return torch.stack([-margin / 2, margin / 2], dim=-1)
 
 
 def align_to_frames(sequence: Tensor, frames: int) -> Tensor:

@@ -284,3 +284,20 @@ def dense_model(backbone: str, data: dict, whisper_dir: str | None = None) -> Ru
     chosen = get_backbone(config)
     model, tokenizer = chosen.build(gated=False)
     return Run(model.eval(), tokenizer, config, chosen)
+
+
+def rule_model(backbone: str, rule: str, data: dict, whisper_dir: str | None = None,
+               calibration: str | None = None) -> Run:
+    """A backbone's plain pretrained model under a training-free rule (localgp.model.config.RULES,
+    parse_rule's text: padding, silence, attention[:BLOCK:KEEP]): no predictor, no context, the
+    padding and silence rules' fill calibrated on `calibration`'s training clips (Backbone.apply_rule)."""
+    from localgp.model.config import parse_rule
+
+    try:
+        parsed = parse_rule(rule)
+    except ValueError as err:
+        raise UserError(f"--gates: {err}") from None
+    run = dense_model(backbone, data, whisper_dir)
+    run.backbone.apply_rule(run.model, parsed, calibration)
+    run.model.eval()
+    return run

@@ -25,12 +25,16 @@ TINY = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_aud
 def tiny_whisper(tmp_path_factory):
     """A directory holding base.pt as prepare_whisper writes it ({"dims", "model_state_dict"},
     fp16) of a tiny multilingual Whisper with random weights (Whisper's 30 s window, its vocabulary)."""
+    return save_tiny_whisper(tmp_path_factory.mktemp("tiny_whisper"))
+
+
+def save_tiny_whisper(directory):
+    """directory/base.pt: tiny_whisper's model."""
     from whisper.model import ModelDimensions, Whisper
 
     dims = ModelDimensions(**TINY)
     torch.manual_seed(0)
     model = Whisper(dims)
-    directory = tmp_path_factory.mktemp("tiny_whisper")
     torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": {k: v.half() for k, v in model.state_dict().items()}},
                directory / "base.pt")
     return directory
@@ -344,19 +348,24 @@ def train_manifest(root, real_speech):
     return root / "manifest.jsonl"
 
 
-@pytest.fixture(scope="module")
-def gated_run(tiny_whisper, real_speech, tmp_path_factory):
-    """A `localgp train` run of the tiny Whisper with temporal encoder and token decoder gates (one step)."""
+def train_tiny_run(root, whisper_dir, real_speech, gates: dict, **fields):
+    """root/run: a `localgp train` run (one step) of the Whisper in whisper_dir with `gates`, on
+    the real clips (a manifest of them in root)."""
     from localgp.train_config import TrainConfig
     from localgp.train import Trainer
 
-    root = tmp_path_factory.mktemp("gated_run")
-    config = TrainConfig(out_dir=str(root / "run"), backbone="whisper-base", whisper_dir=str(tiny_whisper),
+    config = TrainConfig(out_dir=str(root / "run"), backbone="whisper-base", whisper_dir=str(whisper_dir),
                          data={"kind": "manifest", "path": str(train_manifest(root, real_speech)), "split": "train"},
-                         gates={"encoder": "temporal", "decoder": "token", "contexts": [["front", 0]]}, tasks=("asr",),
-                         batch_size=2, max_steps=1, save_every=1, log_every=1)
+                         gates=gates, tasks=("asr",), batch_size=2, max_steps=1, save_every=1, log_every=1, **fields)
     Trainer(config).train()
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def gated_run(tiny_whisper, real_speech, tmp_path_factory):
+    """A `localgp train` run of the tiny Whisper with temporal encoder and token decoder gates (one step)."""
+    return train_tiny_run(tmp_path_factory.mktemp("gated_run"), tiny_whisper, real_speech,
+                          {"encoder": "temporal", "decoder": "token", "contexts": [["front", 0]]})
 
 
 def test_gated_run_transcribes_with_its_gates(gated_run, tiny_whisper, clips, tmp_path, cli_error):

@@ -57,6 +57,10 @@ class Backbone(abc.ABC):
         """Before a fresh run's first step: whatever the gates need from the dense model on training
         examples (Whisper: the skip values of GateConfig.skip_fill "mean"). Nothing by default."""
 
+    def apply_rule(self, model: nn.Module, rule, calibration=None) -> None:
+        """The plain model under a training-free rule (localgp.model.config.Rule), in place."""
+        raise UserError(f"the {rule.name} rule: backbone {self.name} has no rules (whisper-base has)")
+
     def weights_identity(self) -> dict | None:
         """What identifies the backbone weights build() reads, when it can read them again (then a
         checkpoint needs only the trained state); None: they cannot be re-read (random weights)."""

@@ -15,6 +15,7 @@ seconds, encoder seconds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from localgp import flops
 from localgp.backbones import Backbone, StepOutput, ready_for_decoding
 from localgp.data.examples import record_id
-from localgp.files import file_sha256
+from localgp.files import file_sha256, replace_atomically
 from localgp.decoding import DecodeOptions
 from localgp.decoding.beam import decoder_keep
 from localgp.decoding.whisper import (
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 IGNORE = -100  # label of the positions the loss does not count
 # skip_fill "mean": its table from this many training clips (32 gave the dense WER with every padding frame skipped)
 CALIBRATION_CLIPS = 32
+# The corpus whose training clips calibrate the padding and silence rules' fill (localgp prepare demo's)
+CALIBRATION_DATA = "data/demo/manifest.jsonl"
 WORD_START = "\u2581"  # analyze's word-start mark; Whisper's BPE marks a word start by a leading space
 
 
@@ -88,6 +91,50 @@ class WhisperBaseBackbone(Backbone):
         log.info("calibrating the skip values on %d training clips", len(clips))
         model.encoder.calibrate_skip_values((self.mel(waves).to(device) for waves in groups),
                                             [torch.tensor([speech_frames(len(w)) for w in waves]) for waves in groups])
+
+    def apply_rule(self, model, rule, calibration: str | Path | None = None) -> None:
+        """The plain model under a training-free rule (localgp.model.whisper.gate_whisper_rule). The
+        padding and silence rules' fill: the skip values calibrated as prepare_gates does on the
+        training clips of `calibration` (a `localgp prepare demo` manifest; None: CALIBRATION_DATA),
+        cached in <whisper dir>/skip-values/ by the weights' and the manifest's sha256."""
+        from localgp.model.whisper import gate_whisper_rule
+
+        try:
+            gate_whisper_rule(model, rule)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        if rule.name == "attention":
+            return
+        manifest = Path(calibration or CALIBRATION_DATA)
+        if not manifest.is_file():
+            raise UserError(f"the {rule.name} rule's fill is calibrated on {CALIBRATION_CLIPS} training clips of a "
+                            f"corpus: {manifest} does not exist (`localgp prepare demo` builds data/demo; or give "
+                            f"--calibration MANIFEST)")
+        key = json.dumps({"weights": self.weights_identity(), "manifest": file_sha256(manifest),
+                          "clips": CALIBRATION_CLIPS}, sort_keys=True)
+        cache = self.directory() / "skip-values" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        table = model.encoder.pruning.skip_values
+        if cache.is_file():
+            saved = torch.load(cache, map_location="cpu", weights_only=True)
+            table.set(saved["values"].to(table.values), int(saved["clips"]))
+            log.info("%s rule: skip values of %d clips of %s read from %s", rule.name, table.clips, manifest, cache)
+            return
+        from localgp.data.demo_corpus import load_manifest
+
+        splits = load_manifest(manifest)
+        if not splits.get("train"):
+            raise UserError(f"--calibration {manifest}: no train split to calibrate the {rule.name} rule's fill on")
+        from localgp.data.examples import make_examples
+
+        self.prepare_gates(model, make_examples(splits["train"], ("asr",)))
+        log.info("%s rule: skip values calibrated on %d training clips of %s", rule.name, table.clips, manifest)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            replace_atomically(cache, lambda tmp: torch.save({"values": table.values.cpu(), "clips": table.clips}, tmp))
+            log.info("%s rule: skip values cached in %s", rule.name, cache)
+        except OSError as err:
+            log.warning("%s rule: could not cache the skip values in %s (%s): every command calibrates them again",
+                        rule.name, cache, err)
 
     def weights_identity(self) -> dict:
         """base.pt's sha256 (from prepare_whisper's manifest.json when it has it)."""
@@ -218,25 +265,53 @@ class WhisperCorpusDecoder:
         self.dtype = next(model.parameters()).dtype
         self.last_hypotheses: list = []  # the last batch's best hypotheses (detected language, avg_logprob)
         self.gated_encoder = getattr(model.encoder, "pruning", None) is not None
+        self.rule = getattr(model.encoder, "rule", None)
+        self.encoder_seconds = self.decoder_seconds = 0.0  # totals over the batches decoded (the beam searches)
+        self._vad = None
         self.dense_encoder_gflops = flops.whisper_encoder_macs(flops.WhisperShape.of_encoder(model.encoder))["total"] / 1e9
+
+    def speech_regions(self, utterance, wave) -> list[tuple[int, int]]:
+        """The VAD's speech regions (sample ranges) of a clip: the utterance's own (`speech`, as
+        transcribe's windows carry them), else Silero VAD's on the clip (localgp.longform.vad)."""
+        regions = getattr(utterance, "speech", None)
+        if regions is not None:
+            return regions
+        if self._vad is None:
+            from localgp.longform.vad import SileroVAD
+
+            self._vad = SileroVAD()
+        return self._vad(wave)
 
     @torch.no_grad()
     def batch(self, examples) -> list[Decoded]:
         from localgp.model.whisper import (
             SAMPLE_RATE,
             WINDOW_SECONDS,
+            frame_kinds,
             frames_sparsity,
+            rule_keep,
+            sparsity_by_kind,
             speech_frames,
         )
 
-        started = time.perf_counter()
-        self.contexts(examples)
         waves = [e.utterance.load() for e in examples]
-        mel = self.backbone.mel(waves).to(self.device, self.dtype)
         samples = [min(len(w), SAMPLE_RATE * WINDOW_SECONDS) for w in waves]  # what the 30 s window holds
+        kinds = None
+        vad_started = time.perf_counter()
+        if self.gated_encoder:  # which frames are padding, silence, speech: the sparsity by kind (and the rules)
+            kinds = frame_kinds(samples, [self.speech_regions(e.utterance, w) for e, w in zip(examples, waves)],
+                                self.model.encoder.positional_embedding.shape[0])
+            if self.rule is not None and self.rule.name != "attention":
+                self.model.encoder.set_rule_keep(rule_keep(self.rule, kinds).to(self.device))
+        # The VAD is the silence rule's cost; for the others it only measures (their time starts after it).
+        started = vad_started if self.rule is not None and self.rule.name == "silence" else time.perf_counter()
+        self.contexts(examples)
+        mel = self.backbone.mel(waves).to(self.device, self.dtype)
         encoding = time.perf_counter()
         features = self.model.encoder(mel)
-        encoder_seconds = (time.perf_counter() - encoding) / len(examples)
+        searching = time.perf_counter()
+        self.encoder_seconds += searching - encoding
+        encoder_seconds = (searching - encoding) / len(examples)
         record = self.model.encoder.last_record if self.gated_encoder else None
         best, decoder_gflops = [None] * len(examples), [0.0] * len(examples)
         for task in ("transcribe", "translate"):
@@ -249,15 +324,16 @@ class WhisperCorpusDecoder:
             share = self.search.decoder.macs / len(rows) / 1e9
             for b, hyp in zip(rows, hyps, strict=True):
                 best[b], decoder_gflops[b] = hyp, share
+        self.decoder_seconds += time.perf_counter() - searching
         seconds = (time.perf_counter() - started) / len(examples)
         self.last_hypotheses = best
         tok, primer_length = self.backbone.tokenizer, 4
         records = []
         for b, (example, hyp) in enumerate(zip(examples, best, strict=True)):
             sparsity, src_keep = decoder_keep(hyp, primer_length)
-            encoder_gflops, all_frames, speech = self.dense_encoder_gflops, None, None
+            encoder_gflops, all_frames, speech, by_kind = self.dense_encoder_gflops, None, None, {}
             if record is not None:
-                enc_record = utterance_record(record, b)
+                by_kind = sparsity_by_kind(enc_record := utterance_record(record, b), kinds[b : b + 1])
                 sparsity = {**enc_record.sparsity_per_module(), **sparsity}
                 encoder_gflops = flops.executed_whisper_encoder_macs(self.model.encoder, record=enc_record)["total"] / 1e9
                 all_frames = _finite(frames_sparsity(enc_record))
@@ -267,7 +343,8 @@ class WhisperCorpusDecoder:
                 reference=example.target_text, hypothesis=hyp.text, encoder_gflops=encoder_gflops, seconds=seconds,
                 sparsity=sparsity, tokens=[token_piece(tok, i) for i in hyp.token_ids] if src_keep else [],
                 src_attn_keep=src_keep, decoder_gflops=decoder_gflops[b], encoder_seconds=encoder_seconds,
-                encoder_sparsity=all_frames, encoder_speech_sparsity=speech, normalizer=WhisperBaseBackbone.normalizer))
+                encoder_sparsity=all_frames, encoder_speech_sparsity=speech, normalizer=WhisperBaseBackbone.normalizer,
+                frames_skipped=by_kind))
         return records
 
 

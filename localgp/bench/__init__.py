@@ -51,7 +51,8 @@ def run_bench(part: str, setting: Setting, providers=None, keeps=DEFAULT_KEEPS, 
     if not setting.checkpoint and not keeps:
         raise BenchError("--keep: give at least one keep ratio")
     built = workload(part, setting)
-    providers = built.providers if providers is None else providers
+    if providers is None:  # a part's defaults, where it names them (else all it has)
+        providers = getattr(built, "default_providers", built.providers)
     missing = [p for p in providers if p not in built.providers]
     if missing:
         raise BenchError(f"--providers: part {part} has no provider {missing}; it has {','.join(built.providers)}")

@@ -54,7 +54,9 @@ from localgp.model.packed import DTYPES, check_precision
 # What users run instead, measured beside ours: ESPnet's own module (OWSM), openai-whisper's own
 # model and decode, faster-whisper (CTranslate2 on the original weights) at two compute types.
 FASTER_WHISPER = ("faster-whisper-float32", "faster-whisper-int8")
-PROVIDERS = ("espnet", "openai-whisper", *FASTER_WHISPER, "dense", "masked", "compact")
+# whisper-base's training-free rules (localgp.model.config.RULES, their default settings) are providers too
+PROVIDERS = ("espnet", "openai-whisper", *FASTER_WHISPER, "dense", "masked", "compact", "padding", "silence",
+             "attention")
 PROVIDER_ALIASES = {"faster-whisper": FASTER_WHISPER}
 BACKBONES = ("owsm", "whisper-base")
 BASELINES = ("dense", "masked")

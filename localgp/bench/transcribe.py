@@ -7,11 +7,19 @@ recording, side by side, in one run, by what users run and by localgp:
   (its Silero VAD, windows of <= 30 s decoded in batches; beam 5, the language given) on the
   original model.bin;
 - `localgp-dense`: `localgp transcribe` with the plain Whisper base;
+- `localgp-padding`, `localgp-silence`, `localgp-attention[:BLOCK:KEEP]`: `localgp transcribe
+  --gates RULE`, the training-free rules on the plain Whisper base (the padding and silence
+  rules' fill calibrated on the manifest's training clips, cached beside the weights);
 - `localgp-compact`: `localgp transcribe` with a trained gated Whisper run, compact execution.
 
 `--dtypes float32,bfloat16,int8` runs every localgp system in each (`localgp transcribe --dtype`);
 openai-whisper runs in float32 and faster-whisper's rows keep their compute types (each row's
 `dtype` says which).
+localgp rows add `encoder_seconds`, `decoder_seconds` (the encoder calls and the beam searches of
+the timed transcription), `context_seconds` (the gates' contexts, e.g. the speaker embedding, once
+per file) and `skipped`: the shares of the encoder's (frame, module) units skipped on padding,
+silence (VAD non-speech inside a window) and speech frames (means over the windows that have such
+frames; null: none had) and of the decoder's token-module units (0 for an ungated decoder).
 
 The recording is assembled from the demo corpus' held-out test clips of one language (read
 prompts, 8 kHz telephone speech), in order, with pauses of 0.8-2.5 s between them (seeded), up
@@ -39,7 +47,9 @@ from localgp.bench.core import BenchError, device_name, git_revision
 from localgp.errors import UserError
 from localgp.model.packed import check_precision
 
-SYSTEMS = ("openai-whisper", "faster-whisper-float32", "faster-whisper-int8", "localgp-dense", "localgp-compact")
+SYSTEMS = ("openai-whisper", "faster-whisper-float32", "faster-whisper-int8", "localgp-dense", "localgp-padding",
+           "localgp-silence", "localgp-attention", "localgp-compact")
+RULE_PREFIX = "localgp-"  # localgp-<rule>: `--gates <rule>` (attention takes :BLOCK:KEEP)
 DEFAULT_REPORT = "out/demo/report.json"  # `make demo`'s: localgp-compact runs the run it trained
 DEFAULT_AUDIO = "data/demo/manifest.jsonl"
 WARMUP_SECONDS = 20.0
@@ -78,9 +88,35 @@ def wer(reference: str, hypothesis: str, language: str) -> float:
     return 100.0 * jiwer.wer(ref, hyp)
 
 
+def rule_of(system: str) -> str | None:
+    """The rule a localgp-<rule> system runs (`--gates` text), else None."""
+    from localgp.model.config import is_rule
+
+    rule = system[len(RULE_PREFIX):] if system.startswith(RULE_PREFIX) else None
+    return rule if is_rule(rule) else None
+
+
+def known_system(system: str) -> bool:
+    return system in SYSTEMS or rule_of(system) is not None
+
+
+def skipped_shares(result) -> dict:
+    """A localgp transcription's skipped shares (see the module's docstring)."""
+    segments = [s for t in result.transcripts for s in t.segments]
+    shares = {}
+    for kind in ("padding", "silence", "speech"):
+        values = [s.frames_skipped[kind] for s in segments if s.frames_skipped.get(kind) is not None]
+        gated = any(s.frames_skipped for s in segments)
+        shares[kind] = float(np.mean(values)) if values else (None if gated else 0.0)
+    decoder = [v for s in segments for k, v in s.sparsity.items() if k.startswith("decoder.")]
+    shares["decoder_tokens"] = float(np.mean(decoder)) if decoder else 0.0
+    return shares
+
+
 def run_system(system: str, audio: Path, language: str, beam: int, batch: int, weights: Path, run_dir: str,
-               dtype: str = "float32") -> dict:
-    """Transcribes `audio` with one system in this process: {text, seconds, audio_seconds}."""
+               manifest: str = DEFAULT_AUDIO, dtype: str = "float32") -> dict:
+    """Transcribes `audio` with one system in this process: {text, seconds, audio_seconds} (and
+    for localgp the parts of the time and the skipped shares)."""
     from localgp.data.audio import load_audio
 
     wav = load_audio(audio)
@@ -107,8 +143,15 @@ def run_system(system: str, audio: Path, language: str, beam: int, batch: int, w
     elif system.startswith("localgp"):
         from localgp.longform import Transcriber
 
-        transcriber = (Transcriber("whisper-base", whisper_dir=str(weights), device="cpu", dtype=dtype)
-                       if system == "localgp-dense" else Transcriber(run_dir, device="cpu", dtype=dtype))
+        rule = rule_of(system)
+        if system == "localgp-dense":
+            transcriber = Transcriber("whisper-base", whisper_dir=str(weights), device="cpu", dtype=dtype)
+        elif rule is not None:
+            transcriber = Transcriber("whisper-base", gates=rule, whisper_dir=str(weights), device="cpu",
+                                      calibration=manifest, dtype=dtype)
+        else:
+            transcriber = Transcriber(run_dir, device="cpu", dtype=dtype)
+        parts = {}
         warm_file = audio.with_name("warmup.wav")
         import soundfile as sf
 
@@ -119,26 +162,39 @@ def run_system(system: str, audio: Path, language: str, beam: int, batch: int, w
             result = transcriber(path, language=language, beam=beam, batch=batch, progress=False)
             if result.failed:
                 raise BenchError(f"{system}: {result.failed[0].reason}")
+            parts.update(encoder_seconds=result.encoder_seconds, decoder_seconds=result.decoder_seconds,
+                         context_seconds=result.context_seconds, skipped=skipped_shares(result))
             return result.transcripts[0].text
     else:
-        raise BenchError(f"unknown system {system!r}; one of {', '.join(SYSTEMS)}")
+        raise BenchError(f"unknown system {system!r}; one of {', '.join(SYSTEMS)} (localgp-attention:BLOCK:KEEP)")
     call(warm)
     started = time.perf_counter()
     text = call(wav)
-    return {"text": text, "seconds": time.perf_counter() - started, "audio_seconds": len(wav) / 16000}
+    return {"text": text, "seconds": time.perf_counter() - started, "audio_seconds": len(wav) / 16000,
+            **(parts if system.startswith("localgp") else {})}
 
 
 def run_bench(systems=SYSTEMS, manifest: str = DEFAULT_AUDIO, seconds: float = 300.0,
-              language: str = "en", beam: int = 5, batch: int = 8, weights: str | None = None,
+              languages=("en",), beam: int = 5, batch: int = 8, weights: str | None = None,
               run_dir: str | None = None, threads: int | None = None, seed: int = 0,
               dtypes=("float32",)) -> list[dict]:
-    """One row per system (and per dtype for localgp's), each measured in its own process on the same recording. run_dir: the
-    gated run of localgp-compact (None: the one `make demo` trained, named by DEFAULT_REPORT)."""
+    """One row per language and system, each measured in its own process on the same recording
+    of that language (and per dtype for localgp's). run_dir: the gated run of localgp-compact
+    (None: the one `make demo` trained, named by DEFAULT_REPORT)."""
+    if isinstance(languages, str):
+        languages = (languages,)
+    return [row for language in languages
+            for row in _run_language(systems, manifest, seconds, language, beam, batch, weights, run_dir, threads, seed,
+                                         dtypes)]
+
+
+def _run_language(systems, manifest: str, seconds: float, language: str, beam: int, batch: int, weights: str | None,
+                  run_dir: str | None, threads: int | None, seed: int, dtypes) -> list[dict]:
     import soundfile as sf
 
     from localgp.model.whisper_weights import check_prepared, default_whisper_dir
 
-    unknown = [s for s in systems if s not in SYSTEMS]
+    unknown = [s for s in systems if not known_system(s)]
     if unknown:
         raise BenchError(f"--systems: unknown {unknown}; choose from {','.join(SYSTEMS)}")
     weights_dir = Path(weights) if weights else default_whisper_dir()
@@ -168,7 +224,8 @@ def run_bench(systems=SYSTEMS, manifest: str = DEFAULT_AUDIO, seconds: float = 3
         for system, dtype in runs:
             command = [sys.executable, "-m", "localgp.bench.transcribe", "--one", system, "--audio", str(audio),
                        "--language", language, "--beam", str(beam), "--batch", str(batch), "--weights", str(weights_dir),
-                       "--run", str(run_dir), "--threads", str(threads), "--dtypes", dtype]
+                       "--run", str(run_dir), "--threads", str(threads), "--dtypes", dtype,
+                       "--audio-manifest", str(manifest)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 raise BenchError(f"{system} ({dtype}) failed: "
@@ -180,7 +237,9 @@ def run_bench(systems=SYSTEMS, manifest: str = DEFAULT_AUDIO, seconds: float = 3
                          "audio_seconds": measured["audio_seconds"], "clips": len(texts),
                          "language": language, "beam": beam, "batch": batch, "device": "cpu",
                          "device_name": device_name(torch.device("cpu")), "threads": threads, "torch": torch.__version__,
-                         "revision": git_revision(), "text": measured["text"]})
+                         "revision": git_revision(), "text": measured["text"],
+                         **{k: measured[k] for k in ("encoder_seconds", "decoder_seconds", "context_seconds", "skipped")
+                            if k in measured}})
     return rows
 
 
@@ -191,20 +250,32 @@ def system_dtype(system: str) -> str:
 
 def table(rows: list[dict]) -> str:
     head = f"{'system':24s} {'dtype':>8s} {'seconds':>9s} {'rtf':>7s} {'wer %':>7s} {'peak MB':>8s} {'vs openai':>10s}"
-    base = next((r["seconds"] for r in rows if r["system"] == "openai-whisper"), None)
-    lines = [f"{rows[0]['audio_seconds']:.1f} s of {rows[0]['language']} audio, beam {rows[0]['beam']}, batch "
-             f"{rows[0]['batch']}, {rows[0]['threads']} threads, {rows[0]['device_name']}, {rows[0]['revision']}", head]
-    for r in rows:
-        ratio = f"{base / r['seconds']:.2f}x" if base else "-"
-        lines.append(f"{r['system']:24s} {r['dtype']:>8s} {r['seconds']:9.2f} {r['rtf']:7.3f} {r['wer']:7.1f} {r['peak_mb']:8.0f} {ratio:>10s}")
+    head += f" {'enc s':>6s} {'dec s':>6s} {'ctx s':>6s}  skipped pad/sil/speech"
+    lines = []
+    for language in dict.fromkeys(r["language"] for r in rows):
+        part = [r for r in rows if r["language"] == language]
+        base = next((r["seconds"] for r in part if r["system"] == "openai-whisper"), None)
+        lines += [f"{part[0]['audio_seconds']:.1f} s of {language} audio, beam {part[0]['beam']}, batch "
+                  f"{part[0]['batch']}, {part[0]['threads']} threads, {part[0]['device_name']}, {part[0]['revision']}",
+                  head]
+        for r in part:
+            ratio = f"{base / r['seconds']:.2f}x" if base else "-"
+            num = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+            extra = ""
+            if "encoder_seconds" in r:
+                k = r["skipped"]
+                extra = (f" {r['encoder_seconds']:6.2f} {r['decoder_seconds']:6.2f} {r['context_seconds']:6.2f}  "
+                         f"{num(k['padding'])}/{num(k['silence'])}/{num(k['speech'])}")
+            lines.append(f"{r['system']:24s} {r['dtype']:>8s} {r['seconds']:9.2f} {r['rtf']:7.3f} {r['wer']:7.1f} {r['peak_mb']:8.0f} "
+                         f"{ratio:>10s}{extra}")
     return "\n".join(lines)
 
 
 def _one(args: argparse.Namespace) -> None:
     """The child process: one system, its result as a JSON line on stdout."""
     torch.set_num_threads(args.threads)
-    measured = run_system(args.one, Path(args.audio), args.language, args.beam, args.batch, Path(args.weights), args.run,
-                          args.dtypes)
+    measured = run_system(args.one, Path(args.audio), args.languages, args.beam, args.batch, Path(args.weights),
+                          args.run, args.audio_manifest, args.dtypes)
     measured["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps(measured))
 
@@ -213,8 +284,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="long-form transcription: openai-whisper, faster-whisper, localgp")
     p.add_argument("--audio", default=DEFAULT_AUDIO, help="the demo corpus' manifest (its test split)")
     p.add_argument("--seconds", type=float, default=300.0, help="length of the assembled recording")
-    p.add_argument("--language", default="en")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of " + ",".join(SYSTEMS))
+    p.add_argument("--languages", "--language", default="en", help="comma list: a recording and rows per language")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of " + ",".join(SYSTEMS) +
+                   " (localgp-attention:BLOCK:KEEP: other settings of the attention rule)")
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--batch", type=int, default=8, help="windows per batch (localgp, faster-whisper)")
     p.add_argument("--weights", help="`localgp prepare whisper`'s directory (default: its own)")
@@ -225,6 +297,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default="float32", help="comma list of float32,bfloat16,int8: each localgp system in each")
     p.add_argument("--json", help="write the rows to this JSON file")
     p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--audio-manifest", default=DEFAULT_AUDIO, help=argparse.SUPPRESS)  # the child's calibration corpus
     return p
 
 
@@ -234,7 +307,8 @@ def main(argv=None) -> int:
         _one(args)
         return 0
     try:
-        rows = run_bench([s for s in args.systems.split(",") if s], args.audio, args.seconds, args.language, args.beam,
+        rows = run_bench([s for s in args.systems.split(",") if s], args.audio, args.seconds,
+                         tuple(x for x in args.languages.split(",") if x), args.beam,
                          args.batch, args.weights, args.run, args.threads, args.seed,
                          [d for d in args.dtypes.split(",") if d])
     except UserError as err:  # a BenchError, check_precision's, or a damaged file

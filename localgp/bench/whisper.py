@@ -11,6 +11,10 @@ run instead, in the same run on the same clips:
   with the ungated decoder through the same search; in --dtype, on the CPU their linears through
   packed weights at that precision, `set_precision`, as `localgp decode` and `transcribe` run them).
   openai-whisper runs in float32 whatever --dtype; faster-whisper in its providers' compute types.
+- `padding`, `silence`, `attention`: the training-free rules (their default settings) on the real
+  weights, compact, as `localgp decode --gates RULE` runs them (the padding and silence rules'
+  fill calibrated on --audio's training clips when it is a manifest, else data/demo's; their
+  frames from Silero VAD on the clips, found once before the timing); they ignore --keep.
 
 Masks are forced at random on the encoder's attention and MLP per frame (`--granularity`
 temporal, with token-level decoder gates) or per utterance, or come from a trained run's gates
@@ -36,7 +40,10 @@ from localgp.bench.core import (
 from localgp.model.config import GateConfig
 from localgp.model.convert import set_precision
 
-PROVIDERS = ("openai-whisper", *FASTER_WHISPER, "dense", "masked", "compact")
+RULE_PROVIDERS = ("padding", "silence", "attention")
+PROVIDERS = ("openai-whisper", *FASTER_WHISPER, "dense", "masked", "compact", *RULE_PROVIDERS)
+# what runs without --providers: the rules need a corpus to calibrate their fill on, so they are asked for by name
+DEFAULT_PROVIDERS = tuple(p for p in PROVIDERS if p not in RULE_PROVIDERS)
 BASE_DIMS = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8, n_audio_layer=6, n_vocab=51865,
                  n_text_ctx=448, n_text_state=512, n_text_head=8, n_text_layer=6)
 DEFAULT_AUDIO = "data/demo/manifest.jsonl"
@@ -121,7 +128,34 @@ class WhisperModels:
         set_precision(self.model, setting.dtype, setting.torch_device())
         set_precision(self.dense.decoder, setting.dtype, setting.torch_device())
         self._ct2 = {}
+        self._rules = {}
         self.setting = setting
+
+    def rule_model(self, name: str, clips: "Clips"):
+        """The plain weights under the rule `name`, compact, its frames those of `clips` (built once)."""
+        if name not in self._rules:
+            from localgp.model.convert import set_execution
+            from localgp.model.whisper import frame_kinds, rule_keep
+            from localgp.runs import rule_model
+
+            if self.weights is None:
+                raise BenchError(f"--providers {name}: the rules run the real weights; not with --weights random")
+            audio = self.setting.audio
+            run = rule_model("whisper-base", name, {}, str(self.weights),
+                             audio if audio and audio.endswith(".jsonl") else None)
+            model = run.model.to(self.setting.torch_device(), self.setting.torch_dtype()).eval()
+            set_execution(model, "compact")
+            if name != "attention":
+                from localgp.longform.vad import SileroVAD
+
+                vad = SileroVAD()
+                kinds = frame_kinds([min(len(w), 30 * 16000) for w in clips.waves], [vad(w) for w in clips.waves],
+                                    model.encoder.positional_embedding.shape[0])
+                model.encoder.set_rule_keep(rule_keep(model.encoder.rule, kinds).to(self.setting.torch_device()))
+            if self.setting.torch_device().type == "cpu":
+                pack_linears(model)
+            self._rules[name] = model
+        return self._rules[name]
 
     def _random_masks_model(self, setting: Setting):
         """Whisper base (or its shapes with random weights) gated for forced masks."""
@@ -189,11 +223,12 @@ class EncoderWorkload:
     """The encoder (convolutions + every block) on the clips' log-mel."""
 
     providers = PROVIDERS
+    default_providers = DEFAULT_PROVIDERS
 
     def __init__(self, setting: Setting):
         self.setting = setting
         self.models = WhisperModels(setting)
-        clips = load_clips(setting)
+        self.clips = clips = load_clips(setting)
         self.models.set_contexts(clips)
         self.mel = log_mel(clips.waves, setting.torch_device(), setting.torch_dtype())
         self.encoder = self.models.model.encoder
@@ -213,6 +248,11 @@ class EncoderWorkload:
             features = ctranslate2.StorageView.from_array(np.ascontiguousarray(self.mel.float().cpu().numpy()))
             return Case(lambda: ct2.encode(features, to_cpu=True), lambda: self.dense_gflops)
         batch = self.setting.batch
+        if provider in RULE_PROVIDERS:
+            encoder = self.models.rule_model(provider, self.clips).encoder
+            return Case(lambda: encoder(self.mel),
+                        lambda: flops.executed_whisper_encoder_macs(encoder, None, "compact", batch)["total"] / 1e9,
+                        lambda: kept_share(encoder.last_record))
         return gated_encoder_case(
             self.encoder, provider, keep, self.setting.seed, lambda: self.encoder(self.mel),
             lambda record: flops.executed_whisper_encoder_macs(self.encoder, record, provider, batch)["total"])
@@ -223,6 +263,7 @@ class DecodeWorkload:
     encoder, beam search."""
 
     providers = PROVIDERS
+    default_providers = DEFAULT_PROVIDERS
 
     def __init__(self, setting: Setting):
         self.setting = setting
@@ -266,6 +307,8 @@ class DecodeWorkload:
         from localgp.model.convert import force_keep
 
         model, setting = self.models.model, self.setting
+        if provider in RULE_PROVIDERS:
+            return self._rule(provider)
         gated = provider != "dense"
         decoder_model = model if gated else self.models.dense
         options = WhisperDecodeOptions(beam_size=setting.beam, execution=provider if gated else "compact")
@@ -287,3 +330,19 @@ class DecodeWorkload:
 
         return Case(run, gflops, lambda: kept_share(last["record"]) if gated else None)
 
+
+    def _rule(self, provider: str) -> Case:
+        from localgp.decoding.whisper import WhisperBeamSearch, WhisperDecodeOptions
+
+        model, setting = self.models.rule_model(provider, self.clips), self.setting
+        search = WhisperBeamSearch(model, WhisperDecodeOptions(beam_size=setting.beam, execution="compact"))
+
+        def run():
+            mel = log_mel(self.clips.waves, setting.torch_device(), setting.torch_dtype())
+            return search(model.encoder(mel), self.clips.languages)
+
+        def gflops():
+            encoder = flops.executed_whisper_encoder_macs(model.encoder, None, "compact", setting.batch)["total"]
+            return (encoder + search.decoder.macs) / 1e9
+
+        return Case(run, gflops, lambda: kept_share(model.encoder.last_record))

@@ -5,6 +5,7 @@ language and task token ids, which the backbone knows how to spell)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +37,16 @@ def build_extractor(spec: dict):
     return kinds[kind](**options)
 
 
+def context_source(utterance) -> tuple[str, Callable]:
+    """(cache key, audio loader) of an utterance's external contexts: its own id and audio, or,
+    for a part of a recording that shares them (transcribe's windows: `context_id` and
+    `context_audio`), the recording's: a speaker belongs to the recording, not to a window."""
+    key = getattr(utterance, "context_id", None)
+    if key is None:
+        return utterance.id, utterance.load
+    return key, utterance.context_audio
+
+
 class ContextFeeder:
     """Computes (with the on-disk cache) and sets the external contexts of a batch, and globalGP's
     discrete context: `prompt_context(example)`, the [<lang>, <task>] token ids of its prompt."""
@@ -44,6 +55,7 @@ class ContextFeeder:
         from localgp.context.cache import FeatureCache
 
         self.model, self.cache, self.prompt_context = model, FeatureCache(cache_dir), prompt_context
+        self.seconds = 0.0  # wall-clock of the external contexts computed so far (cache hits cost ~nothing)
         encoder_pruning = getattr(model.encoder, "pruning", None)
         self.global_prompt = encoder_pruning is not None and encoder_pruning.config.predictor == "global"
         decoder_pruning = getattr(model.decoder, "pruning", None)
@@ -89,9 +101,16 @@ class ContextFeeder:
         if self.global_prompt:
             self.model.encoder.set_context(prompt=torch.tensor([self.prompt_context(e) for e in examples], device=device))
         if self.encoder_names:
-            self._set_encoder_streams({
-                name: [self.cache.get(name, e.utterance.id, lambda e=e, n=name: self.extractors[n](e.utterance.load()))
-                       for e in examples] for name in self.encoder_names})
+            started = time.perf_counter()
+            streams = {}
+            for name in self.encoder_names:
+                feats = []
+                for e in examples:
+                    key, audio = context_source(e.utterance)
+                    feats.append(self.cache.get(name, key, lambda n=name, audio=audio: self.extractors[n](audio())))
+                streams[name] = feats
+            self.seconds += time.perf_counter() - started
+            self._set_encoder_streams(streams)
         if self.decoder_names:
             self.model.decoder.set_context(**{
                 name: torch.cat([self.extractors[name](e.target_language) for e in examples]).to(device)

@@ -33,6 +33,9 @@ class Segment:
     encoder_sparsity: float | None = None  # skipped (frame, module) units over the 30 s window Whisper computes
     encoder_speech_sparsity: float | None = None  # the same over the frames that carry this window's audio
     seconds: float = 0.0  # wall-clock: this window's share of its batch
+    # skipped (frame, encoder module) units by kind of frame: padding (after the window's audio),
+    # silence (VAD non-speech inside it), speech (VAD speech); None: no such frame (empty: dense)
+    frames_skipped: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def gflops(self) -> float:

@@ -47,6 +47,7 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aa
 # Under torchrun the process group carries the plan and the final merge, which waits for the
 # slowest process: Gloo (on GPUs too: a few objects), with a long timeout.
 TRANSCRIBE_TIMEOUT = datetime.timedelta(days=1)
+CONTEXT_SECONDS = 30.0  # of a recording's speech, which its contexts (the speaker embedding) are computed from
 
 
 # ------------------------------------------------------------------ inputs
@@ -117,13 +118,25 @@ class Loaded:
     identity: dict  # what the transcripts say decoded them
 
 
-def load_model(model: str = "whisper-base", gates: str | None = None, whisper_dir: str | None = None) -> Loaded:
+def load_model(model: str = "whisper-base", gates: str | None = None, whisper_dir: str | None = None,
+               calibration: str | None = None) -> Loaded:
     """model: "whisper-base" (the plain pretrained model; gates=RUN_DIR puts a trained run's model
-    in its place), or a `localgp train` run directory (its gated model; gates="none": its weights
-    without the gates). An OWSM snapshot directory is refused: not supported here yet."""
+    in its place, gates="padding", "silence", "attention[:BLOCK:KEEP]" a training-free rule, its
+    fill calibrated on `calibration`'s training clips), or a `localgp train` run directory (its
+    gated model; gates="none": its weights without the gates). An OWSM snapshot directory is
+    refused: not supported here yet."""
     from localgp.files import file_sha256
-    from localgp.runs import checkpoint_path, dense_model, load_run
+    from localgp.model.config import is_rule
+    from localgp.runs import checkpoint_path, dense_model, load_run, rule_model
 
+    if is_rule(gates):
+        if model != "whisper-base":
+            raise UserError(f"--gates {gates}: a rule goes on --model whisper-base, not on --model {model}")
+        run = rule_model("whisper-base", gates, {}, whisper_dir, calibration)
+        return Loaded(run, {"name": "whisper-base", "gates": run.model.encoder.rule.label,
+                            **run.backbone.weights_identity()})
+    if calibration is not None:
+        raise UserError("--calibration goes with --gates padding or silence (the rules' fill)")
     if gates is not None and gates != "none" and model != "whisper-base":
         raise UserError(f"--gates {gates}: a run's gates go on --model whisper-base; --model {model} brings its own "
                         f"(--gates none decodes it without them)")
@@ -175,6 +188,10 @@ class WindowUtterance:
     samples: np.ndarray
     speaker: str = ""
     translations: dict = field(default_factory=dict)
+    speech: list[tuple[int, int]] | None = None  # the VAD's speech regions inside the window (sample ranges)
+    # The recording's contexts (localgp.context.feeder.context_source): computed once per file, from its speech
+    context_id: str | None = None
+    context_audio: object = None  # () -> the recording's speech samples
 
     def load(self) -> np.ndarray:
         return self.samples
@@ -186,6 +203,7 @@ class Recording:
     path: Path
     name: str
     wav: np.ndarray | None = None
+    speech: list[tuple[int, int]] = field(default_factory=list)  # the VAD's speech regions
     windows: list[Window] = field(default_factory=list)
     segments: dict[int, Segment] = field(default_factory=dict)
     language: str | None = None
@@ -206,6 +224,11 @@ class Result:
     decoded: int = 0  # files decoded now
     audio_seconds: float = 0.0  # of the files decoded now
     seconds: float = 0.0  # wall-clock of the decoding now
+    # Parts of `seconds` (this process's): the encoder calls, the beam searches, the gates' contexts
+    # (e.g. a speaker embedding: once per file, from its speech)
+    encoder_seconds: float = 0.0
+    decoder_seconds: float = 0.0
+    context_seconds: float = 0.0
 
     @property
     def rtf(self) -> float:
@@ -218,11 +241,12 @@ class Transcriber:
     bfloat16 or int8 on the CPU, float16/bfloat16 on a GPU (backbones.ready_for_decoding)."""
 
     def __init__(self, model: str = "whisper-base", gates: str | None = None, whisper_dir: str | None = None,
-                 device: str = "auto", dtype: str = "float32"):
+                 device: str = "auto", dtype: str = "float32", calibration: str | None = None):
         check_precision(dtype, pick_device(device))
         self.ctx = distributed.setup(pick_device(device), backend="gloo", timeout=TRANSCRIBE_TIMEOUT)
         self.device = self.ctx.device
         self.model, self.gates, self.whisper_dir, self.dtype = model, gates, whisper_dir, dtype
+        self.calibration = calibration
         self.loaded = None
         self.calls = 0  # window ids differ from call to call: the context cache keys them
 
@@ -231,7 +255,7 @@ class Transcriber:
 
         if self.loaded is not None:
             return
-        loaded = load_model(self.model, self.gates, self.whisper_dir)
+        loaded = load_model(self.model, self.gates, self.whisper_dir, self.calibration)
         run = loaded.run
         run.model.to(self.device, DTYPES[self.dtype])
         self._cache = tempfile.TemporaryDirectory(prefix="localgp-context-")  # windows' contexts: this process only
@@ -297,6 +321,7 @@ class Transcriber:
                    desc="transcribe" if not self.ctx.active else f"transcribe (rank 0 of {self.ctx.world})",
                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}{postfix}]")
         started = time.perf_counter()
+        context_before = contexts.seconds
 
         def advance(recording: Recording, upto: float) -> None:
             bar.update(max(upto - recording.counted, 0.0))
@@ -327,8 +352,13 @@ class Transcriber:
         def window_job(recording: Recording, w: int):
             window = recording.windows[w]
             lang = recording.language if recording.language is not None else language
+            inside = [(max(a, window.start) - window.start, min(b, window.end) - window.start)
+                      for a, b in recording.speech if a < window.end and b > window.start]
+            wav, regions = recording.wav, recording.speech
             utterance = WindowUtterance(f"{self.calls}-{recording.index}-{w}", lang,
-                                        recording.wav[window.start:window.end])
+                                        recording.wav[window.start:window.end], speech=inside,
+                                        context_id=f"{self.calls}-{recording.index}",
+                                        context_audio=lambda: context_speech(wav, regions))
             return recording, w, Example(utterance, target if target is not None else lang, "")
 
         pending = deque(recordings)
@@ -348,7 +378,8 @@ class Transcriber:
                         continue
                     # the bar counts what the file holds (its header may declare nothing, or something else)
                     bar.total = bar.total - declared(recording.path) + len(recording.wav) / SAMPLE_RATE
-                    recording.windows = speech_windows(self.vad(recording.wav), WINDOW_SECONDS)
+                    recording.speech = self.vad(recording.wav)
+                    recording.windows = speech_windows(recording.speech, WINDOW_SECONDS)
                     if not recording.windows:
                         fail(recording, f"{recording.path}: no speech found (voice activity detection) in its "
                                         f"{len(recording.wav) / SAMPLE_RATE:.2f} s")
@@ -370,7 +401,8 @@ class Transcriber:
                         language=hyp.language, avg_logprob=hyp.avg_logprob, encoder_gflops=record.encoder_gflops,
                         decoder_gflops=record.decoder_gflops or 0.0, sparsity=record.sparsity,
                         encoder_sparsity=record.encoder_sparsity,
-                        encoder_speech_sparsity=record.encoder_speech_sparsity, seconds=record.seconds)
+                        encoder_speech_sparsity=record.encoder_speech_sparsity, seconds=record.seconds,
+                        frames_skipped=record.frames_skipped)
                     if recording.language is None:  # its first window: the file's language
                         recording.language = hyp.language
                         resumed += [window_job(recording, v) for v in waiting.pop(recording.index, [])]
@@ -382,6 +414,8 @@ class Transcriber:
         finally:
             bar.close()
         result.seconds = time.perf_counter() - started
+        result.encoder_seconds, result.decoder_seconds = decoder.encoder_seconds, decoder.decoder_seconds
+        result.context_seconds = contexts.seconds - context_before
         if self.ctx.active:  # every rank's files, in every rank's result, in the order of the inputs
             # this rank's own files (every rank read the ones done before from their .json already)
             decoded = {i: transcripts[i] for i in shares[self.ctx.rank] if i in transcripts}
@@ -396,6 +430,19 @@ class Transcriber:
             result.seconds = max(part[4] for part in parts)  # the slowest process: the command's wall-clock
         result.transcripts = [transcripts[i] for i in sorted(transcripts)]
         return result
+
+
+def context_speech(wav: np.ndarray, regions: list[tuple[int, int]], seconds: float = CONTEXT_SECONDS) -> np.ndarray:
+    """What a recording's contexts are computed from: its speech regions joined, the first
+    `seconds` of them (a speaker embedding settles within seconds; its cost should not grow with
+    the recording)."""
+    limit, parts, total = int(seconds * SAMPLE_RATE), [], 0
+    for a, b in regions:
+        parts.append(wav[a : min(b, a + limit - total)])
+        total += len(parts[-1])
+        if total >= limit:
+            break
+    return np.concatenate(parts)
 
 
 def plan(recordings: list[Recording], out_dir: Path | None, formats, overwrite: bool,
@@ -420,9 +467,9 @@ def declared(path: Path) -> float:
 
 
 def transcribe(paths, model: str = "whisper-base", *, gates: str | None = None, whisper_dir: str | None = None,
-               device: str = "auto", dtype: str = "float32", **options) -> Result:
-    """Transcriber(model, gates, whisper_dir, device, dtype)(paths, **options): see there."""
-    return Transcriber(model, gates, whisper_dir, device, dtype)(paths, **options)
+               device: str = "auto", dtype: str = "float32", calibration: str | None = None, **options) -> Result:
+    """Transcriber(model, gates, whisper_dir, device, dtype, calibration)(paths, **options): see there."""
+    return Transcriber(model, gates, whisper_dir, device, dtype, calibration)(paths, **options)
 
 
 def summary(result: Result) -> str:

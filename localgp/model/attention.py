@@ -109,3 +109,24 @@ def memory_attention(q: Tensor, keys: Tensor, values: Tensor, allowed: Tensor | 
         out[start : start + count] = o[0].transpose(0, 1)
         start += count
     return out
+
+
+def attention_received(attn: Projections, h: Tensor) -> Tensor:
+    """The attention each frame receives: softmax(q k^T * scale) of the module on h (B, T, D), the
+    mean over heads and queries -> (B, T) (each row of it sums to 1). One utterance at a time, so
+    the (H, T, T) probabilities of one are all that is held."""
+    q, k = attn.query(h).transpose(1, 2), attn.key(h).transpose(1, 2)  # (B, H, T, Dh)
+    rows = []
+    for b in range(h.shape[0]):
+        probs = torch.softmax((q[b] @ k[b].transpose(-1, -2)).float() * attn.scale, dim=-1)  # (H, T, T)
+        rows.append(probs.mean(dim=(0, 1)))
+    return torch.stack(rows)
+
+
+def top_attended(received: Tensor, keep: float) -> Tensor:
+    """The frames (B, K) int64, in order, that receive the most attention (received (B, T)): the
+    top `keep` share of the T frames (K = round(keep * T), at least 1), the same K for every row."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"top_attended: keep must lie in (0, 1], got {keep}")
+    count = max(1, round(keep * received.shape[1]))
+    return received.topk(count, dim=1, sorted=False).indices.sort(dim=1).values

@@ -15,6 +15,7 @@ DECODER_MODULES = {
     "utterance": ("self_attn", "src_attn", "ffn"),
 }
 EXECUTIONS = ("masked", "compact")
+PREDICTORS = ("local", "global", "rule")
 # No gate at all, every module on every position: what benchmarks measure pruning against. Not a
 # pruning execution (set_execution refuses it); a gated part that supports it says so.
 DENSE = "dense"
@@ -23,7 +24,9 @@ DENSE = "dense"
 @dataclass(frozen=True)
 class GateConfig:
     # "local": localGP, a predictor per layer conditioned on context (the localGP paper);
-    # "global": globalGP, one utterance-wise predictor for all modules (the ICLR 2025 paper).
+    # "global": globalGP, one utterance-wise predictor for all modules (the ICLR 2025 paper);
+    # "rule": no predictor and no context: the frames a fixed rule keeps (`Rule`; the encoder's
+    # set_rule_keep() per batch), the same in every gated module of every layer.
     predictor: str = "local"
     # Encoder pruning granularity: "temporal" (per frame), "utterance", or None (not gated).
     encoder: str | None = "temporal"
@@ -63,8 +66,10 @@ class GateConfig:
     tau: float = 1.0  # Gumbel-softmax temperature (training)
 
     def __post_init__(self):
-        if self.predictor not in ("local", "global"):
-            raise ValueError(f"GateConfig.predictor must be 'local' or 'global', got {self.predictor!r}")
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"GateConfig.predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+        if self.predictor == "rule" and (self.encoder != "temporal" or self.decoder is not None):
+            raise ValueError("GateConfig: predictor 'rule' keeps frames of the encoder: encoder='temporal', decoder=None")
         if self.encoder not in (None, *ENCODER_MODULES):
             raise ValueError(f"GateConfig.encoder must be one of {list(ENCODER_MODULES)} or None, got {self.encoder!r}")
         if self.decoder not in (None, *DECODER_MODULES):
@@ -93,6 +98,69 @@ class GateConfig:
                                                  or self.predictor_width % self.heads):
             raise ValueError(f"GateConfig.predictor_width must be a positive multiple of heads ({self.heads}) or None, "
                              f"got {self.predictor_width!r}")
+
+
+# The training-free rules (`localgp transcribe/decode --gates RULE`), no predictor, no context:
+# "padding": every frame after the audio skipped in every gated encoder module (mean fill);
+# "silence": also the frames inside the audio that the VAD marks as non-speech;
+# "attention": Early Attentive Sparsification: at encoder block `block` (1-based) the frames are
+# ranked by the attention they receive (softmax(QK^T) of that block, mean over heads and
+# queries); the top `keep` share stays, in order, and the rest leave the sequence for blocks
+# `block`.. and for the decoder's cross-attention.
+RULES = ("padding", "silence", "attention")
+ATTENTION_BLOCK, ATTENTION_KEEP = 3, 0.5  # DESIGN.md section 8: WER en/fr/it within +1.5 of dense (measured)
+RULE_MARGIN = 0
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    block: int = ATTENTION_BLOCK  # the attention rule's block (1-based), ignored by the others
+    keep: float = ATTENTION_KEEP  # the attention rule's kept share of the frames
+    # padding and silence rules: frames kept beside the audio's (padding) or the speech's (silence),
+    # on each side (20 ms each): spare frames after the audio, as whisper.cpp users keep them
+    margin: int = RULE_MARGIN
+
+    def __post_init__(self):
+        if self.name not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.name!r}")
+        if not (isinstance(self.block, int) and self.block >= 1):
+            raise ValueError(f"rule {self.name}: block must be an integer >= 1 (1-based), got {self.block!r}")
+        if not (isinstance(self.keep, (int, float)) and 0 < self.keep <= 1):
+            raise ValueError(f"rule {self.name}: keep must lie in (0, 1], got {self.keep!r}")
+        if not (isinstance(self.margin, int) and self.margin >= 0):
+            raise ValueError(f"rule {self.name}: margin must be an integer >= 0 (frames), got {self.margin!r}")
+
+    @property
+    def label(self) -> str:
+        """What reports call it: the name, and its settings unless the defaults."""
+        if self.name == "attention":
+            same = (self.block, self.keep) == (ATTENTION_BLOCK, ATTENTION_KEEP)
+            return self.name if same else f"attention-k{self.block}-{self.keep:g}"
+        return self.name if self.margin == RULE_MARGIN else f"{self.name}-m{self.margin}"
+
+
+FORMS = "padding[:MARGIN], silence[:MARGIN], attention[:BLOCK:KEEP] (e.g. padding:32, attention:3:0.5)"
+
+
+def parse_rule(text: str) -> Rule:
+    """A rule from its text: FORMS."""
+    name, *settings = text.split(":")
+    if len(settings) not in ((0, 2) if name == "attention" else (0, 1)):
+        raise ValueError(f"a rule is {FORMS}, got {text!r}")
+    try:
+        if name == "attention" and settings:
+            return Rule(name, int(settings[0]), float(settings[1]))
+        return Rule(name, margin=int(settings[0])) if settings else Rule(name)
+    except ValueError as err:
+        if str(err).startswith("rule"):
+            raise
+        raise ValueError(f"rule {text!r}: integers for BLOCK and MARGIN, a share for KEEP: {FORMS}") from None
+
+
+def is_rule(text: str | None) -> bool:
+    """Whether a --gates value names a rule (else a run directory or none)."""
+    return text is not None and text.split(":")[0] in RULES
 
 
 def gate_config(gates: dict) -> GateConfig:

@@ -11,7 +11,9 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from localgp.gates import GateRecord, GlobalGatePredictor, LocalGatePredictor, align_to_frames, random_keep_logits
+from localgp.gates import (
+    GateRecord, GlobalGatePredictor, LocalGatePredictor, align_to_frames, mask_logits, random_keep_logits,
+)
 from localgp.model.config import GateConfig
 
 
@@ -58,7 +60,7 @@ class EncoderPruning(nn.Module):
                 raise ValueError("globalGP needs the vocabulary size (its prompt tokens are embedded)")
             units = num_layers * len(modules) + decoder_units
             self.global_gate = GlobalGatePredictor(d_model, vocab_size, units)
-        else:
+        elif config.predictor == "local":  # "rule": no predictor, no context
             for name, size in config.contexts:
                 self.context_proj[name] = nn.Linear(d_model if name == "front" else size, d_model)
             self.gates.extend(LocalGatePredictor(d_model, len(modules), config.heads, config.inject,
@@ -138,7 +140,18 @@ class GatedEncoderMixin:
     prompt: Tensor | None  # (B, P) language and task token ids for globalGP
     decoder_logits: Tensor | None  # (B, decoder units, 2): globalGP's decisions for the decoder
     global_logits: Tensor | None  # (B, layers, modules, 2): globalGP's decisions for the encoder
+    rule_keep: Tensor | None  # (B, T) bool: predictor "rule", the frames every gated module runs on
     last_record: GateRecord | None
+
+    def set_rule_keep(self, keep: Tensor) -> None:
+        """predictor "rule": the frames (B, T) bool that every gated module of every layer runs on
+        in the next forward passes (the others get the skip fill)."""
+        if self.pruning.config.predictor != "rule":
+            raise ValueError("set_rule_keep: this encoder's gates have a predictor; a rule's frames are for "
+                             "predictor 'rule'")
+        if keep.dim() != 2 or keep.dtype != torch.bool:
+            raise ValueError(f"set_rule_keep: keep must be (B, T) bool, got {keep.dtype} {tuple(keep.shape)}")
+        self.rule_keep = keep
 
     def set_context(self, prompt: Tensor | None = None, **streams: Tensor) -> None:
         """Context kept until changed: external sequences for localGP, e.g. speaker=(B, Tc, 192),
@@ -192,7 +205,7 @@ class GatedEncoderMixin:
     def start_gates(self, x: Tensor, valid: Tensor) -> Tensor | None:
         """Before the first layer: localGP's context (B, K, T, D), or globalGP's decisions for
         every layer (None returned). x (B, T, D) the first layer's input; valid (B, T)."""
-        if self.forced_keep is not None:
+        if self.forced_keep is not None or self.pruning.config.predictor == "rule":
             return None
         if self.pruning.config.predictor == "local":
             context, self.gate_context_pad = self.gate_context(x, valid)
@@ -217,6 +230,12 @@ class GatedEncoderMixin:
             return random_keep_logits(shape, self.forced_keep, self.forced_generator, x.device).to(x.dtype), x, context
         if cfg.predictor == "global":
             return self.global_logits[:, index], x, context
+        if cfg.predictor == "rule":
+            keep = self.rule_keep
+            if keep is None or keep.shape != x.shape[:2]:
+                raise ValueError(f"encoder: predictor 'rule' needs the kept frames of the batch {tuple(x.shape[:2])}; "
+                                 f"call set_rule_keep(keep) (got {None if keep is None else tuple(keep.shape)})")
+            return mask_logits(keep.to(x.device)[..., None].expand(-1, -1, modules)).to(x.dtype), x, context
         logits, x, context = self.pruning.gates[index](x, context, self.gate_context_pad)
         if not temporal:  # utterance-wise: pool the frame logits over the valid frames
             logits = masked_time_mean(logits, valid)
@@ -236,6 +255,7 @@ def init_encoder_gating(encoder: nn.Module, pruning: EncoderPruning) -> None:
     encoder.gate_context_pad = None  # (B, keys) True = padding, of the context start_gates made
     encoder.global_logits = None
     encoder.decoder_logits = None
+    encoder.rule_keep = None
 
 
 class GatedDecoderMixin:

@@ -14,6 +14,7 @@ exactly what openai-whisper computes.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -24,8 +25,8 @@ from whisper.model import AudioEncoder, MultiHeadAttention, ResidualAttentionBlo
 
 from localgp import ops
 from localgp.gates import GateRecord
-from localgp.model.attention import Projections, packed_self_attention
-from localgp.model.config import DECODER_MODULES, DENSE, EXECUTIONS, GateConfig
+from localgp.model.attention import Projections, attention_received, packed_self_attention, top_attended
+from localgp.model.config import DECODER_MODULES, DENSE, EXECUTIONS, GateConfig, Rule
 from localgp.model.gating import NoGate, PositionGate, UtteranceGate, profiled
 from localgp.model.layout import DecoderLayerView, DecoderView
 from localgp.model.pruning import (
@@ -37,6 +38,15 @@ from localgp.model.pruning import (
 ENCODER_MODULES = {"temporal": ("attn", "mlp"), "utterance": ("attn", "mlp")}
 ENCODER_EXECUTIONS = (*EXECUTIONS, DENSE)
 SAMPLE_RATE, HOP, WINDOW_SECONDS = 16000, 160, 30  # whisper.audio's constants
+FRAME_SAMPLES = 2 * HOP  # samples per encoder frame (20 ms)
+# The padding and silence rules' gates: no predictor, every gated module of every layer runs on the
+# rule's frames, a skipped one adds the calibrated mean output at its position (skip_fill "mean"),
+# kept frames attend to every frame (what kept the dense WER with every padding frame skipped).
+RULE_GATES = GateConfig(predictor="rule", encoder="temporal", decoder=None, contexts=(), skip_fill="mean",
+                        attention_keys="all")
+# The attention rule's: frames leave the sequence (no fill), the kept attend to the kept.
+ATTENTION_RULE_GATES = dataclasses.replace(RULE_GATES, skip_fill="zero", attention_keys="kept")
+PADDING, SILENCE, SPEECH = 0, 1, 2  # frame_kinds()
 
 
 def speech_frames(num_samples: Tensor | int) -> Tensor | int:
@@ -44,6 +54,51 @@ def speech_frames(num_samples: Tensor | int) -> Tensor | int:
     the padding of the 30 s window): mel frames at hop 160, halved by the stride-2 convolution."""
     mel = (num_samples + HOP - 1) // HOP
     return (mel + 1) // 2
+
+
+def frame_kinds(samples: list[int], speech: list[list[tuple[int, int]]], frames: int = 1500) -> Tensor:
+    """(B, frames) int8: each encoder frame of each clip PADDING (after its audio: t >=
+    speech_frames(samples)), SPEECH (inside it and overlapping one of its VAD speech regions,
+    (start, end) sample ranges of the clip; frame t covers samples [320 t, 320 (t + 1))) or SILENCE
+    (inside it, in no region)."""
+    if len(samples) != len(speech):
+        raise ValueError(f"frame_kinds: {len(samples)} clips but speech regions of {len(speech)}")
+    kinds = torch.full((len(samples), frames), PADDING, dtype=torch.int8)
+    for b, (n, regions) in enumerate(zip(samples, speech)):
+        inside = min(speech_frames(int(n)), frames)
+        kinds[b, :inside] = SILENCE
+        for start, end in regions:
+            first, last = start // FRAME_SAMPLES, min(-(-end // FRAME_SAMPLES), inside)
+            if last > first:
+                kinds[b, first:last] = SPEECH
+    return kinds
+
+
+def rule_keep(rule: Rule, kinds: Tensor) -> Tensor:
+    """The frames (B, T) bool the padding rule (every frame inside the audio) or the silence rule
+    (the speech frames) keeps, from frame_kinds(), and rule.margin frames on each side of them."""
+    if rule.name == "padding":
+        keep = kinds != PADDING
+    elif rule.name == "silence":
+        keep = kinds == SPEECH
+    else:
+        raise ValueError(f"rule_keep: the {rule.name} rule chooses its frames inside the encoder")
+    if rule.margin:
+        width = 2 * rule.margin + 1
+        keep = F.max_pool1d(keep[:, None].float(), width, stride=1, padding=rule.margin)[:, 0] > 0
+    return keep
+
+
+def gate_whisper_rule(model: Whisper, rule: Rule) -> Whisper:
+    """openai-whisper's model under a training-free rule (no predictor, no context): its encoder
+    gated with RULE_GATES (padding, silence: calibrate_skip_values, then set_rule_keep(rule_keep())
+    per batch) or ATTENTION_RULE_GATES (attention: the encoder removes the frames itself)."""
+    layers = model.dims.n_audio_layer
+    if rule.name == "attention" and rule.block > layers:
+        raise ValueError(f"rule attention: block must be at most the encoder's {layers} blocks, got {rule.block}")
+    gate_whisper(model, ATTENTION_RULE_GATES if rule.name == "attention" else RULE_GATES)
+    model.encoder.rule = rule
+    return model
 
 
 class WhisperAttention(Projections):
@@ -71,17 +126,23 @@ class WhisperAttention(Projections):
 class GatedWhisperEncoder(GatedEncoderMixin, AudioEncoder):
     """Made by `gate_whisper()` from an AudioEncoder; not constructed directly."""
 
+    rule: Rule | None = None  # gate_whisper_rule's; the attention rule runs in attention_rule()
+    kept_frames: Tensor | None = None  # the attention rule's kept frames (B, K) of the last pass
+
     @property
     def gated_layers(self):
         return self.blocks
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (B, n_mels, 3000) log-mel spectrogram -> (B, 1500, D), as AudioEncoder.forward."""
+        """x (B, n_mels, 3000) log-mel spectrogram -> (B, 1500, D), as AudioEncoder.forward (the
+        attention rule: (B, K, D), the kept frames in order)."""
         if self.execution not in ENCODER_EXECUTIONS:
             raise ValueError(f"encoder.execution must be one of {ENCODER_EXECUTIONS}, got {self.execution!r}")
         if self.execution == "compact" and self.training and self.forced_keep is None:
             raise RuntimeError("compact execution skips the gates' gradients: train in masked mode, run compact")
         x = self.embed(x)
+        if self.rule is not None and self.rule.name == "attention" and self.execution != DENSE:
+            return self.ln_post(self.attention_rule(x))
         B, T = x.shape[:2]
         valid = torch.ones(B, T, dtype=torch.bool, device=x.device)  # every frame of the window is a frame
         lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
@@ -103,6 +164,31 @@ class GatedWhisperEncoder(GatedEncoderMixin, AudioEncoder):
                                   inplace=True, fill=fill)
         self.last_record = record
         return self.ln_post(x)
+
+    def attention_rule(self, x: Tensor) -> Tensor:
+        """The attention rule's blocks on the first block's input x (B, T, D): blocks before
+        rule.block on every frame; at it, the frames its attention ranks highest (attention_received
+        on its attn_ln input, top_attended) are kept in order and the others leave the sequence:
+        that block and the later ones run on (B, K, D). The record holds every block's kept frames."""
+        rule, record = self.rule, GateRecord()
+        B, T = x.shape[:2]
+        start = rule.block - 1
+        kept = torch.ones(B, T, device=x.device)
+        for index, block in enumerate(self.blocks):
+            if index == start:
+                with profiled("gate"):
+                    received = attention_received(WhisperAttention(block.attn), block.attn_ln(x))
+                    self.kept_frames = top_attended(received, rule.keep)
+                    kept = torch.zeros(B, T, device=x.device).scatter_(1, self.kept_frames, 1.0)
+                    x = x.gather(1, self.kept_frames[..., None].expand(-1, -1, x.shape[-1]))
+            with profiled("attention"):
+                x = x + block.attn(block.attn_ln(x))[0]
+            with profiled("mlp"):
+                x = x + block.mlp(block.mlp_ln(x))
+            for name in ENCODER_MODULES["temporal"]:
+                record.add(f"encoder.{index}.{name}", kept)
+        self.last_record = record
+        return x
 
     def embed(self, mel: Tensor) -> Tensor:
         """(B, n_mels, 3000) -> the first block's input (B, 1500, D): convolutions and positions."""
@@ -338,3 +424,22 @@ def frames_sparsity(record: GateRecord, speech: Tensor | None = None) -> float:
     if total == 0:
         return math.nan
     return 1 - kept / total
+
+
+def sparsity_by_kind(record: GateRecord, kinds: Tensor) -> dict[str, float | None]:
+    """Shares of the encoder's (frame, module) units skipped among the frames of each kind of
+    frame_kinds() (B, T): {"padding", "silence", "speech"}; None where the batch has no such frame
+    (or no temporal mask)."""
+    kept = torch.zeros(3, dtype=torch.float64)
+    total = torch.zeros(3, dtype=torch.float64)
+    for name, mask in record.masks.items():
+        if not name.startswith("encoder.") or mask.dim() != 2:
+            continue
+        use = record.valid[name].cpu()
+        mask = mask.detach().cpu().double()
+        for kind in (PADDING, SILENCE, SPEECH):
+            where = use & (kinds == kind)
+            kept[kind] += float((mask * where).sum())
+            total[kind] += float(where.sum())
+    return {label: (1 - float(kept[k] / total[k]) if total[k] else None)
+            for label, k in (("padding", PADDING), ("silence", SILENCE), ("speech", SPEECH))}
