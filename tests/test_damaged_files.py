@@ -98,10 +98,12 @@ def test_damaged_prepared_weights_name_the_file_and_prepare_whisper(prepared, tm
     check()
     assert not (tmp_path / "out").exists()
     # the fix: prepare whisper recreates it, and the weights load again
-    if (whisper_dir / name).is_dir():
+    if (whisper_dir / name).is_dir():  # prepare_whisper replaces files, never a directory of the user's
+        cli_error(prepare, rf"{whisper_dir / name} is a directory where `localgp prepare whisper` writes a file")
+        check()
         import shutil
 
-        shutil.rmtree(whisper_dir / name)  # prepare_whisper replaces files, never a directory of the user's
+        shutil.rmtree(whisper_dir / name)
     assert main([str(a) for a in prepare]) == 0
     from localgp.model.whisper_weights import check_prepared, load_whisper
 

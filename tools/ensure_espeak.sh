@@ -25,7 +25,7 @@ log() { printf '[ensure_espeak] %s\n' "$*" >&2; }
 APT_LOG="$(mktemp -t ensure_espeak-apt.XXXXXX)"
 trap 'rm -f -- "$APT_LOG"' EXIT
 quietly() {
-  "$@" >>"$APT_LOG" 2>&1 && return 0
+  "$@" >"$APT_LOG" 2>&1 && return 0
   log "'$*' failed; the end of its output:"
   tail -n 15 "$APT_LOG" >&2
   return 1

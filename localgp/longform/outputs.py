@@ -2,7 +2,10 @@
 (subtitles) and .json (everything, with the executed GFLOPs and sparsity of each segment). A
 file's outputs are written when the whole recording is done, each through a temporary file
 renamed over its name, .json last: a recording counts as done only when every format asked for
-is there, so an interrupted run leaves nothing half-written and a rerun redoes only what is not."""
+is there (and reads back whole: check_outputs), so an interrupted run leaves nothing half-written
+and a rerun redoes only what is not. A name may hold folders (the inputs' tree, mirrored). Two
+runs into one folder write a recording's outputs one at a time (a lock on the folder), and never
+over another recording's .json."""
 
 from __future__ import annotations
 
@@ -187,7 +190,7 @@ def write_outputs(transcript: Transcript, out_dir: Path, name: str, formats, ove
     with locked(out_dir):
         other = owner(out_dir, name)
         if other is not None and other != transcript.file and not overwrite:
-            raise Taken(f"another run wrote the transcript of {other} into {paths[-1].with_suffix('.json')} "
+            raise Taken(f"another run wrote the transcript of {other} into {output_paths(out_dir, name, ['json'])[0]} "
                         f"meanwhile: transcribe it into another --out")
         for path in paths:
             remove_leftovers(path)

