@@ -51,8 +51,8 @@ def features(processor, speech, **kw):
 
 
 def generated(out: torch.Tensor) -> list[list[int]]:
-    """generate()'s sequences without the prompt (<|sot|><|lang|><|task|><|notimestamps|>) and <|eot|>."""
-    return [[t for t in row[4:] if t != 50257] for row in out.tolist()]
+    """generate()'s sequences (Whisper's generate returns them without the prompt) without <|eot|> and the padding."""
+    return [[t for t in row if t != 50257] for row in out.tolist()]
 
 
 def test_directory_is_written_once_and_loads_offline(whisper_base, hf_dir, tmp_path):
@@ -208,21 +208,26 @@ def test_generate_with_token_gates(hf, openai_base, real_speech):
     _, model = gated_pair(hf, openai_base, dataclasses.replace(SPEECH_GATES, skip_fill="zero"))
     inputs = features(hf[1], real_speech[:3])
     set_execution(model, "compact")
+    seen = []  # the cache generate() hands the decoder (Whisper's generate returns a rebuilt copy)
+    hook = model.model.decoder.register_forward_pre_hook(lambda m, a, k: seen.append(k.get("cache")), with_kwargs=True)
     with torch.no_grad():
-        result = model.generate(inputs.input_features, language="en", max_new_tokens=12, return_dict_in_generate=True)
-    cache, sequences = result.past_key_values, result.sequences
+        sequences = model.generate(inputs.input_features, language="en", max_new_tokens=12)
+    hook.remove()
+    cache = seen[-1]
+    assert all(c is cache for c in seen)
+    if sequences[0, 0] != 50258:  # without the prompt: put it back
+        sequences = torch.cat([torch.tensor([[50258, 50259, 50359, 50363]] * len(sequences)), sequences], dim=1)
+    fed = sequences[:, :-1]  # every token but the last went through the decoder (finished rows: the padding)
     layers = cache.self_attention_cache.layers
     assert all(isinstance(layer, GatedCacheLayer) for layer in layers)
-    assert {layer.get_seq_length() for layer in layers} == {sequences.shape[1] - 1}
+    assert {layer.get_seq_length() for layer in layers} == {fed.shape[1]}  # skipped or not, every token's K/V
     set_execution(model, "masked")
     with torch.no_grad():
-        model(inputs.input_features, decoder_input_ids=sequences[:, :-1])
+        model(inputs.input_features, decoder_input_ids=fed)
     full = model.model.decoder.last_record.masks
     for index, masks in enumerate(cache_masks(cache)):
         want = torch.stack([full[f"decoder.{index}.{n}"] for n in ("self_attn", "src_attn", "ffn")], dim=-1)
-        finished = sequences[:, 1:] == 50257  # after <|eot|> generate pads: those rows' steps are not compared
-        ok = ~finished.cumsum(1).bool() | finished
-        assert torch.equal(masks[ok], want[ok])
+        assert torch.equal(masks, want)
         assert 0 < float(want.mean()) < 1
     results = {}
     for execution in ("masked", "compact"):
@@ -249,22 +254,35 @@ def test_cache_layer_decisions_follow_the_beams():
 
 
 def test_pipeline_batches_and_long_form(hf, openai_base, real_speech):
+    """pipeline() with gates that read a per-clip context (a speaker vector): clip by clip with
+    set_context, and batch_size=3 with the contexts queued, the same texts; long-form generate()."""
+    import numpy as np
     from transformers import pipeline
 
-    _, model = gated_pair(hf, openai_base, dataclasses.replace(SPEECH_GATES, decoder=None))
+    from localgp.backbones.hf_whisper.model import queue_context
+
+    config = dataclasses.replace(SPEECH_GATES, decoder=None, contexts=(("front", 0), ("speaker", 16)))
+    _, model = gated_pair(hf, openai_base, config)
     set_execution(model, "compact")
     processor = hf[1]
     asr = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
                    feature_extractor=processor.feature_extractor, device="cpu")
     clips = [u["wav"] for u in real_speech]
-    one = [asr(c, generate_kwargs={"language": "en"})["text"] for c in clips[:3]]
-    batched = [r["text"] for r in asr(clips[:3], batch_size=3, generate_kwargs={"language": "en"})]
+    speakers = torch.randn(len(clips), 16, generator=torch.Generator().manual_seed(0))
+    one = []
+    for i, clip in enumerate(clips):
+        model.model.encoder.set_context(speaker=speakers[i : i + 1])
+        one.append(asr(clip, generate_kwargs={"language": "en"})["text"])
+    queue_context(model, speaker=speakers)
+    batched = [r["text"] for r in asr(clips, batch_size=3, generate_kwargs={"language": "en"})]
     assert batched == one and all(t.strip() for t in one)
-    import numpy as np
+    assert min(len(v) for v in model.model.encoder.context_queue.values()) == 0  # every clip took its own
 
     pause = np.zeros(8000, dtype=np.float32)
     long = np.concatenate([c for clip in clips * 3 for c in (clip, pause)])
     assert len(long) > 30 * 16000
+    model.model.encoder.context_queue = {}
+    model.model.encoder.set_context(speaker=speakers[:1])
     inputs = processor(long, sampling_rate=16000, return_tensors="pt", truncation=False, padding="longest",
                        return_attention_mask=True)
     with torch.no_grad():
@@ -272,3 +290,21 @@ def test_pipeline_batches_and_long_form(hf, openai_base, real_speech):
                              return_timestamps=True)
     text = processor.batch_decode(out, skip_special_tokens=True)[0]
     assert len(text.split()) > 20
+
+
+def test_other_paths_do_not_import_transformers():
+    """`localgp transcribe`, the openai-whisper and OWSM paths do not pay transformers' import."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    for args in (["-X", "importtime", "-m", "localgp", "transcribe", "--help"],
+                 ["-X", "importtime", "-c", "import localgp.longform, localgp.model.whisper, localgp.bench, "
+                                            "localgp.backbones.whisper, localgp.model.whisper_weights"]):
+        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=root, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line]
+        assert "localgp" in " ".join(imported)
+        assert not [m for m in imported if m.split(".")[0] == "transformers"], args

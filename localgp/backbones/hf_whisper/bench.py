@@ -22,7 +22,7 @@ import torch
 
 from localgp import flops
 from localgp.bench.core import BenchError, Case, Setting, gated_encoder_case, kept_share, prepare_encoder, pruned_label
-from localgp.bench.whisper import WhisperModels, load_clips, log_mel
+from localgp.bench.whisper import WhisperModels, _shapes, load_clips, log_mel
 from localgp.model.config import GateConfig
 from localgp.model.convert import force_keep
 from localgp.model.packed import pack_linears
@@ -85,12 +85,10 @@ class EncoderWorkload:
         self.features = self.models.features(clips.waves).to(device)
         self.mel = log_mel(clips.waves, device, setting.torch_dtype())
         self.encoder = self.models.model.model.encoder
-        shape = flops.WhisperShape.of_encoder(self.models.openai.model.encoder)
         self.masks, self.pruned = self.models.masks, pruned_label(self.encoder)
-        self.shapes = dict(preset="whisper-base", d_model=shape.d_model, layers=shape.layers, frames=shape.frames,
-                           audio=clips.source, audio_seconds=sum(len(w) for w in clips.waves) / 16000)
+        self.shapes = _shapes(self.models.openai, setting, clips)
+        shape = flops.WhisperShape.of_encoder(self.encoder)
         self.dense_gflops = setting.batch * flops.whisper_encoder_macs(shape)["total"] / 1e9
-        self.shape = shape
 
     def case(self, provider: str, keep: float | None) -> Case:
         batch, seed = self.setting.batch, self.setting.seed
@@ -122,11 +120,8 @@ class DecodeWorkload:
                              "(a demo-corpus manifest as --audio)")
         self.models.set_contexts(self.clips)
         self.encoder = self.models.model.model.encoder
-        shape = flops.WhisperShape.of_encoder(self.models.openai.model.encoder)
         self.masks, self.pruned = self.models.masks, pruned_label(self.encoder)
-        self.shapes = dict(preset="whisper-base", d_model=shape.d_model, layers=shape.layers, frames=shape.frames,
-                           audio=self.clips.source, audio_seconds=sum(len(w) for w in self.clips.waves) / 16000,
-                           beam=setting.beam)
+        self.shapes = dict(_shapes(self.models.openai, setting, self.clips), beam=setting.beam)
         self.last_tokens = {}
 
     def case(self, provider: str, keep: float | None) -> Case:
@@ -164,7 +159,7 @@ class DecodeWorkload:
             out = model.generate(features, language=list(clips.languages), task="transcribe", num_beams=setting.beam)
             if gated:
                 last["record"] = self.encoder.last_record
-            self.last_tokens[provider] = [[t for t in row[4:] if t != 50257] for row in out.tolist()]
+            self.last_tokens[provider] = [[t for t in row if t != 50257] for row in out.tolist()]
             return out
 
         return Case(run, lambda: None, lambda: kept_share(last["record"]) if gated else None)

@@ -99,6 +99,12 @@ class GatedHFWhisperEncoder(GatedEncoderMixin, WhisperEncoder):
                 raise ValueError("encoder.padding_rule skips frames: it needs GateConfig.encoder='temporal'")
             lengths = (attention_mask.sum(-1).to(lengths) + 1) // 2  # mel frames -> encoder frames (stride 2)
         valid = torch.arange(T, device=lengths.device)[None] < lengths[:, None]
+        if self.context_queue:  # pipeline(): the next B clips' contexts
+            left = min(len(v) for v in self.context_queue.values())
+            if left < B:
+                raise ValueError(f"encoder: {B} clips but the queued contexts hold {left} more (queue_context)")
+            self.external_context = {name: v[:B] for name, v in self.context_queue.items()}
+            self.context_queue = {name: v[B:] for name, v in self.context_queue.items()}
         self._pass = _Pass(valid, lengths)
         try:
             out = super().forward(input_features, attention_mask, **kwargs)
@@ -297,6 +303,7 @@ def gate_hf_whisper(model: WhisperForConditionalGeneration, config: GateConfig) 
         init_encoder_gating(encoder, EncoderPruning(config, c.d_model, c.encoder_layers, ENCODER_MODULES[config.encoder],
                                                     c.vocab_size, 0, frames=c.max_source_positions))
         encoder.padding_rule = False
+        encoder.context_queue = {}
         encoder._pass = None
         _reclass_layers(encoder, GatedHFWhisperEncoderLayer)
     if config.decoder:
@@ -313,6 +320,17 @@ def _reclass_layers(part, cls) -> None:
         layer.__class__ = cls
         object.__setattr__(layer, "_localgp_parent", part)  # not a submodule: no state-dict keys, no cycle
         layer._localgp_index = index
+
+
+def queue_context(model: WhisperForConditionalGeneration, **streams: Tensor) -> None:
+    """Contexts of N clips (e.g. speaker=(N, 256)) that the encoder takes in order, B rows per call:
+    for pipeline(clips, batch_size=B), whose batches it forms itself (the clips in order, each at
+    most 30 s: a long-form file is several calls of one clip). set_context() for one call."""
+    encoder = model.model.encoder
+    if not isinstance(encoder, GatedHFWhisperEncoder):
+        raise ValueError("queue_context: the encoder is not gated (gate_hf_whisper first)")
+    encoder.set_context(**streams)  # checks the names and shapes
+    encoder.context_queue = {name: encoder.external_context[name] for name in streams}
 
 
 def set_padding_rule(model: WhisperForConditionalGeneration, on: bool = True) -> None:
