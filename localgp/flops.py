@@ -201,6 +201,10 @@ class WhisperShape:
 
     @classmethod
     def of_encoder(cls, encoder) -> "WhisperShape":
+        """openai-whisper's AudioEncoder or transformers' WhisperEncoder (plain or gated)."""
+        if hasattr(encoder, "embed_positions"):  # transformers
+            frames, d_model = encoder.embed_positions.weight.shape
+            return cls(encoder.conv1.in_channels, frames, d_model, len(encoder.layers))
         frames, d_model = encoder.positional_embedding.shape
         return cls(encoder.conv1.in_channels, frames, d_model, len(encoder.blocks))
 

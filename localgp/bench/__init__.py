@@ -3,7 +3,8 @@ compute it executed, in one run. See core.py for the providers, the timing and t
 
 Parts per backbone: OWSM (owsm.py, owsm_decoder.py: random weights of a preset or a trained
 run) and Whisper base (whisper.py: the real weights on real clips, beside openai-whisper and
-faster-whisper).
+faster-whisper); transformers' Whisper base (localgp/backbones/hf_whisper/bench.py, the backbone's
+own package).
 """
 
 from __future__ import annotations
@@ -35,9 +36,15 @@ def _whisper_parts() -> dict[str, Callable[[Setting], Workload]]:
     return {"encoder": whisper.EncoderWorkload, "decode": whisper.DecodeWorkload}
 
 
+def _hf_whisper_parts() -> dict[str, Callable[[Setting], Workload]]:
+    from localgp.backbones.hf_whisper import bench  # imports transformers: only for this backbone
+
+    return {"encoder": bench.EncoderWorkload, "decode": bench.DecodeWorkload}
+
+
 def workload(part: str, setting: Setting) -> Workload:
     """The part `part` of the setting's backbone, built."""
-    parts = _owsm_parts() if setting.backbone == "owsm" else _whisper_parts()
+    parts = {"owsm": _owsm_parts, "whisper-base": _whisper_parts, "hf-whisper-base": _hf_whisper_parts}[setting.backbone]()
     return parts[part](setting)
 
 

@@ -55,10 +55,10 @@ from localgp.model.packed import DTYPES, check_precision
 # model and decode, faster-whisper (CTranslate2 on the original weights) at two compute types.
 FASTER_WHISPER = ("faster-whisper-float32", "faster-whisper-int8")
 # whisper-base's training-free rules (localgp.model.config.RULES, their default settings) are providers too
-PROVIDERS = ("espnet", "openai-whisper", *FASTER_WHISPER, "dense", "masked", "compact", "padding", "silence",
-             "attention")
+PROVIDERS = ("espnet", "openai-whisper", *FASTER_WHISPER, "transformers", "openai-whisper-compact", "dense", "masked",
+             "compact", "padding", "silence", "attention")
 PROVIDER_ALIASES = {"faster-whisper": FASTER_WHISPER}
-BACKBONES = ("owsm", "whisper-base")
+BACKBONES = ("owsm", "whisper-base", "hf-whisper-base")
 BASELINES = ("dense", "masked")
 GATED = ("masked", "compact")  # providers whose work depends on the masks
 DEFAULT_KEEPS = (1.0, 0.7, 0.5, 0.3)
@@ -120,7 +120,7 @@ class Workload(Protocol):
 
 # Part names per backbone (localgp.bench.workload builds them).
 PARTS: dict[str, tuple[str, ...]] = {"owsm": ("layer", "encoder", "decoder-step", "decode"),
-                                     "whisper-base": ("encoder", "decode")}
+                                     "whisper-base": ("encoder", "decode"), "hf-whisper-base": ("encoder", "decode")}
 
 
 

