@@ -260,7 +260,8 @@ def closing_summary(out: Path, report: dict) -> str:
         encoder = (row["dense_encoder_seconds_per_utterance"] or float("nan")) / (
             row["encoder_seconds_per_utterance"] or float("nan"))
         skipped, speech = row["sparsity"].get("all_frames"), row["sparsity"].get("speech_frames")
-        lines.append(f"{row['label']} (target {row['target']:g}): {speed:.2f}x the dense model's speed "
+        target = "" if row["target"] is None else f" (target {row['target']:g})"  # the rules have none
+        lines.append(f"{row['label']}{target}: {speed:.2f}x the dense model's speed "
                      f"({row['seconds_per_utterance']:.3f} vs {row['dense_seconds_per_utterance']:.3f} s per utterance, "
                      f"the encoder {encoder:.2f}x)"
                      + (f"; its gates skip {skipped:.0%} of the encoder's work" if skipped is not None else "")

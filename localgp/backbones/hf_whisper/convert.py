@@ -152,7 +152,8 @@ def whisper_tokenizer(vocab_size: int = 51865):
                  "<|notimestamps|>"]
     vocab[specials[0]] = len(ranks)
     normalizer = Path(wt.__file__).parent / "normalizers" / "english.json"
-    tokenizer = WhisperTokenizer(vocab=vocab, merges=merges, normalizer_file=str(normalizer))
+    # pad token: as transformers' own Whisper checkpoints (pipeline batching needs one)
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=merges, normalizer_file=str(normalizer), pad_token="<|endoftext|>")
     tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(s, special=True, normalized=False)
                                                                 for s in specials[1:]]})
     tokenizer.add_tokens([AddedToken(f"<|{i * 0.02:.2f}|>", special=False, normalized=False) for i in range(1501)])
@@ -191,15 +192,21 @@ def generation_config(config, alignment_heads: list | None = None):
     return GenerationConfig(**fields)
 
 
-def write_transformers_dir(base_pt: str | Path, out: str | Path, log=print) -> Path:
+# what localgp writes into the directory; a new one rewrites directories an older localgp wrote
+FORMAT = 2
+
+
+def write_transformers_dir(base_pt: str | Path, out: str | Path, log=print) -> Path | None:
     """Writes `out`, a transformers model directory, from an openai-whisper checkpoint (base.pt of
     `localgp prepare whisper`; the alignment heads from the ct2/config.json beside it). Idempotent:
-    does nothing when `out` was written from this very checkpoint by this transformers version."""
+    does nothing when `out` was written from this very checkpoint by this transformers version.
+    Returns `out`, or None (said in the log) for a checkpoint whose vocabulary is not Whisper's."""
     import transformers
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor
 
     base_pt, out = Path(base_pt), Path(out)
-    identity = {"base.pt_sha256": file_sha256(base_pt), "transformers": transformers.__version__}
+    identity = {"base.pt_sha256": file_sha256(base_pt), "transformers": transformers.__version__,
+                "format": FORMAT}
     try:
         if json.loads((out / MARKER).read_text()) == identity:
             log(f"whisper: {out} is up to date (written from this base.pt by transformers {transformers.__version__})")
@@ -208,6 +215,10 @@ def write_transformers_dir(base_pt: str | Path, out: str | Path, log=print) -> P
         pass
     checkpoint = torch.load(base_pt, map_location="cpu", weights_only=True)
     dims = checkpoint["dims"]
+    if dims["n_vocab"] < 51864:  # only a test's tiny model: the tokenizer is Whisper's own
+        log(f"whisper: {out} not written: {base_pt}'s vocabulary of {dims['n_vocab']} tokens is not Whisper's "
+            f"(51,864 or 51,865), and no tokenizer fits it")
+        return None
     config = whisper_config(dims)
     ct2_config = base_pt.parent / "ct2" / "config.json"
     heads = json.loads(ct2_config.read_text()).get("alignment_heads") if ct2_config.is_file() else None
