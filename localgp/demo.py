@@ -84,9 +84,11 @@ def trained_run(report: str | Path) -> Path:
     if not path.exists():
         raise UserError(f"{path} does not exist: `make demo` (localgp demo) writes it, with the run it trains")
     rows = read_json(path, "run `make demo` again, which writes it anew").get("rows")
-    gated = [r for r in rows or [] if isinstance(r, dict) and r.get("execution") == "compact"]
+    # a trained row has a target (the rules' rows run compact too, with none)
+    gated = [r for r in rows or [] if isinstance(r, dict) and r.get("execution") == "compact"
+             and r.get("target") is not None]
     if not gated:
-        raise UserError(f"{path}: no gated row in its table (a demo that trained no run)")
+        raise UserError(f"{path}: no trained row in its table (a demo that trained no run)")
     return row_folder(path.parent, gated[0]["model"], gated[0]["target"]) / "run"
 
 
@@ -255,7 +257,8 @@ def closing_summary(out: Path, report: dict) -> str:
              + (f"; {figure}: the gates' decisions on a test utterance" if isinstance(figure, str) else "")]
     rows = report["rows"]
     dense = rows[0]
-    for row in rows[1:2]:
+    trained = [r for r in rows[1:] if r.get("target") is not None]  # the learned row, else the first after dense
+    for row in (trained or rows[1:])[:1]:
         speed = row["dense_seconds_per_utterance"] / row["seconds_per_utterance"]
         encoder = (row["dense_encoder_seconds_per_utterance"] or float("nan")) / (
             row["encoder_seconds_per_utterance"] or float("nan"))
