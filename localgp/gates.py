@@ -51,18 +51,25 @@ class GateRecord:
 
     masks: dict[str, Tensor] = field(default_factory=dict)  # name -> mask (B,) or (B, T)
     valid: dict[str, Tensor] = field(default_factory=dict)  # name -> bool, same shape
+    # name -> bool, same shape: the valid positions the gates decided, where a rule decided the others
+    # (GateConfig.prior: skipped); absent: every valid position
+    decided: dict[str, Tensor] = field(default_factory=dict)
 
-    def add(self, name: str, mask: Tensor, valid: Tensor | None = None) -> None:
+    def add(self, name: str, mask: Tensor, valid: Tensor | None = None, decided: Tensor | None = None) -> None:
         self.masks[name] = mask
         self.valid[name] = torch.ones_like(mask, dtype=torch.bool) if valid is None else valid
+        if decided is not None:
+            self.decided[name] = decided
 
     def sparsity(self) -> Tensor:
-        """Fraction of gated units (module x frame/token) skipped over valid positions."""
+        """Fraction of gated units (module x frame/token) skipped over the valid positions the
+        gates decided (what the sparsity loss targets)."""
         if not self.masks:
             raise ValueError("sparsity: no gate was applied in this forward pass")
+        use = [v & self.decided[k] if k in self.decided else v for k, v in self.valid.items()]
         # in float32 whatever the masks' dtype: a bfloat16 sum of thousands of ones is off by tens
-        kept = sum((m * v).sum(dtype=torch.float32) for m, v in zip(self.masks.values(), self.valid.values(), strict=True))
-        total = sum(v.sum() for v in self.valid.values())
+        kept = sum((m * u).sum(dtype=torch.float32) for m, u in zip(self.masks.values(), use, strict=True))
+        total = sum(u.sum() for u in use)
         return 1 - kept / total.clamp(min=1)
 
     def sparsity_per_module(self) -> dict[str, float]:
@@ -80,7 +87,8 @@ class GateRecord:
 def utterance_record(record: GateRecord, b: int) -> GateRecord:
     """The masks of utterance b of a batch's record."""
     return GateRecord({k: m[b : b + 1] for k, m in record.masks.items()},
-                      {k: v[b : b + 1] for k, v in record.valid.items()})
+                      {k: v[b : b + 1] for k, v in record.valid.items()},
+                      {k: d[b : b + 1] for k, d in record.decided.items()})
 
 
 def module_kind(name: str) -> str:

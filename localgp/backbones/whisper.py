@@ -56,6 +56,7 @@ class WhisperBaseBackbone(Backbone):
     name = "whisper-base"
     normalizer = "whisper"
     max_seconds = 30.0  # its one window (localgp.model.whisper.WINDOW_SECONDS): the rest would be cut off unread
+    _vad = None  # speech_regions' Silero VAD, loaded on first use
 
     def directory(self) -> Path:
         from localgp.model.whisper_weights import default_whisper_dir
@@ -187,6 +188,7 @@ class WhisperBaseBackbone(Backbone):
                             for w in waves])
 
     def collate(self, examples) -> dict[str, torch.Tensor]:
+        """The batch; with a GateConfig.prior also `rule_keep` (B, 1500) bool, its rule's frames."""
         eot = self.tokenizer.eot
         inputs, labels = [], []
         for e in examples:
@@ -194,13 +196,42 @@ class WhisperBaseBackbone(Backbone):
             inputs.append(torch.tensor(prompt + text))
             labels.append(torch.tensor([IGNORE] * (len(prompt) - 1) + text + [eot]))
         pad = torch.nn.utils.rnn.pad_sequence
-        return {"mel": self.mel([e.utterance.load() for e in examples]), "tokens": pad(inputs, batch_first=True, padding_value=eot),
-                "lengths": torch.tensor([len(x) for x in inputs]),
-                "labels": pad(labels, batch_first=True, padding_value=IGNORE)}
+        waves = [e.utterance.load() for e in examples]
+        batch = {"mel": self.mel(waves), "tokens": pad(inputs, batch_first=True, padding_value=eot),
+                 "lengths": torch.tensor([len(x) for x in inputs]),
+                 "labels": pad(labels, batch_first=True, padding_value=IGNORE)}
+        prior = gate_config(self.config.gates).prior if self.config.gates else None
+        if prior:
+            from localgp.model.config import parse_rule
+
+            batch["rule_keep"] = self.rule_frames(parse_rule(prior), waves, [e.utterance for e in examples])
+        return batch
+
+    def rule_frames(self, rule, waves, utterances) -> torch.Tensor:
+        """(B, 1500) bool: the frames the padding or silence rule keeps of each clip's window (the
+        silence rule from speech_regions; to the padding rule every frame of the audio is one)."""
+        from localgp.model.whisper import SAMPLE_RATE, WINDOW_SECONDS, frame_kinds, rule_keep
+
+        regions = [self.speech_regions(u, w) if rule.name == "silence" else [] for u, w in zip(utterances, waves)]
+        return rule_keep(rule, frame_kinds([min(len(w), SAMPLE_RATE * WINDOW_SECONDS) for w in waves], regions))
+
+    def speech_regions(self, utterance, wave) -> list[tuple[int, int]]:
+        """The VAD's speech regions (sample ranges) of a clip: the utterance's own (`speech`, as
+        transcribe's windows carry them), else Silero VAD's on the clip (localgp.longform.vad)."""
+        regions = getattr(utterance, "speech", None)
+        if regions is not None:
+            return regions
+        if self._vad is None:
+            from localgp.longform.vad import SileroVAD
+
+            self._vad = SileroVAD()
+        return self._vad(wave)
 
     def forward(self, model, batch) -> StepOutput:
         """Encoder on the mel, decoder on the prompt + text: the mean cross-entropy of the text's
-        tokens and <|endoftext|>."""
+        tokens and <|endoftext|>. A prior's frames (`rule_keep`) go to the encoder first."""
+        if "rule_keep" in batch:
+            model.encoder.set_rule_keep(batch["rule_keep"])
         features = model.encoder(batch["mel"])
         if hasattr(model.decoder, "pruning"):
             logits = model.decoder(batch["tokens"], features, lengths=batch["lengths"])
@@ -219,7 +250,11 @@ class WhisperBaseBackbone(Backbone):
         if pruning is None or pruning.config.encoder != "temporal":
             raise UserError("encoder_masks: the mask figure needs an encoder gated per frame (gates.encoder: "
                              f"temporal), this one is gated {pruning.config.encoder if pruning else 'not at all'}")
-        mel = self.mel([np.asarray(speech, dtype=np.float32)])
+        wave = np.asarray(speech, dtype=np.float32)
+        mel = self.mel([wave])
+        rule = getattr(model.encoder, "rule", None)
+        if rule is not None and rule.name != "attention":  # a prior's frames (GateConfig.prior)
+            model.encoder.set_rule_keep(self.rule_frames(rule, [wave], [None]).to(next(model.parameters()).device))
         set_execution(model, "masked")
         model.eval()
         with torch.no_grad():
@@ -267,20 +302,7 @@ class WhisperCorpusDecoder:
         self.gated_encoder = getattr(model.encoder, "pruning", None) is not None
         self.rule = getattr(model.encoder, "rule", None)
         self.encoder_seconds = self.decoder_seconds = 0.0  # totals over the batches decoded (the beam searches)
-        self._vad = None
         self.dense_encoder_gflops = flops.whisper_encoder_macs(flops.WhisperShape.of_encoder(model.encoder))["total"] / 1e9
-
-    def speech_regions(self, utterance, wave) -> list[tuple[int, int]]:
-        """The VAD's speech regions (sample ranges) of a clip: the utterance's own (`speech`, as
-        transcribe's windows carry them), else Silero VAD's on the clip (localgp.longform.vad)."""
-        regions = getattr(utterance, "speech", None)
-        if regions is not None:
-            return regions
-        if self._vad is None:
-            from localgp.longform.vad import SileroVAD
-
-            self._vad = SileroVAD()
-        return self._vad(wave)
 
     @torch.no_grad()
     def batch(self, examples) -> list[Decoded]:
@@ -299,7 +321,7 @@ class WhisperCorpusDecoder:
         kinds = None
         vad_started = time.perf_counter()
         if self.gated_encoder:  # which frames are padding, silence, speech: the sparsity by kind (and the rules)
-            kinds = frame_kinds(samples, [self.speech_regions(e.utterance, w) for e, w in zip(examples, waves)],
+            kinds = frame_kinds(samples, [self.backbone.speech_regions(e.utterance, w) for e, w in zip(examples, waves)],
                                 self.model.encoder.positional_embedding.shape[0])
             if self.rule is not None and self.rule.name != "attention":
                 self.model.encoder.set_rule_keep(rule_keep(self.rule, kinds).to(self.device))

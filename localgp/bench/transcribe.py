@@ -10,7 +10,8 @@ recording, side by side, in one run, by what users run and by localgp:
 - `localgp-padding`, `localgp-silence`, `localgp-attention[:BLOCK:KEEP]`: `localgp transcribe
   --gates RULE`, the training-free rules on the plain Whisper base (the padding and silence
   rules' fill calibrated on the manifest's training clips, cached beside the weights);
-- `localgp-compact`: `localgp transcribe` with a trained gated Whisper run, compact execution.
+- `localgp-compact`: `localgp transcribe` with a trained gated Whisper run, compact execution
+  (`localgp-compact:RUN_DIR`: another run beside it, in the same benchmark).
 
 `--dtypes float32,bfloat16,int8` runs every localgp system in each (`localgp transcribe --dtype`);
 openai-whisper runs in float32 and faster-whisper's rows keep their compute types (each row's
@@ -96,8 +97,15 @@ def rule_of(system: str) -> str | None:
     return rule if is_rule(rule) else None
 
 
+def run_of(system: str, run_dir: str | None) -> str | None:
+    """The run directory a localgp-compact[:RUN_DIR] system runs, else None."""
+    if system == "localgp-compact":
+        return run_dir
+    return system.split(":", 1)[1] if system.startswith("localgp-compact:") else None
+
+
 def known_system(system: str) -> bool:
-    return system in SYSTEMS or rule_of(system) is not None
+    return system in SYSTEMS or rule_of(system) is not None or system.startswith("localgp-compact:")
 
 
 def skipped_shares(result) -> dict:
@@ -150,7 +158,7 @@ def run_system(system: str, audio: Path, language: str, beam: int, batch: int, w
             transcriber = Transcriber("whisper-base", gates=rule, whisper_dir=str(weights), device="cpu",
                                       calibration=manifest, dtype=dtype)
         else:
-            transcriber = Transcriber(run_dir, device="cpu", dtype=dtype)
+            transcriber = Transcriber(run_of(system, run_dir), device="cpu", dtype=dtype)
         parts = {}
         warm_file = audio.with_name("warmup.wav")
         import soundfile as sf
@@ -210,8 +218,11 @@ def _run_language(systems, manifest: str, seconds: float, language: str, beam: i
             raise BenchError(f"--run not given, and {err}") from None
     for dtype in dtypes:
         check_precision(dtype, "cpu")
-    if "localgp-compact" in systems and not (Path(run_dir) / "checkpoint.pth").is_file():
-        raise BenchError(f"--run: {run_dir} holds no trained run (checkpoint.pth); `make demo` trains one")
+    for system in systems:
+        run = run_of(system, run_dir)
+        if run is not None and not (Path(run) / "checkpoint.pth").is_file():
+            raise BenchError(f"{'--run' if system == 'localgp-compact' else system}: {run} holds no trained run "
+                             f"(checkpoint.pth); `make demo` trains one")
     threads = threads or torch.get_num_threads()
     wav, texts = assemble(manifest, seconds, language, seed)
     reference = " ".join(texts)
@@ -286,7 +297,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=300.0, help="length of the assembled recording")
     p.add_argument("--languages", "--language", default="en", help="comma list: a recording and rows per language")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of " + ",".join(SYSTEMS) +
-                   " (localgp-attention:BLOCK:KEEP: other settings of the attention rule)")
+                   " (localgp-attention:BLOCK:KEEP: other settings of the attention rule; localgp-compact:RUN_DIR: "
+                   "another trained run)")
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--batch", type=int, default=8, help="windows per batch (localgp, faster-whisper)")
     p.add_argument("--weights", help="`localgp prepare whisper`'s directory (default: its own)")

@@ -135,7 +135,6 @@ class WhisperModels:
         """The plain weights under the rule `name`, compact, its frames those of `clips` (built once)."""
         if name not in self._rules:
             from localgp.model.convert import set_execution
-            from localgp.model.whisper import frame_kinds, rule_keep
             from localgp.runs import rule_model
 
             if self.weights is None:
@@ -146,12 +145,7 @@ class WhisperModels:
             model = run.model.to(self.setting.torch_device(), self.setting.torch_dtype()).eval()
             set_execution(model, "compact")
             if name != "attention":
-                from localgp.longform.vad import SileroVAD
-
-                vad = SileroVAD()
-                kinds = frame_kinds([min(len(w), 30 * 16000) for w in clips.waves], [vad(w) for w in clips.waves],
-                                    model.encoder.positional_embedding.shape[0])
-                model.encoder.set_rule_keep(rule_keep(model.encoder.rule, kinds).to(self.setting.torch_device()))
+                set_rule_frames(model.encoder, clips, self.setting.torch_device())
             if self.setting.torch_device().type == "cpu":
                 pack_linears(model)
             self._rules[name] = model
@@ -178,9 +172,11 @@ class WhisperModels:
 
     def set_contexts(self, clips: "Clips") -> None:
         """A trained run's gates: the contexts of these clips (its extractors, e.g. the speaker
-        embedding), computed once, before any timing."""
+        embedding) and its prior rule's frames (GateConfig.prior), computed once, before any timing."""
         if self.run is None:
             return
+        if self.model.encoder.rule is not None:
+            set_rule_frames(self.model.encoder, clips, self.setting.torch_device())
         from localgp.context.feeder import ContextFeeder
 
         config, tokenizer = self.run.config, self.run.tokenizer
@@ -211,6 +207,18 @@ class WhisperModels:
             self._ct2[provider] = WhisperModel(str(self.weights / "ct2"), device="cpu", compute_type=compute_type,
                                                cpu_threads=torch.get_num_threads())
         return self._ct2[provider]
+
+
+def set_rule_frames(encoder, clips: Clips, device) -> None:
+    """The frames of `clips` that the encoder's rule (a rule's, or a GateConfig.prior's) keeps, set
+    on it: Silero VAD's speech regions of each clip (the padding rule reads only the lengths)."""
+    from localgp.longform.vad import SileroVAD
+    from localgp.model.whisper import frame_kinds, rule_keep
+
+    vad = SileroVAD() if encoder.rule.name == "silence" else lambda wave: []
+    kinds = frame_kinds([min(len(w), 30 * 16000) for w in clips.waves], [vad(w) for w in clips.waves],
+                        encoder.positional_embedding.shape[0])
+    encoder.set_rule_keep(rule_keep(encoder.rule, kinds).to(device))
 
 
 def _shapes(models: WhisperModels, setting: Setting, clips: Clips) -> dict:

@@ -64,6 +64,12 @@ class GateConfig:
     attention_keys: str = "kept"
     threshold: float = 0.5  # keep when softmax(logits)[keep] > threshold (inference)
     tau: float = 1.0  # Gumbel-softmax temperature (training)
+    # A training-free rule under the learned encoder gates (predictor "local", encoder "temporal"):
+    # "padding[:MARGIN]" or "silence[:MARGIN]" (parse_rule's text). The frames the rule skips are
+    # skipped in every gated module of every layer (they get the skip fill), and the predictors
+    # decide only on the frames it keeps: the sparsity they are trained to, and that the target
+    # sets, is of those frames (speech, not padding). None: the predictors decide every frame.
+    prior: str | None = None
 
     def __post_init__(self):
         if self.predictor not in PREDICTORS:
@@ -94,6 +100,13 @@ class GateConfig:
             raise ValueError(f"GateConfig.context_frames must be a positive integer or None, got {self.context_frames!r}")
         if self.heads < 1:
             raise ValueError(f"GateConfig.heads must be at least 1, got {self.heads}")
+        if self.prior is not None:
+            if not isinstance(self.prior, str) or self.prior.split(":")[0] not in ("padding", "silence"):
+                raise ValueError(f"GateConfig.prior must be padding[:MARGIN], silence[:MARGIN] or None, got {self.prior!r}")
+            parse_rule(self.prior)  # its settings
+            if self.predictor != "local" or self.encoder != "temporal":
+                raise ValueError("GateConfig.prior: a rule under per-frame predictors: predictor='local', "
+                                 "encoder='temporal'")
         if self.predictor_width is not None and (not isinstance(self.predictor_width, int) or self.predictor_width < 1
                                                  or self.predictor_width % self.heads):
             raise ValueError(f"GateConfig.predictor_width must be a positive multiple of heads ({self.heads}) or None, "

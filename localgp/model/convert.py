@@ -85,6 +85,7 @@ def last_record(model: nn.Module) -> GateRecord:
         if part.last_record is not None:
             record.masks.update(part.last_record.masks)
             record.valid.update(part.last_record.valid)
+            record.decided.update(part.last_record.decided)
     return record
 
 

@@ -60,6 +60,10 @@ def device_rows(rows: list[int], device: torch.device) -> Tensor:
     return index.pin_memory().to(device, non_blocking=True)
 
 
+# Logits (skip, keep) that any threshold in (0, 1) reads as skip, in any float dtype: a rule's decision.
+_SKIP = torch.tensor([30.0, -30.0])
+
+
 def module_fill(fill: Tensor | None, names, name: str, dtype: torch.dtype) -> Tensor | None:
     """Module `name`'s slice of a layer's fill (modules first), in `dtype`; None without a fill."""
     return None if fill is None else fill[names.index(name)].to(dtype)
@@ -73,12 +77,17 @@ class PositionGate:
     per layer). inplace: compact residual adds write into x itself (inference only, and only
     where the caller owns x: the layer's input is not needed afterwards). fill (M, T, D): what a
     skipped module adds at each position (GateConfig.skip_fill "mean"), None: nothing.
+    decided (B, T) bool: the positions the gates decide, a rule skipping the others in every
+    module (GateConfig.prior); None: every valid position.
     """
 
     def __init__(self, logits: Tensor, valid: Tensor, lengths: Tensor, names, cfg: GateConfig,
                  execution: str, training: bool, record: GateRecord, prefix: str, inplace: bool = False,
-                 fill: Tensor | None = None):
+                 fill: Tensor | None = None, decided: Tensor | None = None):
+        if decided is not None:  # the rule's skipped positions: skipped whatever the logits say
+            logits = torch.where(decided[..., None, None], logits, _SKIP.to(logits))
         self.logits, self.valid, self.lengths, self.names = logits, valid, lengths, names
+        self.decided = decided
         self.cfg, self.execution, self.training = cfg, execution, training
         self.record, self.prefix = record, prefix
         self.inplace = inplace and not torch.is_grad_enabled()
@@ -96,14 +105,16 @@ class PositionGate:
         with profiled("gate"):
             mask = gate_mask(self.logits_of(name), training=self.training, threshold=self.cfg.threshold,
                              tau=self.cfg.tau) * self.valid
-            self.record.add(f"{self.prefix}.{name}", mask, self.valid)
+            if self.decided is not None:  # exactly 0 there in training too (Gumbel noise could flip a logit)
+                mask = mask * self.decided
+            self.record.add(f"{self.prefix}.{name}", mask, self.valid, self.decided)
         return mask
 
     def compact(self, name: str, x: Tensor) -> ops.Compacted:
         """Compact execution: the kept positions of x packed."""
         with profiled("compaction"):
             c = self.plan.compact(self.names.index(name), x)
-            self.record.add(f"{self.prefix}.{name}", c.keep.to(x.dtype), self.valid)
+            self.record.add(f"{self.prefix}.{name}", c.keep.to(x.dtype), self.valid, self.decided)
         return c
 
     def add_kept(self, name: str, x: Tensor, y: Tensor, index: Tensor, scale: float = 1.0) -> Tensor:

@@ -140,18 +140,33 @@ class GatedEncoderMixin:
     prompt: Tensor | None  # (B, P) language and task token ids for globalGP
     decoder_logits: Tensor | None  # (B, decoder units, 2): globalGP's decisions for the decoder
     global_logits: Tensor | None  # (B, layers, modules, 2): globalGP's decisions for the encoder
-    rule_keep: Tensor | None  # (B, T) bool: predictor "rule", the frames every gated module runs on
+    # (B, T) bool: the frames a rule keeps: with predictor "rule" every gated module runs on them;
+    # under GateConfig.prior the predictors decide on them (the rest are skipped)
+    rule_keep: Tensor | None
     last_record: GateRecord | None
 
     def set_rule_keep(self, keep: Tensor) -> None:
-        """predictor "rule": the frames (B, T) bool that every gated module of every layer runs on
-        in the next forward passes (the others get the skip fill)."""
-        if self.pruning.config.predictor != "rule":
-            raise ValueError("set_rule_keep: this encoder's gates have a predictor; a rule's frames are for "
-                             "predictor 'rule'")
+        """predictor "rule" or GateConfig.prior: the frames (B, T) bool the rule keeps in the next
+        forward passes (the others get the skip fill in every gated module of every layer)."""
+        cfg = self.pruning.config
+        if cfg.predictor != "rule" and cfg.prior is None:
+            raise ValueError("set_rule_keep: this encoder's gates have a predictor and no prior rule; a rule's "
+                             "frames are for predictor 'rule' or GateConfig.prior")
         if keep.dim() != 2 or keep.dtype != torch.bool:
             raise ValueError(f"set_rule_keep: keep must be (B, T) bool, got {keep.dtype} {tuple(keep.shape)}")
         self.rule_keep = keep
+
+    def prior_frames(self, x: Tensor) -> Tensor | None:
+        """GateConfig.prior: the frames (B, T) bool its rule keeps, on which the predictors decide
+        in this pass; None without a prior, and while masks are forced (the dense teacher)."""
+        if self.pruning.config.prior is None or self.forced_keep is not None:
+            return None
+        keep = self.rule_keep
+        if keep is None or keep.shape != x.shape[:2]:
+            raise ValueError(f"encoder: GateConfig.prior {self.pruning.config.prior!r} needs the rule's frames of the "
+                             f"batch {tuple(x.shape[:2])}; call set_rule_keep(keep) (got "
+                             f"{None if keep is None else tuple(keep.shape)})")
+        return keep.to(x.device)
 
     def set_context(self, prompt: Tensor | None = None, **streams: Tensor) -> None:
         """Context kept until changed: external sequences for localGP, e.g. speaker=(B, Tc, 192),

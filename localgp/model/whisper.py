@@ -25,7 +25,7 @@ from whisper.model import AudioEncoder, MultiHeadAttention, ResidualAttentionBlo
 
 from localgp.gates import GateRecord
 from localgp.model.attention import Projections, attention_received, packed_self_attention, top_attended
-from localgp.model.config import DECODER_MODULES, DENSE, EXECUTIONS, GateConfig, Rule
+from localgp.model.config import DECODER_MODULES, DENSE, EXECUTIONS, GateConfig, Rule, parse_rule
 from localgp.model.gating import NoGate, PositionGate, UtteranceGate, profiled
 from localgp.model.layout import DecoderLayerView, DecoderView
 from localgp.model.pruning import (
@@ -125,7 +125,7 @@ class WhisperAttention(Projections):
 class GatedWhisperEncoder(GatedEncoderMixin, AudioEncoder):
     """Made by `gate_whisper()` from an AudioEncoder; not constructed directly."""
 
-    rule: Rule | None = None  # gate_whisper_rule's; the attention rule runs in attention_rule()
+    rule: Rule | None = None  # gate_whisper_rule's or GateConfig.prior's; the attention rule runs in attention_rule()
     kept_frames: Tensor | None = None  # the attention rule's kept frames (B, K) of the last pass
 
     @property
@@ -147,10 +147,11 @@ class GatedWhisperEncoder(GatedEncoderMixin, AudioEncoder):
         lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
         cfg = self.pruning.config
         gated = self.execution != DENSE
-        context = None
+        context = decided = None
         if gated:
             with profiled("gate"):
                 context = self.start_gates(x, valid)
+                decided = self.prior_frames(x)
         record = GateRecord()
         for index, block in enumerate(self.blocks):
             logits = fill = None
@@ -160,7 +161,7 @@ class GatedWhisperEncoder(GatedEncoderMixin, AudioEncoder):
                 fill = layer_fill(self.pruning, index)
             # In place: the blocks' inputs are this forward's own tensors (x + positions on).
             x = run_encoder_block(block, x, valid, lengths, logits, cfg, self.execution, record, f"encoder.{index}",
-                                  inplace=True, fill=fill)
+                                  inplace=True, fill=fill, decided=decided)
         self.last_record = record
         return self.ln_post(x)
 
@@ -247,10 +248,11 @@ def block_modules(block: ResidualAttentionBlock) -> dict:
 
 def run_encoder_block(block: ResidualAttentionBlock, x: Tensor, valid: Tensor, lengths: Tensor, logits: Tensor | None,
                       cfg: GateConfig, execution: str, record: GateRecord, prefix: str, inplace: bool = False,
-                      fill: Tensor | None = None) -> Tensor:
+                      fill: Tensor | None = None, decided: Tensor | None = None) -> Tensor:
     """One Whisper encoder block under its gates: x + attn(attn_ln(x)), then x + mlp(mlp_ln(x)).
     inplace: compact execution may overwrite x (inference only; the caller does not need x afterwards).
-    fill (modules, T, D): what a skipped module adds (skip_fill "mean"), None: nothing."""
+    fill (modules, T, D): what a skipped module adds (skip_fill "mean"), None: nothing.
+    decided (B, T): the frames the predictors decide (GateConfig.prior), None: all."""
     names = ENCODER_MODULES[cfg.encoder]
     modules = block_modules(block)
     attention, mlp = modules["attn"], modules["mlp"]
@@ -259,7 +261,7 @@ def run_encoder_block(block: ResidualAttentionBlock, x: Tensor, valid: Tensor, l
         x = gate.residual("attn", x, attention)
     elif cfg.encoder == "temporal":
         gate = PositionGate(logits, valid, lengths, names, cfg, execution, block.training, record, prefix, inplace,
-                            fill)
+                            fill, decided)
         x = _temporal_attention(gate, block, x)
     else:
         gate = UtteranceGate(logits, names, cfg, execution, block.training, record, prefix, inplace, fill)
@@ -374,6 +376,8 @@ def gate_whisper(model: Whisper, config: GateConfig) -> Whisper:
         init_encoder_gating(encoder, EncoderPruning(config, dims.n_audio_state, dims.n_audio_layer,
                                                     ENCODER_MODULES[config.encoder], dims.n_vocab, decoder_units,
                                                     frames=dims.n_audio_ctx))
+        # GateConfig.prior: its rule, whose frames the decoders set per batch (set_rule_keep) as for a rule
+        encoder.rule = parse_rule(config.prior) if config.prior else None
     if config.decoder:
         if config.predictor == "global" and not config.encoder:
             raise ValueError("gate_whisper: globalGP's decisions come from the gated encoder; gate the encoder too")
