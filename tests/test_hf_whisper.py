@@ -1,6 +1,7 @@
 """The transformers backbone (localgp/backbones/hf_whisper): the offline model directory against
 openai-whisper on real clips, gating in place, generate() and pipeline() with the gates."""
 
+import copy
 import dataclasses
 import os
 
@@ -111,7 +112,6 @@ def test_generate_equals_openai_whisper_on_real_clips(hf, openai_base, real_spee
 
 def gated_pair(hf, openai_base, config=SPEECH_GATES, seed=0):
     """The same random gates (and calibrated-looking skip values) on openai-whisper and on transformers."""
-    import copy
 
     from localgp.model.whisper import gate_whisper
 
@@ -129,7 +129,6 @@ def gated_pair(hf, openai_base, config=SPEECH_GATES, seed=0):
 
 
 def test_every_gate_keeping_is_bit_identical(hf, real_speech):
-    import copy
 
     model, processor = hf
     gated = gate_hf_whisper(copy.deepcopy(model), dataclasses.replace(SPEECH_GATES, skip_fill="zero"))
@@ -312,3 +311,9 @@ def test_other_paths_do_not_import_transformers():
         imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line]
         assert "localgp" in " ".join(imported)
         assert not [m for m in imported if m.split(".")[0] == "transformers"], args
+
+
+def test_gates_under_a_rule_are_refused_naming_the_prior(hf):
+    model, _ = hf
+    with pytest.raises(ValueError, match="prior 'silence:25'"):
+        gate_hf_whisper(copy.deepcopy(model), dataclasses.replace(SPEECH_GATES, prior="silence:25"))
