@@ -250,8 +250,9 @@ def executed_whisper_encoder_macs(encoder, record=None, execution: str | None = 
                                   utterances: int | None = None) -> dict[str, int]:
     """MACs a gated Whisper encoder's last forward pass (or the one `record` holds the masks of)
     executed, summed over its utterances: every module on every frame in masked and dense
-    execution, only what the masks kept in compact execution. `utterances`: the batch size,
-    needed when the record holds no mask (dense execution)."""
+    execution, only what the masks kept in compact execution (and "stand_in": the stand-ins'
+    MACs, GateConfig.stand_in_rank). `utterances`: the batch size, needed when the record holds
+    no mask (dense execution)."""
     s = WhisperShape.of_encoder(encoder)
     record = encoder.last_record if record is None else record
     if record is not None and record.masks:
@@ -272,4 +273,9 @@ def executed_whisper_encoder_macs(encoder, record=None, execution: str | None = 
             ranking = 2 * s.frames * s.d_model * s.d_model + s.frames * s.frames * s.d_model
             total["attn"] += ranking
             total["total"] += ranking
+    if pruning is not None and pruning.config.stand_in_rank and (execution or encoder.execution) != "dense":
+        # GateConfig.stand_in_rank: each gated module's stand-in runs on every frame (its down and up maps)
+        total["stand_in"] = (utterances * s.layers * len(pruning.modules_per_layer) * s.frames * 2 * s.d_model
+                             * pruning.config.stand_in_rank)
+        total["total"] += total["stand_in"]
     return total

@@ -70,6 +70,12 @@ class GateConfig:
     # decide only on the frames it keeps: the sparsity they are trained to, and that the target
     # sets, is of those frames (speech, not padding). None: the predictors decide every frame.
     prior: str | None = None
+    # A learned stand-in for a skipped encoder module's output, per frame: a rank-r linear map of
+    # the frame's layer-normalised input (StandIn), added to the skip fill where the predictors
+    # skipped the module (not at the prior rule's frames). Its output layer starts at zero (the
+    # fill alone); it trains with the gates (distillation). Costs 4 r / (module's MACs per
+    # frame / D) of a frame's module: r=32 is ~3% of Whisper base's MLP. None: no stand-in.
+    stand_in_rank: int | None = None
 
     def __post_init__(self):
         if self.predictor not in PREDICTORS:
@@ -100,6 +106,10 @@ class GateConfig:
             raise ValueError(f"GateConfig.context_frames must be a positive integer or None, got {self.context_frames!r}")
         if self.heads < 1:
             raise ValueError(f"GateConfig.heads must be at least 1, got {self.heads}")
+        if self.stand_in_rank is not None and (not isinstance(self.stand_in_rank, int) or self.stand_in_rank < 1
+                                               or self.encoder != "temporal"):
+            raise ValueError(f"GateConfig.stand_in_rank must be a positive integer, with encoder='temporal' (per-frame "
+                             f"stand-ins), or None; got {self.stand_in_rank!r} with encoder={self.encoder!r}")
         if self.prior is not None:
             if not isinstance(self.prior, str) or self.prior.split(":")[0] not in ("padding", "silence"):
                 raise ValueError(f"GateConfig.prior must be padding[:MARGIN], silence[:MARGIN] or None, got {self.prior!r}")

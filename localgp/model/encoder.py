@@ -158,6 +158,9 @@ def gate_encoder(encoder: EBranchformerEncoder, config: GateConfig, vocab_size: 
     if config.attention_keys != "kept":
         raise ValueError("gate_encoder: OWSM's gated attention sees the kept frames only (GateConfig.attention_keys="
                          "'kept'); 'all' is implemented for Whisper")
+    if config.prior is not None or config.stand_in_rank is not None:
+        raise ValueError("gate_encoder: GateConfig.prior and stand_in_rank are implemented for Whisper's encoder, "
+                         "not OWSM's")
     if encoder.interctc_layer_idx:
         raise ValueError("gate_encoder: intermediate CTC layers (interctc_layer_idx) are not supported")
     encoder.__class__ = GatedEBranchformerEncoder

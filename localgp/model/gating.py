@@ -78,12 +78,14 @@ class PositionGate:
     where the caller owns x: the layer's input is not needed afterwards). fill (M, T, D): what a
     skipped module adds at each position (GateConfig.skip_fill "mean"), None: nothing.
     decided (B, T) bool: the positions the gates decide, a rule skipping the others in every
-    module (GateConfig.prior); None: every valid position.
+    module (GateConfig.prior); None: every valid position. stand_ins: a module per name
+    (GateConfig.stand_in_rank) whose output on a skipped position's input is added there too
+    (at the positions the gates decide).
     """
 
     def __init__(self, logits: Tensor, valid: Tensor, lengths: Tensor, names, cfg: GateConfig,
                  execution: str, training: bool, record: GateRecord, prefix: str, inplace: bool = False,
-                 fill: Tensor | None = None, decided: Tensor | None = None):
+                 fill: Tensor | None = None, decided: Tensor | None = None, stand_ins=None):
         if decided is not None:  # the rule's skipped positions: skipped whatever the logits say
             logits = torch.where(decided[..., None, None], logits, _SKIP.to(logits))
         self.logits, self.valid, self.lengths, self.names = logits, valid, lengths, names
@@ -91,7 +93,7 @@ class PositionGate:
         self.cfg, self.execution, self.training = cfg, execution, training
         self.record, self.prefix = record, prefix
         self.inplace = inplace and not torch.is_grad_enabled()
-        self.fill = fill
+        self.fill, self.stand_ins = fill, stand_ins
         self.plan = None
         if execution == "compact":
             with profiled("compaction"):
@@ -121,10 +123,12 @@ class PositionGate:
         """Compact: x + scale * y at the rows `index` of x, x (+ the fill) elsewhere: in place where
         allowed, else a new tensor."""
         with profiled("scatter"):
-            fill = self._fill(name, x.dtype)
+            fill = self._fill(name, x)
             if fill is not None:  # every frame gets the fill; the kept ones trade it for their output
+                rows = index % x.shape[1] if fill.dim() == 2 else index  # by position, or by frame (B, T, D)
+                kept_fill = ops.gather_rows(fill, rows)
                 x = x.add_(fill) if self.inplace and x.is_contiguous() else x + fill
-                y, scale = scale * y - ops.gather_rows(fill, index % x.shape[1]), 1.0
+                y, scale = scale * y - kept_fill, 1.0
             if self.inplace and x.is_contiguous():
                 return ops.scatter_add_(x, y, index, scale)
             return ops.scatter_pad(y, index, x, scale)
@@ -135,12 +139,21 @@ class PositionGate:
         mask = self.mask(name) if mask is None else mask
         with profiled("scatter"):
             m = mask.to(x.dtype)[..., None]
+            fill = self._fill(name, x)
             out = x + scale * y * m
-            fill = self._fill(name, x.dtype)
             return out if fill is None else out + (1 - m) * fill
 
-    def _fill(self, name: str, dtype: torch.dtype) -> Tensor | None:
-        return module_fill(self.fill, self.names, name, dtype)
+    def _fill(self, name: str, x: Tensor) -> Tensor | None:
+        """What the skipped positions of module `name` add: the fill (T, D), or with a stand-in the
+        fill plus its output on x at the positions the gates decide (B, T, D); None: nothing."""
+        fill = module_fill(self.fill, self.names, name, x.dtype)
+        if self.stand_ins is None:
+            return fill
+        # (inside the caller's `scatter` label: the profile's labels stay exclusive)
+        extra = self.stand_ins[self.names.index(name)](x)
+        if self.decided is not None:  # the rule's frames keep the fill alone
+            extra = extra * self.decided[..., None].to(extra.dtype)
+        return extra if fill is None else extra + fill
 
     def residual(self, name: str, x: Tensor, fn, scale: float = 1.0) -> Tensor:
         """x + scale * fn(x) where the module is kept, x elsewhere."""

@@ -36,6 +36,21 @@ def masked_time_mean(x: Tensor, valid: Tensor) -> Tensor:
     return (x * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
+class StandIn(nn.Module):
+    """GateConfig.stand_in_rank: what a skipped module adds at a frame besides the fill, a rank-r
+    map of its input x (..., D): up(down(layer_norm(x))), `up` starting at zero."""
+
+    def __init__(self, d_model: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(d_model, rank, bias=False)
+        self.up = nn.Linear(rank, d_model, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = nn.functional.layer_norm(x, x.shape[-1:])
+        return self.up(self.down(h.to(self.down.weight.dtype))).to(x.dtype)
+
+
 class EncoderPruning(nn.Module):
     """An encoder's gate predictors and context projections.
 
@@ -53,6 +68,9 @@ class EncoderPruning(nn.Module):
                 raise ValueError("GateConfig.skip_fill='mean' needs an encoder with a fixed number of frames (Whisper's "
                                  "30 s window); this encoder's frames vary with the input")
             self.skip_values = SkipValues(num_layers, len(modules), frames, d_model)
+        if config.stand_in_rank is not None:  # per layer, per module
+            self.stand_ins = nn.ModuleList(nn.ModuleList(StandIn(d_model, config.stand_in_rank) for _ in modules)
+                                           for _ in range(num_layers))
         self.context_proj = nn.ModuleDict()
         self.gates = nn.ModuleList()
         if config.predictor == "global":  # it also emits the decisions of `decoder_units` decoder units
@@ -261,6 +279,11 @@ def layer_fill(pruning: EncoderPruning, index: int) -> Tensor | None:
     """What layer `index`'s skipped modules add at each position (M, T, D), or None (nothing:
     skip_fill "zero")."""
     return pruning.skip_values.layer(index) if pruning.config.skip_fill == "mean" else None
+
+
+def layer_stand_ins(pruning: EncoderPruning, index: int) -> nn.ModuleList | None:
+    """Layer `index`'s StandIn per module (GateConfig.stand_in_rank), or None."""
+    return pruning.stand_ins[index] if pruning.config.stand_in_rank is not None else None
 
 
 def init_encoder_gating(encoder: nn.Module, pruning: EncoderPruning) -> None:

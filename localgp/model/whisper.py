@@ -30,7 +30,7 @@ from localgp.model.gating import NoGate, PositionGate, UtteranceGate, profiled
 from localgp.model.layout import DecoderLayerView, DecoderView
 from localgp.model.pruning import (
     DecoderPruning, EncoderPruning, GatedDecoderMixin, GatedEncoderMixin, init_decoder_gating, init_encoder_gating,
-    layer_fill,
+    layer_fill, layer_stand_ins,
 )
 
 # The gated modules of a Whisper encoder block, per granularity (both modules are per frame).
@@ -154,14 +154,15 @@ class GatedWhisperEncoder(GatedEncoderMixin, AudioEncoder):
                 decided = self.prior_frames(x)
         record = GateRecord()
         for index, block in enumerate(self.blocks):
-            logits = fill = None
+            logits = fill = stand_ins = None
             if gated:
                 with profiled("gate"):
                     logits, x, context = self.layer_logits(index, x, context, valid)
                 fill = layer_fill(self.pruning, index)
+                stand_ins = layer_stand_ins(self.pruning, index)
             # In place: the blocks' inputs are this forward's own tensors (x + positions on).
             x = run_encoder_block(block, x, valid, lengths, logits, cfg, self.execution, record, f"encoder.{index}",
-                                  inplace=True, fill=fill, decided=decided)
+                                  inplace=True, fill=fill, decided=decided, stand_ins=stand_ins)
         self.last_record = record
         return self.ln_post(x)
 
@@ -248,11 +249,12 @@ def block_modules(block: ResidualAttentionBlock) -> dict:
 
 def run_encoder_block(block: ResidualAttentionBlock, x: Tensor, valid: Tensor, lengths: Tensor, logits: Tensor | None,
                       cfg: GateConfig, execution: str, record: GateRecord, prefix: str, inplace: bool = False,
-                      fill: Tensor | None = None, decided: Tensor | None = None) -> Tensor:
+                      fill: Tensor | None = None, decided: Tensor | None = None, stand_ins=None) -> Tensor:
     """One Whisper encoder block under its gates: x + attn(attn_ln(x)), then x + mlp(mlp_ln(x)).
     inplace: compact execution may overwrite x (inference only; the caller does not need x afterwards).
     fill (modules, T, D): what a skipped module adds (skip_fill "mean"), None: nothing.
-    decided (B, T): the frames the predictors decide (GateConfig.prior), None: all."""
+    decided (B, T): the frames the predictors decide (GateConfig.prior), None: all. stand_ins: the
+    block's StandIn per module (GateConfig.stand_in_rank), None: none."""
     names = ENCODER_MODULES[cfg.encoder]
     modules = block_modules(block)
     attention, mlp = modules["attn"], modules["mlp"]
@@ -261,7 +263,7 @@ def run_encoder_block(block: ResidualAttentionBlock, x: Tensor, valid: Tensor, l
         x = gate.residual("attn", x, attention)
     elif cfg.encoder == "temporal":
         gate = PositionGate(logits, valid, lengths, names, cfg, execution, block.training, record, prefix, inplace,
-                            fill, decided)
+                            fill, decided, stand_ins)
         x = _temporal_attention(gate, block, x)
     else:
         gate = UtteranceGate(logits, names, cfg, execution, block.training, record, prefix, inplace, fill)

@@ -296,9 +296,10 @@ def gate_hf_whisper(model: WhisperForConditionalGeneration, config: GateConfig) 
                          "(its decisions for the decoder would have to follow generate()'s beams)")
     if config.decoder not in (None, "token"):
         raise ValueError(f"gate_hf_whisper: the decoder is gated per token here, got decoder={config.decoder!r}")
-    if config.prior is not None:
-        raise ValueError(f"gate_hf_whisper: gates trained under a rule (GateConfig.prior {config.prior!r}) are not "
-                         f"supported on the transformers backbone yet (its encoder would need the rule's frames)")
+    if config.prior is not None or config.stand_in_rank is not None:
+        raise ValueError(f"gate_hf_whisper: gates trained under a rule or with stand-ins (GateConfig.prior "
+                         f"{config.prior!r}, stand_in_rank {config.stand_in_rank!r}) are not supported on the "
+                         f"transformers backbone yet (its encoder takes neither)")
     c = model.config
     if config.encoder:
         encoder = model.model.encoder
