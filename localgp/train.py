@@ -163,7 +163,12 @@ class Trainer:
         # Frozen backbone weights that can be re-read are not saved: the checkpoint names them.
         self.weights = self.backbone.weights_identity() if config.frozen else None
         parameters = dict(self.model.named_parameters())
-        self.optimizer = torch.optim.Adam([parameters[n] for n in self.trainable], lr=config.lr)
+        groups = [[n for n in self.trainable if config.backbone_lr is None or GATE_KEY in n]]
+        if config.backbone_lr is not None:  # the backbone's trained parameters at their own peak
+            groups.append([n for n in self.trainable if GATE_KEY not in n])
+        peaks = (config.lr, config.backbone_lr)
+        self.optimizer = torch.optim.Adam([{"params": [parameters[n] for n in names], "lr": peak, "peak": peak}
+                                           for names, peak in zip(groups, peaks) if names])
         self.step = 0
         self.keep_previous = True  # False: checkpoint.pth is damaged, and PREVIOUS is the whole one
         self._resume()
@@ -207,7 +212,10 @@ class Trainer:
             return
         path, state, damage = last_whole_checkpoint(self.out)
         restore_model(self.model, state, self.backbone, path)
+        peaks = [group["peak"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, peak in zip(self.optimizer.param_groups, peaks, strict=True):  # the config's, not the saved ones
+            group["peak"] = peak
         self.step = state["step"]
         self.keep_previous = damage is None
         if damage is not None:
@@ -269,7 +277,7 @@ class Trainer:
                                     cfg.micro_batches)
                 lr = warmup_lr(self.step + 1, cfg.lr, cfg.warmup_steps)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = warmup_lr(self.step + 1, group["peak"], cfg.warmup_steps)
                 self.optimizer.zero_grad()
                 losses, modules = {}, {}
                 for part in parts:
@@ -277,7 +285,8 @@ class Trainer:
                     for into, values in ((losses, part_losses), (modules, part_modules)):
                         for name, value in values.items():
                             into[name] = into.get(name, 0.0) + value
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                                           cfg.grad_clip)
                 finite = bool(torch.isfinite(grad_norm))  # the same on every rank: the gradients are reduced
                 if finite:
                     self.optimizer.step()

@@ -56,6 +56,9 @@ class TrainConfig:
     # number of processes and resumes on another.
     micro_batches: int = 1
     lr: float = 1e-3  # peak learning rate, reached after warmup_steps
+    # peak learning rate of the backbone's parameters that train (unfreeze, or an unfrozen backbone),
+    # on the same schedule; None: lr for every parameter. Pretrained weights want far less than gates.
+    backbone_lr: float | None = None
     warmup_steps: int = 50
     max_steps: int = 200
     max_minutes: float | None = None  # stop (with a checkpoint) after this much training time
@@ -132,6 +135,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not _is_number(value) or not (value > low if strict else value >= low):
                 raise UserError(f"TrainConfig.{name} must be a number {'>' if strict else '>='} {low}, got {value!r}")
+        if self.backbone_lr is not None and (not _is_number(self.backbone_lr) or self.backbone_lr <= 0):
+            raise UserError(f"TrainConfig.backbone_lr must be a positive number or null, got {self.backbone_lr!r}")
         if not _is_number(self.target_sparsity) or not 0 <= self.target_sparsity <= 1:
             raise UserError(f"TrainConfig.target_sparsity must lie in [0, 1], got {self.target_sparsity!r}")
         if self.max_minutes is not None and (not _is_number(self.max_minutes) or self.max_minutes <= 0):

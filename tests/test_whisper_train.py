@@ -190,6 +190,24 @@ def test_no_distillation_when_every_gate_keeps_and_unfrozen_parameters_train(man
     assert not any(k.startswith("encoder.blocks.") and "pruning." not in k for k in saved)
 
 
+def test_backbone_lr_is_the_unfrozen_parameters_own_peak_and_survives_a_resume(manifest, whisper_base, tmp_path):
+    from localgp.train import warmup_lr
+
+    cfg = whisper_config(tmp_path, "two", manifest, whisper_base, max_steps=1, unfreeze=["decoder.ln."], backbone_lr=1e-6,
+                         warmup_steps=2, gates={"encoder": "temporal", "decoder": None, "contexts": [["front", 0]]},
+                         context_extractors={}, tasks=("asr",))
+    trainer = Trainer(cfg)
+    trainer.train()
+    gates, backbone = trainer.optimizer.param_groups
+    assert (gates["peak"], backbone["peak"]) == (cfg.lr, 1e-6)
+    assert {id(p) for p in backbone["params"]} == {id(trainer.model.decoder.ln.weight), id(trainer.model.decoder.ln.bias)}
+    assert backbone["lr"] == pytest.approx(warmup_lr(1, 1e-6, 2)) and gates["lr"] == pytest.approx(warmup_lr(1, cfg.lr, 2))
+    resumed = Trainer(dataclasses.replace(cfg, max_steps=2))  # from step 1's checkpoint
+    assert resumed.step == 1 and [g["peak"] for g in resumed.optimizer.param_groups] == [cfg.lr, 1e-6]
+    resumed.train()
+    assert resumed.optimizer.param_groups[1]["lr"] == pytest.approx(1e-6)  # step 2: the peak
+
+
 def test_decode_a_run_records_the_whisper_measurements_and_resumes(runs, tmp_path):
     from localgp.decode import decode_run
 
@@ -267,6 +285,7 @@ def test_old_records_read_and_report_has_no_nan(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
+    ({"backbone_lr": 0}, "backbone_lr must be a positive number"),
     ({"backbone": "whisper-large"}, "TrainConfig.backbone must be one of"),
     ({"distill_weight": -1.0}, "TrainConfig.distill_weight must be a number >= 0"),
     ({"distill_weight": "1"}, "TrainConfig.distill_weight must be a number"),
