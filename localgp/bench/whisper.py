@@ -143,7 +143,8 @@ class WhisperModels:
             audio = self.setting.audio
             run = rule_model("whisper-base", name, {}, str(self.weights),
                              audio if audio and audio.endswith(".jsonl") else None)
-            model = run.model.to(self.setting.torch_device(), self.setting.torch_dtype()).eval()
+            model = run.model.eval()
+            set_precision(model, self.setting.dtype, self.setting.torch_device())  # as the other localgp rows
             set_execution(model, "compact")
             if name != "attention":
                 from localgp.longform.vad import SileroVAD
@@ -152,8 +153,6 @@ class WhisperModels:
                 kinds = frame_kinds([min(len(w), 30 * 16000) for w in clips.waves], [vad(w) for w in clips.waves],
                                     model.encoder.positional_embedding.shape[0])
                 model.encoder.set_rule_keep(rule_keep(model.encoder.rule, kinds).to(self.setting.torch_device()))
-            if self.setting.torch_device().type == "cpu":
-                pack_linears(model)
             self._rules[name] = model
         return self._rules[name]
 
