@@ -4,10 +4,13 @@
    the weight packed once (`localgp.model.packed`, what `localgp decode` and `transcribe` run).
 2. The packed linears per precision at Whisper base's four shapes and the row counts compact
    execution produces (1 to 12,000; the output layer at decode rows): float32, bfloat16 and int8
-   through both int8 backends, fbgemm's dynamic quantized linear (what `pack_linears(model,
-   "int8")` runs) and oneDNN's (`onednn::qlinear_pointwise`, what x86 inductor quantization lowers
-   to; its activations quantized by `torch.quantize_per_tensor_dynamic`, ATen's one-pass kernel),
-   each with its max and mean abs error against float32.
+   four ways: what `pack_linears(model, "int8")` runs (activations per row: the rows normalised,
+   then fbgemm's dynamic quantized linear), fbgemm's dynamic quantized linear as it is (activations
+   per tensor: the path before), the rows quantized in PyTorch then one int8 GEMM (`torch._int_mm`)
+   rescaled, and oneDNN's (`onednn::qlinear_pointwise`, what x86 inductor quantization lowers to;
+   its activations quantized per tensor by `torch.quantize_per_tensor_dynamic`, ATen's one-pass
+   kernel), each with its max and mean abs error against float32 (on random rows of one scale,
+   where per-row scales gain nothing: their accuracy is measured on Whisper's own activations).
 3. Silero VAD over a recording: silero's own loop (`get_speech_timestamps`: the whole network
    per 32 ms chunk) against `SileroVAD` (the per-chunk part batched, the LSTM over all chunks).
 
@@ -93,6 +96,34 @@ class OnednnInt8:
                                                    self.zero, self.bias, 1.0, 0, torch.float32, "none", [], "")
 
 
+class FbgemmPerTensor:
+    """fbgemm's dynamic quantized linear as it is: one activation scale per call (the int8 path
+    before per-row scales), the bias in the packing."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        torch.backends.quantized.engine = packed.INT8_ENGINE
+        self.weight = torch.ops.quantized.linear_prepack(packed._quantize_per_channel(weight), bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.weight, not packed._vnni())
+
+
+class IntMmRows:
+    """The rows quantized in PyTorch (symmetric int8, max |x| / 127 per row), one int8 GEMM
+    (`torch._int_mm`, int32 out), rescaled by the row's and the channel's scales, the bias added."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        q = packed._quantize_per_channel(weight)
+        self.weight = q.int_repr().t().contiguous()
+        self.scale = q.q_per_channel_scales().float()
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30) / 127
+        y = torch._int_mm(torch.round(x / s).to(torch.int8), self.weight).float().mul_(self.scale)
+        return torch.addcmul(self.bias, y, s, out=y)
+
+
 def precisions(repeats: int) -> list[dict]:
     rows = []
     generator = torch.Generator().manual_seed(0)
@@ -100,13 +131,15 @@ def precisions(repeats: int) -> list[dict]:
     for k, m, counts, what in PRECISION_SHAPES:
         weight, bias = torch.randn(m, k, generator=generator) / k**0.5, torch.randn(m, generator=generator)
         caches = {p: packed.PackedWeight(p) for p in packed.PRECISIONS if p != "bfloat16" or has_bf16}
-        onednn = OnednnInt8(weight, bias)
+        onednn, tensor, int_mm = OnednnInt8(weight, bias), FbgemmPerTensor(weight, bias), IntMmRows(weight, bias)
         for n in counts:
             x = torch.randn(n, k, generator=generator)
             with torch.inference_mode():
                 # bfloat16 as a bfloat16 model runs it: bfloat16 in and out
                 inputs = {p: x.bfloat16() if p == "bfloat16" else x for p in caches}
                 fns = {p: (lambda c=c, p=p: packed.linear(inputs[p], weight, bias, c)) for p, c in caches.items()}
+                fns["int8 tensor"] = lambda: tensor(x)
+                fns["int8 _int_mm"] = lambda: int_mm(x)
                 fns["int8 onednn"] = lambda: onednn(x)
                 want = fns["float32"]()
                 row = {"shape": f"{k} -> {m}", "what": what, "rows": n}
@@ -181,8 +214,9 @@ def print_linears(rows: list[dict]) -> None:
 
 
 def print_precisions(rows: list[dict]) -> None:
-    names = [n for n in ("float32", "bfloat16", "int8", "int8 onednn") if n in rows[0]]
-    labels = {"float32": "fp32 packed", "bfloat16": "bf16 packed", "int8": "int8 fbgemm", "int8 onednn": "int8 oneDNN"}
+    names = [n for n in ("float32", "bfloat16", "int8", "int8 tensor", "int8 _int_mm", "int8 onednn") if n in rows[0]]
+    labels = {"float32": "fp32 packed", "bfloat16": "bf16 packed", "int8": "int8 rows fbgemm (the path)",
+              "int8 tensor": "int8 tensor fbgemm", "int8 _int_mm": "int8 rows _int_mm", "int8 onednn": "int8 tensor oneDNN"}
     print("Packed linears per precision, median ms (speedup over fp32); error vs fp32 max / mean abs:")
     print("| linear | rows | " + " | ".join(labels[n] + " ms" for n in names) + " | "
           + " | ".join(labels[n] + " err" for n in names[1:]) + " |")

@@ -300,3 +300,21 @@ def test_context_speech_is_the_first_seconds_of_the_speech():
     want = np.concatenate([wav[: 20 * SAMPLE_RATE], wav[30 * SAMPLE_RATE : 40 * SAMPLE_RATE]])
     assert np.array_equal(got, want)
     assert np.array_equal(context_speech(wav, regions[:1], seconds=30.0), wav[: 20 * SAMPLE_RATE])
+
+
+def test_bench_runs_the_rules_in_the_bench_dtype(whisper_base, real_manifest, monkeypatch):
+    """`localgp bench --providers padding --dtype int8`: the rule's model runs in --dtype as the
+    other localgp rows do (its linears through the int8 packing, none in float32)."""
+    from localgp import bench
+    from localgp.model import packed
+
+    monkeypatch.setattr("localgp.backbones.whisper.WhisperBaseBackbone.directory", lambda self: whisper_base)
+    used = set()
+    real = packed.linear
+    monkeypatch.setattr(packed, "linear", lambda x, w, b, cache: used.add(cache.precision) or real(x, w, b, cache))
+    setting = bench.Setting(backbone="whisper-base", batch=2, audio=str(real_manifest), weights=str(whisper_base),
+                            dtype="int8")
+    rows = bench.run_bench("encoder", setting, ["padding"], keeps=[1.0], repeats=1, warmup=0)
+    by = {r["provider"]: r for r in rows}
+    assert {"dense", "masked", "padding"} <= set(by) and used == {"int8"}
+    assert by["padding"]["gflops"] < 0.7 * by["dense"]["gflops"]

@@ -142,12 +142,11 @@ class WhisperModels:
             audio = self.setting.audio
             run = rule_model("whisper-base", name, {}, str(self.weights),
                              audio if audio and audio.endswith(".jsonl") else None)
-            model = run.model.to(self.setting.torch_device(), self.setting.torch_dtype()).eval()
+            model = run.model.eval()
+            set_precision(model, self.setting.dtype, self.setting.torch_device())  # as the other localgp rows
             set_execution(model, "compact")
             if name != "attention":
                 set_rule_frames(model.encoder, clips, self.setting.torch_device())
-            if self.setting.torch_device().type == "cpu":
-                pack_linears(model)
             self._rules[name] = model
         return self._rules[name]
 

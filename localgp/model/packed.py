@@ -17,12 +17,20 @@ setting of that packing, one code path for all three:
   dtype. A model run in bfloat16 (`model.to(torch.bfloat16)`) passes bfloat16 through unchanged.
   Needs AVX512-BF16 or AMX on the CPU (`check_precision` refuses it otherwise, naming them).
 - `int8`: the weight quantized symmetrically per output channel (scale max|w|/127), the
-  activations quantized on the fly per tensor (asymmetric uint8, from their min and max), int32
-  accumulation, float32 output: fbgemm's dynamic quantized linear (`quantized::linear_dynamic`,
-  VNNI where the CPU has it). oneDNN's int8 linear (`onednn::qlinear_pointwise`, what PyTorch's x86
-  inductor quantization lowers to) was measured beside it at Whisper base's shapes and row counts
-  and is no faster anywhere that matters: its activations must be quantized in a separate pass,
-  1.7x slower than fbgemm at 9,000 x 2048 -> 512 (benchmarks/RESULTS.md). Inputs float32.
+  activations quantized on the fly per row (each row of the input divided by its own max |x|,
+  then quantized as one tensor by fbgemm's dynamic quantized linear, asymmetric uint8 from the
+  rows' min and max: a step of at most 2/255 of the row's max |x|), int32 accumulation, each
+  output row multiplied back by its max |x| and the bias added in float32
+  (`quantized::linear_dynamic`, VNNI where the CPU has it). Per row, not per tensor: in Whisper
+  base's encoder a few padding frames near the window's end carry ~100x the typical activation,
+  and one scale for all rows leaves the others a few levels (encoder output error 20% of the mean
+  |output| per tensor, 6% per row, on real clips; benchmarks/RESULTS.md). fbgemm takes one
+  activation scale per call; normalising the rows first gives it per-row scales at the cost of
+  two elementwise passes, where quantizing the rows in PyTorch and `torch._int_mm` was slower.
+  oneDNN's int8 linear (`onednn::qlinear_pointwise`, what PyTorch's x86 inductor quantization
+  lowers to) was measured beside fbgemm at Whisper base's shapes and row counts and is no faster
+  anywhere that matters (its activations must be quantized in a separate pass), and it refuses
+  per-row activation scales. Inputs float32.
 
 It applies only where it can: on the CPU with no gradient to compute, weights made outside
 torch.inference_mode (a weight made there has no version counter: a packed copy could go stale
@@ -103,7 +111,7 @@ def dequantized_weight(weight: Tensor) -> Tensor:
 
 class PackedWeight:
     """A weight's packed copy at one precision, made again when the weight is replaced or changed
-    in place (for int8, whose packing holds the bias, when the bias is)."""
+    in place (for bfloat16, which keeps a bfloat16 copy of the bias, when the bias is)."""
 
     def __init__(self, precision: str = "float32"):
         if precision not in PRECISIONS:
@@ -116,7 +124,7 @@ class PackedWeight:
 
     def of(self, weight: Tensor, bias: Tensor | None = None):
         version = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
-        if bias is not None:
+        if bias is not None and self.precision == "bfloat16":  # bfloat16 keeps a rounded copy of the bias
             version += (bias.data_ptr(), bias._version, bias.dtype)
         if self.version != version:
             with torch.no_grad():
@@ -128,9 +136,8 @@ class PackedWeight:
         if self.precision == "int8":
             previous = torch.backends.quantized.engine
             torch.backends.quantized.engine = INT8_ENGINE
-            try:
-                return torch.ops.quantized.linear_prepack(_quantize_per_channel(weight),
-                                                          None if bias is None else bias.float().contiguous()), None
+            try:  # no bias in the packing: it is added after the rows are scaled back (`linear`)
+                return torch.ops.quantized.linear_prepack(_quantize_per_channel(weight), None), None
             finally:
                 torch.backends.quantized.engine = previous
         dtype = torch.bfloat16 if self.precision == "bfloat16" else torch.float32
@@ -149,9 +156,20 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, cache: PackedWeight) 
         return y.to(x.dtype)
     if x.dtype != torch.float32:
         raise ValueError(f"int8 linear: the input must be float32 (an int8 model runs in float32), got {x.dtype}")
+    return int8_rows(x, packed, bias)
+
+
+def int8_rows(x: Tensor, packed, bias: Tensor | None) -> Tensor:
+    """x @ w.T + bias with the activations quantized per row: each row divided by its max |x| (an
+    all-zero row by the smallest normal float: it stays zero), fbgemm's per-tensor dynamic
+    quantization of the normalised rows, each output row multiplied back."""
+    rows = x.reshape(-1, x.shape[-1])
+    scale = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
     # VNNI accumulates u8 x s8 products in int32; without it fbgemm's pairwise int16 sums could
     # saturate, which 7-bit activations (reduce_range) avoid
-    return torch.ops.quantized.linear_dynamic(x, packed, not _vnni())
+    y = torch.ops.quantized.linear_dynamic(rows / scale, packed, not _vnni())
+    y = y.mul_(scale) if bias is None else torch.addcmul(bias.float(), y, scale, out=y)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class PackedLinearMixin:
