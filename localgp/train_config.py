@@ -107,7 +107,7 @@ class TrainConfig:
                 raise UserError(f"TrainConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.backbone not in BACKBONES:
             raise UserError(f"TrainConfig.backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
-        from localgp.model.owsm import PRESETS
+        from localgp.backbones.owsm.weights import PRESETS
 
         if self.preset not in PRESETS:
             raise UserError(f"TrainConfig.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from localgp import bench, flops, profile
-from localgp.bench.owsm import PROVIDERS as OWSM_PROVIDERS
+from localgp.backbones.owsm.bench import PROVIDERS as OWSM_PROVIDERS
 from localgp.cli import main
 from tests.conftest import requires_cuda
 
@@ -228,7 +228,7 @@ def test_decoder_module_costs_script(tmp_path, capsys):
 
 
 def test_decoder_module_costs_need_a_share_to_skip():
-    from localgp.bench.owsm_decoder import module_costs
+    from localgp.backbones.owsm.bench_decoder import module_costs
 
     with pytest.raises(bench.BenchError, match="--keep"):
         module_costs(bench.Setting(preset="tiny", seconds=2, batch=1, beam=2, tokens=5), 1.0, repeats=1)

@@ -11,7 +11,7 @@ import torch
 from espnet2.bin.s2t_inference import ScoreFilter
 
 from localgp.decoding import BatchBeamSearch, DecodeOptions, IncrementalDecoder
-from localgp.model import owsm
+from localgp.backbones.owsm import weights as owsm
 from localgp.model.config import GateConfig
 from localgp.model.convert import force_keep, gate_s2t_model, set_execution
 from tests.test_model import speech

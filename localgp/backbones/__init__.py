@@ -4,8 +4,8 @@
 context feeder, scoring) and one family of speech models: how to build the gated model and its
 tokenizer, which tasks it can do, how a batch of examples becomes its inputs, the forward pass
 that gives the task loss and the decoder's logits, globalGP's prompt context, and its corpus
-decoder. One implementation per backbone: `owsm` (localgp.backbones.owsm) and `whisper-base`
-(localgp.backbones.whisper); `get_backbone(config)` picks it by `config.backbone`.
+decoder. One implementation per backbone: `owsm` (localgp.backbones.owsm.backbone) and `whisper-base`
+(localgp.backbones.whisper.backbone); `get_backbone(config)` picks it by `config.backbone`.
 """
 
 from __future__ import annotations
@@ -120,11 +120,11 @@ def ready_for_decoding(model: nn.Module, execution: str, device: str, dtype: str
 
 def backbone_class(name: str) -> type[Backbone]:
     if name == "owsm":
-        from localgp.backbones.owsm import OwsmBackbone
+        from localgp.backbones.owsm.backbone import OwsmBackbone
 
         return OwsmBackbone
     if name == "whisper-base":
-        from localgp.backbones.whisper import WhisperBaseBackbone
+        from localgp.backbones.whisper.backbone import WhisperBaseBackbone
 
         return WhisperBaseBackbone
     raise UserError(f"backbone must be one of {list(BACKBONES)}, got {name!r}")

@@ -22,8 +22,8 @@ from localgp.bench.core import (  # noqa: F401 (the package's interface)
 
 
 def _owsm_parts() -> dict[str, Callable[[Setting], Workload]]:
-    from localgp.bench import owsm_decoder
-    from localgp.bench.owsm import EncoderWorkload, LayerWorkload
+    from localgp.backbones.owsm import bench_decoder as owsm_decoder
+    from localgp.backbones.owsm.bench import EncoderWorkload, LayerWorkload
 
     return {"layer": LayerWorkload, "encoder": EncoderWorkload,
             "decoder-step": owsm_decoder.DecoderStepWorkload,  # one decoding step of batch x beam hypotheses
@@ -31,7 +31,7 @@ def _owsm_parts() -> dict[str, Callable[[Setting], Workload]]:
 
 
 def _whisper_parts() -> dict[str, Callable[[Setting], Workload]]:
-    from localgp.bench import whisper
+    from localgp.backbones.whisper import bench as whisper
 
     return {"encoder": whisper.EncoderWorkload, "decode": whisper.DecodeWorkload}
 

@@ -47,7 +47,7 @@ import torch
 
 from localgp import flops
 from localgp.errors import UserError
-from localgp.model import owsm
+from localgp.backbones.owsm import weights as owsm
 from localgp.model.config import ENCODER_MODULES
 from localgp.model.packed import DTYPES, check_precision
 

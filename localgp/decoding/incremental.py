@@ -40,13 +40,13 @@ def decoder_view(decoder) -> DecoderView:
     from whisper.model import TextDecoder
 
     if isinstance(decoder, TextDecoder):
-        from localgp.model.whisper import whisper_decoder_view
+        from localgp.backbones.whisper.model import whisper_decoder_view
 
         return whisper_decoder_view(decoder)
     from espnet2.asr.decoder.transformer_decoder import TransformerDecoder  # not imported on the Whisper path
 
     if isinstance(decoder, TransformerDecoder):
-        from localgp.model.decoder import espnet_decoder_view
+        from localgp.backbones.owsm.decoder import espnet_decoder_view
 
         return espnet_decoder_view(decoder)
     raise TypeError(f"decoder_view: expected an ESPnet TransformerDecoder or a Whisper TextDecoder, "

@@ -19,8 +19,8 @@ def gate_s2t_model(model: nn.Module, config: GateConfig) -> nn.Module:
     The original state-dict keys are unchanged (real OWSM weights load as before); gate
     parameters are under `encoder.pruning.` and `decoder.pruning.`.
     """
-    from localgp.model.decoder import gate_decoder  # ESPnet's: imported here, not on the Whisper path
-    from localgp.model.encoder import gate_encoder
+    from localgp.backbones.owsm.decoder import gate_decoder  # ESPnet's: imported here, not on the Whisper path
+    from localgp.backbones.owsm.encoder import gate_encoder
 
     decoder_units = 0
     if config.decoder and config.predictor == "global":

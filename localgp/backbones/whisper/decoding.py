@@ -76,7 +76,7 @@ def whisper_tokenizer(model, language: str | None = None, task: str = "transcrib
 
 
 class WhisperBeamSearch:
-    """`model`: an openai-whisper Whisper, plain or gated by localgp.model.whisper.gate_whisper."""
+    """`model`: an openai-whisper Whisper, plain or gated by localgp.backbones.whisper.model.gate_whisper."""
 
     def __init__(self, model, options: WhisperDecodeOptions = WhisperDecodeOptions()):
         self.options = options

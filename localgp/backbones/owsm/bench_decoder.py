@@ -23,10 +23,10 @@ from espnet.nets.scorer_interface import BatchScorerInterface
 
 from localgp import flops
 from localgp.bench.core import GATES, BenchError, Case, Setting, check, timed_interleaved
-from localgp.bench.owsm import PROVIDERS
+from localgp.backbones.owsm.bench import PROVIDERS
 from localgp.model.pruning import ungated_copy
 from localgp.decoding import MODULES, BatchBeamSearch, DecodeOptions, DecoderCache, IncrementalDecoder, RowSet
-from localgp.model import owsm
+from localgp.backbones.owsm import weights as owsm
 from localgp.model.config import GateConfig
 
 

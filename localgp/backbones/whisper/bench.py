@@ -135,7 +135,7 @@ class WhisperModels:
         """The plain weights under the rule `name`, compact, its frames those of `clips` (built once)."""
         if name not in self._rules:
             from localgp.model.convert import set_execution
-            from localgp.model.whisper import frame_kinds, rule_keep
+            from localgp.backbones.whisper.model import frame_kinds, rule_keep
             from localgp.runs import rule_model
 
             if self.weights is None:
@@ -159,8 +159,8 @@ class WhisperModels:
 
     def _random_masks_model(self, setting: Setting):
         """Whisper base (or its shapes with random weights) gated for forced masks."""
-        from localgp.model.whisper import gate_whisper
-        from localgp.model.whisper_weights import default_whisper_dir, load_whisper
+        from localgp.backbones.whisper.model import gate_whisper
+        from localgp.backbones.whisper.weights import default_whisper_dir, load_whisper
 
         self.weights = None if setting.weights == "random" else Path(setting.weights or default_whisper_dir())
         if self.weights is None:  # base's shapes, random weights (machines without them: timing only)
@@ -203,7 +203,7 @@ class WhisperModels:
         if provider not in self._ct2:
             from faster_whisper import WhisperModel
 
-            from localgp.model.whisper_weights import check_prepared
+            from localgp.backbones.whisper.weights import check_prepared
 
             check_prepared(self.weights)  # ct2/ as `localgp prepare whisper` wrote it
 
@@ -303,7 +303,7 @@ class DecodeWorkload:
         return self._localgp(provider, keep)
 
     def _localgp(self, provider: str, keep: float | None) -> Case:
-        from localgp.decoding.whisper import WhisperBeamSearch, WhisperDecodeOptions
+        from localgp.backbones.whisper.decoding import WhisperBeamSearch, WhisperDecodeOptions
         from localgp.model.convert import force_keep
 
         model, setting = self.models.model, self.setting
@@ -332,7 +332,7 @@ class DecodeWorkload:
 
 
     def _rule(self, provider: str) -> Case:
-        from localgp.decoding.whisper import WhisperBeamSearch, WhisperDecodeOptions
+        from localgp.backbones.whisper.decoding import WhisperBeamSearch, WhisperDecodeOptions
 
         model, setting = self.models.rule_model(provider, self.clips), self.setting
         search = WhisperBeamSearch(model, WhisperDecodeOptions(beam_size=setting.beam, execution="compact"))
