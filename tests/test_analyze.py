@@ -160,7 +160,7 @@ def test_encoder_masks_needs_temporal_gates():
     from localgp.backbones.owsm.backbone import encoder_masks
     from localgp.backbones.owsm import weights as owsm
     from localgp.model.config import GateConfig
-    from localgp.model.convert import gate_s2t_model
+    from localgp.backbones.owsm.model import gate_s2t_model
 
     model = gate_s2t_model(owsm.build_owsm("tiny")[0], GateConfig(encoder="utterance"))
     with pytest.raises(ValueError, match="needs an encoder gated per frame .* this one is gated utterance"):

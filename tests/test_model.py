@@ -11,9 +11,9 @@ from localgp.errors import UserError
 from localgp.gates import GateRecord, gate_mask, sparsity_loss
 from localgp.backbones.owsm import weights as owsm
 from localgp.model.config import GateConfig
+from localgp.backbones.owsm.model import gate_s2t_model
 from localgp.model.convert import (
     force_keep,
-    gate_s2t_model,
     gate_state_dict,
     last_record,
     pruning_loss,

@@ -429,7 +429,7 @@ def test_pooled_context_frames():
 
 
 def test_owsm_refuses_what_it_does_not_implement():
-    from localgp.model.convert import gate_s2t_model
+    from localgp.backbones.owsm.model import gate_s2t_model
     from localgp.backbones.owsm.weights import build_owsm
 
     with pytest.raises(ValueError, match="fixed number of frames"):

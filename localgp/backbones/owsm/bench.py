@@ -29,7 +29,7 @@ class Models:
 
 
 def load_models(setting: Setting) -> Models:
-    from localgp.model.convert import gate_s2t_model
+    from localgp.backbones.owsm.model import gate_s2t_model
 
     torch.manual_seed(setting.seed)
     prompt = None
