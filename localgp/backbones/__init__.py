@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from localgp.errors import UserError
 
-from localgp.train_config import BACKBONES, TrainConfig
+from localgp.train_config import TRAINED, TrainConfig
 
 if TYPE_CHECKING:
     from localgp.data.examples import Example
@@ -127,7 +127,7 @@ def backbone_class(name: str) -> type[Backbone]:
         from localgp.backbones.whisper.backbone import WhisperBaseBackbone
 
         return WhisperBaseBackbone
-    raise UserError(f"backbone must be one of {list(BACKBONES)}, got {name!r}")
+    raise UserError(f"backbone must be one of {list(TRAINED)}, got {name!r}")
 
 
 def get_backbone(config: TrainConfig) -> Backbone:
