@@ -4,8 +4,10 @@
 context feeder, scoring) and one family of speech models: how to build the gated model and its
 tokenizer, which tasks it can do, how a batch of examples becomes its inputs, the forward pass
 that gives the task loss and the decoder's logits, globalGP's prompt context, and its corpus
-decoder. One implementation per backbone: `owsm` (localgp.backbones.owsm.backbone) and `whisper-base`
-(localgp.backbones.whisper.backbone); `get_backbone(config)` picks it by `config.backbone`.
+decoder. One implementation per backbone localgp train trains, in the backbone's home package:
+`owsm` (localgp/backbones/owsm/backbone.py) and `whisper-base` (localgp/backbones/whisper/backbone.py);
+`get_backbone(config)` picks it by `config.backbone`. The backbones are named in one table,
+localgp.train_config.BACKBONES.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """transformers' WhisperForConditionalGeneration gated in place (ToMe's pattern): the encoder and
 decoder, and their layers, re-classed to subclasses; state-dict keys unchanged, gate parameters
 under `model.encoder.pruning.` / `model.decoder.pruning.`. The shared method (gates.py,
-model/gating.py, model/pruning.py) does the work, as for openai-whisper (model/whisper.py):
+model/gating.py, model/pruning.py) does the work, as for openai-whisper (backbones/whisper/model.py):
 
 - encoder layers: attention and MLP per frame ("temporal") or per utterance; masked, compact and
   dense execution; `padding_rule`: with the feature extractor's `attention_mask` given, every
