@@ -30,7 +30,7 @@ from transformers.models.whisper.modeling_whisper import (
 from localgp.gates import GateRecord
 from localgp.model.attention import Projections, rows_attention
 from localgp.model.config import DECODER_MODULES, DENSE, EXECUTIONS, GateConfig
-from localgp.model.gating import NoGate, PositionGate, UtteranceGate, profiled
+from localgp.model.gating import PositionGate, UtteranceGate, profiled
 from localgp.model.pruning import (
     DecoderPruning, EncoderPruning, GatedDecoderMixin, GatedEncoderMixin, init_decoder_gating, init_encoder_gating,
     layer_fill,

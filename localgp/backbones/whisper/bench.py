@@ -39,6 +39,7 @@ from localgp.bench.core import (
 )
 from localgp.model.config import GateConfig
 from localgp.model.convert import set_precision
+from localgp.model.packed import pack_linears
 
 RULE_PROVIDERS = ("padding", "silence", "attention")
 PROVIDERS = ("openai-whisper", *FASTER_WHISPER, "dense", "masked", "compact", *RULE_PROVIDERS)
