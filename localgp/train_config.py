@@ -18,7 +18,6 @@ from localgp.evaluate import has_type
 from localgp.model.config import gate_config
 
 
-
 @dataclass(frozen=True)
 class BackboneEntry:
     """One backbone localgp knows; its code lives in one package, localgp/backbones/<home>/."""
