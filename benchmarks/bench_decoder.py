@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from localgp.bench.owsm import PROVIDERS as OWSM_PROVIDERS
+from localgp.backbones.owsm.bench import PROVIDERS as OWSM_PROVIDERS
 from localgp import bench, ops
 
 CUDA = torch.cuda.is_available() and ops.has_cuda_kernels()

@@ -17,7 +17,7 @@ import argparse
 import json
 
 from localgp.bench import Setting, device_name, parse_dtype
-from localgp.bench.owsm_decoder import module_costs
+from localgp.backbones.owsm.bench_decoder import module_costs
 
 
 def main(argv=None) -> dict:

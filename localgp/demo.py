@@ -171,9 +171,9 @@ def run_whisper_demo(out: Path, data: Path, rows=DEFAULT_ROWS, targets=WHISPER_T
                      limit: int | None = None, whisper_dir: str | None = None) -> dict:
     from localgp import analyze
     from localgp.data.demo_corpus import load_manifest, prepare_demo
-    from localgp.decoding.whisper import WhisperDecodeOptions
+    from localgp.backbones.whisper.decoding import WhisperDecodeOptions
     from localgp.evaluate import finite_report, score, write_report
-    from localgp.model.whisper_weights import prepare_whisper
+    from localgp.backbones.whisper.weights import prepare_whisper
     from localgp.train import Trainer
     from localgp.decode import decode_run
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from localgp.model.owsm import HOP, PRESETS, SAMPLE_RATE
+from localgp.backbones.owsm.weights import HOP, PRESETS, SAMPLE_RATE
 
 N_MELS = 80
 LN_OPS = 5  # per element, fvcore's LayerNorm count

@@ -1,6 +1,7 @@
 """`localgp train`'s configuration (TrainConfig): every field checked when it is made, a
 UserError naming the field for anything amiss; read from YAML. It names backbones, it does not
-build them (localgp.backbones does, from it)."""
+build them (localgp.backbones does, from it). BACKBONES is the one table of the backbones localgp
+knows."""
 
 from __future__ import annotations
 
@@ -16,10 +17,28 @@ from localgp.errors import UserError
 from localgp.evaluate import has_type
 from localgp.model.config import gate_config
 
-# The backbones a config may name, and whether their own parameters are frozen when
-# freeze_backbone is null: a pretrained Whisper trains its gates only; an OWSM preset model starts
-# from random weights and trains everything.
-BACKBONES = {"owsm": False, "whisper-base": True}
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """One backbone localgp knows; its code lives in one package, localgp/backbones/<home>/."""
+
+    home: str
+    # `localgp train` (TrainConfig.backbone; a Backbone in <home>/backbone.py): whether its own
+    # parameters are frozen when freeze_backbone is null. None: localgp train does not train it.
+    frozen: bool | None
+    bench_parts: tuple[str, ...]  # `localgp bench --backbone NAME --part ...` (<home>/bench*.py)
+
+
+# The backbones localgp knows, the one table every command takes their names from (TrainConfig,
+# `localgp bench --backbone`, `localgp demo --backbone`). A pretrained Whisper trains its gates only;
+# an OWSM preset model starts from random weights and trains everything; transformers' Whisper
+# base takes the gates a whisper-base run trained (localgp.backbones.hf_whisper.model).
+BACKBONES = {
+    "owsm": BackboneEntry("owsm", frozen=False, bench_parts=("layer", "encoder", "decoder-step", "decode")),
+    "whisper-base": BackboneEntry("whisper", frozen=True, bench_parts=("encoder", "decode")),
+    "hf-whisper-base": BackboneEntry("hf_whisper", frozen=None, bench_parts=("encoder", "decode")),
+}
+TRAINED = tuple(name for name, entry in BACKBONES.items() if entry.frozen is not None)  # by localgp train
 
 
 @dataclass(frozen=True)
@@ -108,9 +127,10 @@ class TrainConfig:
         for name in ("warmup_steps", "seed"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise UserError(f"TrainConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if self.backbone not in BACKBONES:
-            raise UserError(f"TrainConfig.backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
-        from localgp.model.owsm import PRESETS
+        if self.backbone not in TRAINED:
+            hint = ": localgp train does not train it" if self.backbone in BACKBONES else ""
+            raise UserError(f"TrainConfig.backbone must be one of {list(TRAINED)}, got {self.backbone!r}{hint}")
+        from localgp.backbones.owsm.weights import PRESETS
 
         if self.preset not in PRESETS:
             raise UserError(f"TrainConfig.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
@@ -153,7 +173,7 @@ class TrainConfig:
         """Whether the backbone's own parameters are frozen (freeze_backbone, or its default)."""
         if self.freeze_backbone is not None:
             return self.freeze_backbone
-        return BACKBONES[self.backbone]
+        return BACKBONES[self.backbone].frozen
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":

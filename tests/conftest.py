@@ -74,7 +74,7 @@ def whisper_base(request):
     import os
     from pathlib import Path
 
-    from localgp.model.whisper_weights import WhisperFetchError, prepare_whisper
+    from localgp.backbones.whisper.weights import WhisperFetchError, prepare_whisper
 
     cache = os.environ.get("LOCALGP_TEST_CACHE")
     out = Path(cache) / "whisper" if cache else request.config.cache.mkdir("localgp-whisper")

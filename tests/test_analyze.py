@@ -100,7 +100,7 @@ def test_encoder_masks_of_a_trained_model(trained):
     import soundfile as sf
     import torch
 
-    from localgp.backbones.owsm import encoder_masks
+    from localgp.backbones.owsm.backbone import encoder_masks
     from localgp.data.audio import load_audio
     from localgp.runs import load_trained
 
@@ -157,10 +157,10 @@ def test_analyze_masks_cli(trained, tmp_path, cli_error):
 def test_encoder_masks_needs_temporal_gates():
     import torch
 
-    from localgp.backbones.owsm import encoder_masks
-    from localgp.model import owsm
+    from localgp.backbones.owsm.backbone import encoder_masks
+    from localgp.backbones.owsm import weights as owsm
     from localgp.model.config import GateConfig
-    from localgp.model.convert import gate_s2t_model
+    from localgp.backbones.owsm.model import gate_s2t_model
 
     model = gate_s2t_model(owsm.build_owsm("tiny")[0], GateConfig(encoder="utterance"))
     with pytest.raises(ValueError, match="needs an encoder gated per frame .* this one is gated utterance"):

@@ -178,7 +178,7 @@ def test_yaml_1_1_numbers_are_taken_as_the_numbers_meant(tmp_path):
 # ------------------------------------------------------------------ run directories
 
 def test_a_rerun_with_another_config_is_refused_and_overwrite_starts_over(tmp_path, cli_error):
-    from localgp.data.tokenizer import Tokenizer
+    from localgp.backbones.owsm.tokenizer import Tokenizer
 
     first = write_config(tmp_path / "a.yaml", config(tmp_path, max_steps=1, save_every=1, vocab_size=30))
     assert main(["train", str(first)]) == 0
@@ -199,7 +199,7 @@ def test_a_rerun_with_another_config_is_refused_and_overwrite_starts_over(tmp_pa
 
 
 def test_a_failed_setup_leaves_no_tokenizer_for_another_config(tmp_path, cli_error):
-    from localgp.data.tokenizer import Tokenizer
+    from localgp.backbones.owsm.tokenizer import Tokenizer
 
     typo = write_config(tmp_path / "a.yaml", config(tmp_path, max_steps=1, vocab_size=30, freeze_backbone=True,
                                                     unfreeze=["encoderz."]))

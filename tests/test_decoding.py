@@ -10,10 +10,13 @@ import pytest
 import torch
 from espnet2.bin.s2t_inference import ScoreFilter
 
-from localgp.decoding import BatchBeamSearch, DecodeOptions, IncrementalDecoder
-from localgp.model import owsm
+from localgp.backbones.owsm.decoder import espnet_decoder_view
+from localgp.backbones.owsm.decoding import BatchBeamSearch
+from localgp.decoding import DecodeOptions, IncrementalDecoder
+from localgp.backbones.owsm import weights as owsm
 from localgp.model.config import GateConfig
-from localgp.model.convert import force_keep, gate_s2t_model, set_execution
+from localgp.backbones.owsm.model import gate_s2t_model
+from localgp.model.convert import force_keep, set_execution
 from tests.test_model import speech
 
 GATED = {
@@ -201,9 +204,9 @@ def test_packed_output_layer_follows_the_weight(tiny, monkeypatch):
     from localgp.model import packed
 
     model = copy.deepcopy(tiny[0])
-    assert IncrementalDecoder(model.decoder).packed_output is None  # unpacked: the model's own linear
+    assert IncrementalDecoder(model.decoder, espnet_decoder_view(model.decoder)).packed_output is None  # unpacked: the model's own linear
     packed.pack_linears(model)
-    decoder = IncrementalDecoder(model.decoder)
+    decoder = IncrementalDecoder(model.decoder, espnet_decoder_view(model.decoder))
     layer = model.decoder.output_layer
     x = torch.randn(5, layer.in_features)
     calls = []

@@ -42,7 +42,7 @@ def hf(hf_dir):
 
 @pytest.fixture(scope="module")
 def openai_base(whisper_base):
-    from localgp.model.whisper_weights import load_whisper
+    from localgp.backbones.whisper.weights import load_whisper
 
     return load_whisper(whisper_base).float().eval()
 
@@ -113,7 +113,7 @@ def test_generate_equals_openai_whisper_on_real_clips(hf, openai_base, real_spee
 def gated_pair(hf, openai_base, config=SPEECH_GATES, seed=0):
     """The same random gates (and calibrated-looking skip values) on openai-whisper and on transformers."""
 
-    from localgp.model.whisper import gate_whisper
+    from localgp.backbones.whisper.model import gate_whisper
 
     source = gate_whisper(copy.deepcopy(openai_base), config)
     torch.manual_seed(seed)
@@ -304,8 +304,8 @@ def test_other_paths_do_not_import_transformers():
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root))
     for args in (["-X", "importtime", "-m", "localgp", "transcribe", "--help"],
-                 ["-X", "importtime", "-c", "import localgp.longform, localgp.model.whisper, localgp.bench, "
-                                            "localgp.backbones.whisper, localgp.model.whisper_weights"]):
+                 ["-X", "importtime", "-c", "import localgp.longform, localgp.backbones.whisper.model, localgp.bench, "
+                                            "localgp.backbones.whisper.backbone, localgp.backbones.whisper.weights"]):
         done = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=root, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line]

@@ -257,7 +257,7 @@ def test_api_batches_windows_of_all_files(tiny_whisper, clips, tmp_path, monkeyp
     long, _ = assemble([1.0, *[x for clip in clips * 2 for x in (clip, 1.0)], 30.0, clips[0], 1.0])
     sf.write(tmp_path / "a.wav", long, SAMPLE_RATE)
     sf.write(tmp_path / "b.wav", assemble([0.5, clips[1], 0.5])[0], SAMPLE_RATE)
-    from localgp.backbones.whisper import WhisperCorpusDecoder
+    from localgp.backbones.whisper.backbone import WhisperCorpusDecoder
 
     sizes = []
     real_batch = WhisperCorpusDecoder.batch

@@ -9,11 +9,11 @@ import torch
 from localgp import flops, ops
 from localgp.errors import UserError
 from localgp.gates import GateRecord, gate_mask, sparsity_loss
-from localgp.model import owsm
+from localgp.backbones.owsm import weights as owsm
 from localgp.model.config import GateConfig
+from localgp.backbones.owsm.model import gate_s2t_model
 from localgp.model.convert import (
     force_keep,
-    gate_s2t_model,
     gate_state_dict,
     last_record,
     pruning_loss,
@@ -256,7 +256,7 @@ def test_presets_match_owsm():
 def test_unsupported_encoders_are_refused_at_conversion():
     from espnet2.asr.encoder.e_branchformer_encoder import EBranchformerEncoder
 
-    from localgp.model.encoder import gate_encoder
+    from localgp.backbones.owsm.encoder import gate_encoder
 
     def encoder(**conf):
         return EBranchformerEncoder(80, output_size=32, attention_heads=2, num_blocks=2, linear_units=64,

@@ -11,7 +11,7 @@ import torch
 
 from localgp.model.config import GateConfig
 from localgp.model.convert import force_keep, set_execution
-from localgp.model.whisper import PADDING, SILENCE, SPEECH, gate_whisper, rule_keep
+from localgp.backbones.whisper.model import PADDING, SILENCE, SPEECH, gate_whisper, rule_keep
 from localgp.model.config import Rule
 from tests.test_rules import calibrated
 from tests.test_whisper_model import DIMS, inputs, tiny_whisper
@@ -127,7 +127,7 @@ def test_set_rule_keep_is_refused_without_a_rule():
 
 def test_a_run_with_a_prior_trains_and_decodes_with_its_rule(manifest, whisper_base, tmp_path):
     from localgp.decode import decode_run
-    from localgp.decoding.whisper import WhisperDecodeOptions
+    from localgp.backbones.whisper.decoding import WhisperDecodeOptions
     from localgp.runs import load_run
     from localgp.train import Trainer
 
@@ -165,7 +165,7 @@ def stand_in_reference(model, mel, masks, keep):
     import torch.nn.functional as F
 
     from tests.test_rules import embed
-    from localgp.model.whisper import block_modules
+    from localgp.backbones.whisper.model import block_modules
 
     x = embed(model, mel)
     table = model.encoder.pruning.skip_values.values

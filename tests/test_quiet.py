@@ -23,13 +23,14 @@ def test_espnet_s2t_import_is_quiet():
 def test_whisper_path_imports_no_espnet():
     done = run("import sys\n"
                "from whisper.model import ModelDimensions, Whisper\n"
-               "import localgp.cli, localgp.longform, localgp.backbones.whisper, localgp.model.convert, localgp.runs\n"
-               "from localgp.decoding.incremental import decoder_view\n"
-               "from localgp.model.whisper import gate_whisper\n"
+               "import localgp.cli, localgp.longform, localgp.backbones.whisper.backbone, localgp.model.convert, localgp.runs\n"
+               "import localgp.backbones.whisper.decoding\n"
+               "from localgp.backbones.whisper.model import gate_whisper, whisper_decoder_view\n"
+               "from localgp.decoding.incremental import IncrementalDecoder\n"
                "from localgp.model.config import GateConfig\n"
                "dims = ModelDimensions(80, 16, 16, 2, 1, 51865, 8, 16, 2, 1)\n"
                "model = gate_whisper(Whisper(dims), GateConfig(encoder='temporal', decoder='token'))\n"
-               "decoder_view(model.decoder)\n"
+               "IncrementalDecoder(model.decoder, whisper_decoder_view(model.decoder))\n"
                "print(sorted(m for m in sys.modules if m.split('.')[0] in ('espnet', 'espnet2', 'g2p_en', 'nltk')))\n")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[]\n" and "Flash" not in done.stderr, (done.stdout, done.stderr)

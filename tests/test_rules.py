@@ -15,7 +15,7 @@ from localgp.data.audio import SAMPLE_RATE
 from localgp.gates import GateRecord
 from localgp.model.config import Rule, parse_rule
 from localgp.model.convert import set_execution
-from localgp.model.whisper import (
+from localgp.backbones.whisper.model import (
     PADDING, SILENCE, SPEECH, block_modules, frame_kinds, gate_whisper_rule, rule_keep, sparsity_by_kind,
 )
 from tests.test_whisper_model import DIMS, inputs, tiny_whisper
@@ -204,7 +204,7 @@ def test_rules_decode_real_speech(whisper_base, real_manifest, tmp_path, monkeyp
     the attention rule at keep 1.0 decodes token for token as dense; the fill is cached."""
     from localgp.decode import decode_run
 
-    monkeypatch.setattr("localgp.backbones.whisper.WhisperBaseBackbone.directory", lambda self: whisper_base)
+    monkeypatch.setattr("localgp.backbones.whisper.backbone.WhisperBaseBackbone.directory", lambda self: whisper_base)
     common = dict(model="whisper-base", data=str(real_manifest), whisper_dir=str(whisper_base), tasks=("asr",),
                   batch_size=4, options=None)
     dense = decode_run(None, tmp_path / "dense.jsonl", **common)

@@ -1,6 +1,6 @@
 import pytest
 
-from localgp.data.tokenizer import Tokenizer
+from localgp.backbones.owsm.tokenizer import Tokenizer
 
 TEXTS = [f"{w} number {i} is here" for i in range(60) for w in ("hello", "bonjour", "ciao", "hallo")]
 

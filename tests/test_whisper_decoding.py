@@ -9,11 +9,11 @@ import torch
 import whisper
 from whisper.model import ModelDimensions, Whisper
 
-from localgp.decoding.whisper import WhisperBeamSearch, WhisperDecodeOptions
+from localgp.backbones.whisper.decoding import WhisperBeamSearch, WhisperDecodeOptions
 from localgp.model.config import GateConfig
 from localgp.model.convert import force_keep
 from localgp.model.packed import pack_linears
-from localgp.model.whisper import gate_whisper
+from localgp.backbones.whisper.model import gate_whisper
 
 # Multilingual vocabulary (51865), everything else small; 64 positions -> at most 32 sampled tokens.
 DIMS = ModelDimensions(n_mels=80, n_audio_ctx=20, n_audio_state=32, n_audio_head=4, n_audio_layer=2,
@@ -118,7 +118,7 @@ def test_bad_arguments_are_named(tiny):
 
 def test_real_whisper_base_equals_openai_whisper_on_real_clips(whisper_base, real_speech):
     """The dense real model, beam 5, on real Asterisk prompts (en, it): token for token."""
-    from localgp.model.whisper_weights import load_whisper
+    from localgp.backbones.whisper.weights import load_whisper
 
     model = load_whisper(whisper_base).float().eval()
     mel = torch.stack([whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.as_tensor(u["wav"]).float())) for u in real_speech])
@@ -162,7 +162,7 @@ def test_real_whisper_base_in_low_precision_decodes_real_clips_as_float32(whispe
     rates measured are beside them)."""
     from localgp.model import packed
     from localgp.model.convert import set_precision
-    from localgp.model.whisper_weights import load_whisper
+    from localgp.backbones.whisper.weights import load_whisper
 
     if dtype == "bfloat16" and not packed.cpu_has_bf16():
         pytest.skip("this CPU has neither AVX512-BF16 nor AMX")

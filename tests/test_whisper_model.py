@@ -10,7 +10,7 @@ from whisper.model import ModelDimensions, Whisper
 from localgp import ops
 from localgp.model.config import GateConfig
 from localgp.model.convert import force_keep, gate_state_dict, last_record, pruning_loss, set_execution
-from localgp.model.whisper import frames_sparsity, gate_whisper, speech_frames
+from localgp.backbones.whisper.model import frames_sparsity, gate_whisper, speech_frames
 from tests.conftest import requires_cuda
 
 DIMS = ModelDimensions(n_mels=80, n_audio_ctx=24, n_audio_state=32, n_audio_head=4, n_audio_layer=2,
@@ -429,8 +429,8 @@ def test_pooled_context_frames():
 
 
 def test_owsm_refuses_what_it_does_not_implement():
-    from localgp.model.convert import gate_s2t_model
-    from localgp.model.owsm import build_owsm
+    from localgp.backbones.owsm.model import gate_s2t_model
+    from localgp.backbones.owsm.weights import build_owsm
 
     with pytest.raises(ValueError, match="fixed number of frames"):
         gate_s2t_model(build_owsm("tiny")[0], GateConfig(skip_fill="mean"))

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from localgp.decoding.whisper import WhisperDecodeOptions
+from localgp.backbones.whisper.decoding import WhisperDecodeOptions
 from localgp.evaluate import Decoded, read_decoded, score, write_report
 from localgp.runs import load_trained
 from localgp.train_config import TrainConfig
@@ -75,7 +75,7 @@ def runs(manifest, whisper_base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_state(whisper_base):
-    from localgp.model.whisper_weights import load_whisper
+    from localgp.backbones.whisper.weights import load_whisper
 
     return load_whisper(whisper_base).float().state_dict()
 
@@ -138,7 +138,7 @@ def test_mean_fill_is_calibrated_at_a_fresh_start_kept_on_resume_and_the_run_ben
     recalibrate; `localgp bench --checkpoint` runs the trained gates on clips fed their speaker
     embeddings."""
     from localgp import bench
-    from localgp.model.whisper import speech_frames
+    from localgp.backbones.whisper.model import speech_frames
 
     gates = {"encoder": "temporal", "decoder": None, "contexts": [["front", 0], ["speaker", 256]], "inject": False,
              "skip_fill": "mean", "attention_keys": "all", "context_frames": 8, "predictor_width": 64}

@@ -16,8 +16,8 @@ import torch
 import whisper
 from whisper.model import ModelDimensions, Whisper
 
-from localgp.model import whisper_weights as ww
-from localgp.model.ctranslate2 import read_model_bin, write_model_bin
+from localgp.backbones.whisper import weights as ww
+from localgp.backbones.whisper.ctranslate2 import read_model_bin, write_model_bin
 
 TINY = ModelDimensions(n_mels=80, n_audio_ctx=12, n_audio_state=16, n_audio_head=2, n_audio_layer=2,
                        n_vocab=64, n_text_ctx=10, n_text_state=16, n_text_head=2, n_text_layer=2)

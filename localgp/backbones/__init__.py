@@ -4,8 +4,10 @@
 context feeder, scoring) and one family of speech models: how to build the gated model and its
 tokenizer, which tasks it can do, how a batch of examples becomes its inputs, the forward pass
 that gives the task loss and the decoder's logits, globalGP's prompt context, and its corpus
-decoder. One implementation per backbone: `owsm` (localgp.backbones.owsm) and `whisper-base`
-(localgp.backbones.whisper); `get_backbone(config)` picks it by `config.backbone`.
+decoder. One implementation per backbone localgp train trains, in the backbone's home package:
+`owsm` (localgp/backbones/owsm/backbone.py) and `whisper-base` (localgp/backbones/whisper/backbone.py);
+`get_backbone(config)` picks it by `config.backbone`. The backbones are named in one table,
+localgp.train_config.BACKBONES.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 
 from localgp.errors import UserError
 
-from localgp.train_config import BACKBONES, TrainConfig
+from localgp.train_config import TRAINED, TrainConfig
 
 if TYPE_CHECKING:
     from localgp.data.examples import Example
@@ -120,14 +122,14 @@ def ready_for_decoding(model: nn.Module, execution: str, device: str, dtype: str
 
 def backbone_class(name: str) -> type[Backbone]:
     if name == "owsm":
-        from localgp.backbones.owsm import OwsmBackbone
+        from localgp.backbones.owsm.backbone import OwsmBackbone
 
         return OwsmBackbone
     if name == "whisper-base":
-        from localgp.backbones.whisper import WhisperBaseBackbone
+        from localgp.backbones.whisper.backbone import WhisperBaseBackbone
 
         return WhisperBaseBackbone
-    raise UserError(f"backbone must be one of {list(BACKBONES)}, got {name!r}")
+    raise UserError(f"backbone must be one of {list(TRAINED)}, got {name!r}")
 
 
 def get_backbone(config: TrainConfig) -> Backbone:

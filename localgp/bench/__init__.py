@@ -1,10 +1,10 @@
 """`localgp bench`: wall-clock of a model part under each execution ("provider"), with the
 compute it executed, in one run. See core.py for the providers, the timing and the columns.
 
-Parts per backbone: OWSM (owsm.py, owsm_decoder.py: random weights of a preset or a trained
-run) and Whisper base (whisper.py: the real weights on real clips, beside openai-whisper and
-faster-whisper); transformers' Whisper base (localgp/backbones/hf_whisper/bench.py, the backbone's
-own package).
+The parts live with their backbones (PARTS below): OWSM's in localgp/backbones/owsm/bench.py and
+bench_decoder.py (random weights of a preset or a trained run), Whisper base's in
+localgp/backbones/whisper/bench.py (the real weights on real clips, beside openai-whisper and
+faster-whisper), transformers' Whisper base's in localgp/backbones/hf_whisper/bench.py.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import numpy as np
 import torch
 
 from localgp.bench.core import (  # noqa: F401 (the package's interface)
-    BACKBONES, BASELINES, DEFAULT_KEEPS, DTYPES, GATED, GATES, PARTS, PROVIDERS, BenchError, Case, Setting, Workload,
+    BASELINES, DEFAULT_KEEPS, DTYPES, GATED, GATES, PROVIDERS, BenchError, Case, Setting, Workload,
     check, device_name, environment, markdown, parse_dtype, parse_keeps, parse_providers, synchronize, table,
     time_case, timed_interleaved, with_speedups, write_csv, write_json,
 )
 
 
 def _owsm_parts() -> dict[str, Callable[[Setting], Workload]]:
-    from localgp.bench import owsm_decoder
-    from localgp.bench.owsm import EncoderWorkload, LayerWorkload
+    from localgp.backbones.owsm import bench_decoder as owsm_decoder
+    from localgp.backbones.owsm.bench import EncoderWorkload, LayerWorkload
 
     return {"layer": LayerWorkload, "encoder": EncoderWorkload,
             "decoder-step": owsm_decoder.DecoderStepWorkload,  # one decoding step of batch x beam hypotheses
@@ -31,7 +31,7 @@ def _owsm_parts() -> dict[str, Callable[[Setting], Workload]]:
 
 
 def _whisper_parts() -> dict[str, Callable[[Setting], Workload]]:
-    from localgp.bench import whisper
+    from localgp.backbones.whisper import bench as whisper
 
     return {"encoder": whisper.EncoderWorkload, "decode": whisper.DecodeWorkload}
 
@@ -42,10 +42,13 @@ def _hf_whisper_parts() -> dict[str, Callable[[Setting], Workload]]:
     return {"encoder": bench.EncoderWorkload, "decode": bench.DecodeWorkload}
 
 
+# Each backbone's parts (their names in localgp.train_config.BACKBONES, without importing them), from its home.
+PARTS = {"owsm": _owsm_parts, "whisper-base": _whisper_parts, "hf-whisper-base": _hf_whisper_parts}
+
+
 def workload(part: str, setting: Setting) -> Workload:
     """The part `part` of the setting's backbone, built."""
-    parts = {"owsm": _owsm_parts, "whisper-base": _whisper_parts, "hf-whisper-base": _hf_whisper_parts}[setting.backbone]()
-    return parts[part](setting)
+    return PARTS[setting.backbone]()[part](setting)
 
 
 def run_bench(part: str, setting: Setting, providers=None, keeps=DEFAULT_KEEPS, repeats: int = 5,

@@ -26,8 +26,8 @@ GFLOPs are GMACs as `localgp.flops` counts them (the papers' "GFLOPs"), of what 
 executed: masked and dense count every module on every frame, compact only the kept frames.
 
 This module holds what every part shares (settings, cases, timing, the environment columns,
-output); the parts are per backbone (owsm.py, owsm_decoder.py, whisper.py), registered in
-localgp.bench.PARTS.
+output); the parts live with their backbones (localgp/backbones/<home>/bench*.py), their names in
+localgp.train_config.BACKBONES, registered in localgp.bench.PARTS.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ import torch
 
 from localgp import flops
 from localgp.errors import UserError
-from localgp.model import owsm
+from localgp.backbones.owsm import weights as owsm
 from localgp.model.config import ENCODER_MODULES
 from localgp.model.packed import DTYPES, check_precision
+from localgp.train_config import BACKBONES
 
 # What users run instead, measured beside ours: ESPnet's own module (OWSM), openai-whisper's own
 # model and decode, faster-whisper (CTranslate2 on the original weights) at two compute types.
@@ -58,7 +59,6 @@ FASTER_WHISPER = ("faster-whisper-float32", "faster-whisper-int8")
 PROVIDERS = ("espnet", "openai-whisper", *FASTER_WHISPER, "transformers", "openai-whisper-compact", "dense", "masked",
              "compact", "padding", "silence", "attention")
 PROVIDER_ALIASES = {"faster-whisper": FASTER_WHISPER}
-BACKBONES = ("owsm", "whisper-base", "hf-whisper-base")
 BASELINES = ("dense", "masked")
 GATED = ("masked", "compact")  # providers whose work depends on the masks
 DEFAULT_KEEPS = (1.0, 0.7, 0.5, 0.3)
@@ -118,10 +118,6 @@ class Workload(Protocol):
         """keep: the share forced at random, or None with trained gates."""
 
 
-# Part names per backbone (localgp.bench.workload builds them).
-PARTS: dict[str, tuple[str, ...]] = {"owsm": ("layer", "encoder", "decoder-step", "decode"),
-                                     "whisper-base": ("encoder", "decode"), "hf-whisper-base": ("encoder", "decode")}
-
 
 
 # ---------------------------------------------------------------------------- checks
@@ -163,8 +159,9 @@ def check(setting: Setting, part: str, providers=(), repeats: int = 1, warmup: i
     """Refuses a bad setting with the flag that set it, before any model is built."""
     if setting.backbone not in BACKBONES:
         raise BenchError(f"--backbone: {setting.backbone!r} is not one of {', '.join(BACKBONES)}")
-    if part not in PARTS[setting.backbone]:
-        raise BenchError(f"--part: {setting.backbone} has no part {part!r}; choose from {', '.join(PARTS[setting.backbone])}")
+    parts = BACKBONES[setting.backbone].bench_parts
+    if part not in parts:
+        raise BenchError(f"--part: {setting.backbone} has no part {part!r}; choose from {', '.join(parts)}")
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown:
         raise BenchError(f"--providers: unknown {unknown}; choose from {','.join(PROVIDERS)}")

@@ -132,7 +132,7 @@ def run_system(system: str, audio: Path, language: str, beam: int, batch: int, w
     if system == "openai-whisper":
         import whisper
 
-        from localgp.model.whisper_weights import load_whisper
+        from localgp.backbones.whisper.weights import load_whisper
 
         model = load_whisper(weights).float().eval()
 
@@ -200,7 +200,7 @@ def _run_language(systems, manifest: str, seconds: float, language: str, beam: i
                   run_dir: str | None, threads: int | None, seed: int, dtypes) -> list[dict]:
     import soundfile as sf
 
-    from localgp.model.whisper_weights import check_prepared, default_whisper_dir
+    from localgp.backbones.whisper.weights import check_prepared, default_whisper_dir
 
     unknown = [s for s in systems if not known_system(s)]
     if unknown:

@@ -1,8 +1,8 @@
-"""Decoding: the incremental decoder shared by every backbone, and the beam searches (ESPnet's
-rules for OWSM, Whisper's rules for Whisper) over many utterances at once."""
+"""Decoding, backbone-free: the incremental decoder every backbone's beam search runs on
+(incremental.py) and what those searches share (beam.py: DecodeOptions, Hypothesis). The searches
+live with their backbones (localgp/backbones/owsm/decoding.py, localgp/backbones/whisper/decoding.py)."""
 
-from localgp.decoding.beam import BatchBeamSearch, CTCPrefixScores, DecodeOptions, Hypothesis, timestamp_ids
-from localgp.decoding.incremental import MODULES, DecoderCache, IncrementalDecoder, RowSet, decoder_view
+from localgp.decoding.beam import DecodeOptions, Hypothesis
+from localgp.decoding.incremental import MODULES, DecoderCache, IncrementalDecoder, RowSet
 
-__all__ = ["MODULES", "BatchBeamSearch", "CTCPrefixScores", "DecodeOptions", "DecoderCache", "Hypothesis",
-           "IncrementalDecoder", "RowSet", "decoder_view", "timestamp_ids"]
+__all__ = ["MODULES", "DecodeOptions", "DecoderCache", "Hypothesis", "IncrementalDecoder", "RowSet"]

@@ -10,7 +10,9 @@ for B utterances x K hypotheses as rows, with caches.
   self-attention still writes its keys/values, so later tokens see what they see in the masked
   reference (the gated decoder's full-prefix forward).
 
-The backbone is seen through its adapter's `DecoderView` (localgp.model.layout).
+The backbone is seen through its adapter's `DecoderView` (localgp.model.layout), which the caller
+passes in (OWSM's `espnet_decoder_view`, openai-whisper's `whisper_decoder_view`): this module
+knows no backbone.
 """
 
 from __future__ import annotations
@@ -33,24 +35,6 @@ MODULES = ("self_attn", "src_attn", "ffn")  # the gated modules of a decoder lay
 # rows that keep a module saves nothing, skipping it for all of them saves its weight reads.
 # (A guess from the H100's balance point, not yet measured here: no GPU has run the decoder.)
 WHOLE_MODULE_ROWS = 64
-
-
-def decoder_view(decoder) -> DecoderView:
-    """The adapter's view of an ESPnet TransformerDecoder or a Whisper TextDecoder (plain or gated)."""
-    from whisper.model import TextDecoder
-
-    if isinstance(decoder, TextDecoder):
-        from localgp.model.whisper import whisper_decoder_view
-
-        return whisper_decoder_view(decoder)
-    from espnet2.asr.decoder.transformer_decoder import TransformerDecoder  # not imported on the Whisper path
-
-    if isinstance(decoder, TransformerDecoder):
-        from localgp.model.decoder import espnet_decoder_view
-
-        return espnet_decoder_view(decoder)
-    raise TypeError(f"decoder_view: expected an ESPnet TransformerDecoder or a Whisper TextDecoder, "
-                    f"got {type(decoder).__name__}")
 
 
 class RowSet(NamedTuple):
@@ -125,12 +109,15 @@ class DecoderCache:
 
 class IncrementalDecoder:
     """A decoder (ESPnet's TransformerDecoder or Whisper's TextDecoder, plain or gated by localgp)
-    one token per row and step."""
+    one token per row and step; `view` is its adapter's DecoderView of it."""
 
-    def __init__(self, decoder, execution: str = "compact"):
+    def __init__(self, decoder, view: DecoderView, execution: str = "compact"):
         if execution not in EXECUTIONS:
             raise ValueError(f"IncrementalDecoder: execution must be one of {EXECUTIONS}, got {execution!r}")
-        self.view = decoder_view(decoder)
+        if not isinstance(view, DecoderView):
+            raise TypeError(f"IncrementalDecoder: view must be the decoder's DecoderView (its adapter's "
+                            f"espnet_decoder_view / whisper_decoder_view), got {type(view).__name__}")
+        self.view = view
         self.decoder, self.execution = decoder, execution
         self.macs = 0  # multiply-accumulates executed since the last start() (benchmarks)
         self.gated = hasattr(decoder, "pruning")  # gate_decoder() refuses an ungated config

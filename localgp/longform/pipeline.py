@@ -275,7 +275,7 @@ class Transcriber:
         None: write nothing. Returns the transcripts with their segments, the files that failed
         and why, and the files skipped."""
         from localgp.data.examples import Example
-        from localgp.decoding.whisper import TASKS, WhisperDecodeOptions
+        from localgp.backbones.whisper.decoding import TASKS, WhisperDecodeOptions
 
         if batch < 1 or beam < 1:
             raise UserError(f"batch and beam must be >= 1, got {batch} and {beam}")

@@ -1,5 +1,7 @@
-"""Gating a whole ESPnet S2T model, and the switches that act on the gated parts of any model
-(OWSM or Whisper)."""
+"""The switches that act on the gated parts of any model (OWSM, openai-whisper, transformers),
+backbone-free: execution, precision, forced keeps, the masks and the sparsity loss. Gating a whole
+model is each backbone's (OWSM: localgp.backbones.owsm.model.gate_s2t_model; openai-whisper:
+localgp.backbones.whisper.model.gate_whisper)."""
 
 from __future__ import annotations
 
@@ -7,29 +9,10 @@ import torch
 from torch import nn
 
 from localgp.gates import GateRecord, sparsity_loss
-from localgp.model.config import DECODER_MODULES, EXECUTIONS, GateConfig
+from localgp.model.config import EXECUTIONS
 from localgp.model.pruning import GatedDecoderMixin, GatedEncoderMixin
 
 GATE_KEY = "pruning."  # every gate parameter's state-dict key contains this
-
-
-def gate_s2t_model(model: nn.Module, config: GateConfig) -> nn.Module:
-    """Gates the encoder and/or decoder of an ESPnetS2TModel in place, reusing its weights.
-
-    The original state-dict keys are unchanged (real OWSM weights load as before); gate
-    parameters are under `encoder.pruning.` and `decoder.pruning.`.
-    """
-    from localgp.model.decoder import gate_decoder  # ESPnet's: imported here, not on the Whisper path
-    from localgp.model.encoder import gate_encoder
-
-    decoder_units = 0
-    if config.decoder and config.predictor == "global":
-        decoder_units = len(model.decoder.decoders) * len(DECODER_MODULES[config.decoder])
-    if config.encoder:
-        gate_encoder(model.encoder, config, vocab_size=model.vocab_size, decoder_units=decoder_units)
-    if config.decoder:
-        gate_decoder(model.decoder, config, global_source=model.encoder if config.predictor == "global" else None)
-    return model
 
 
 def gated_parts(model: nn.Module):

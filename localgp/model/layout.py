@@ -1,5 +1,7 @@
 """What localgp's incremental decoder needs of a backbone's decoder, backbone-free: each adapter
-(OWSM in decoder.py, Whisper in whisper.py) describes its decoder's layers with these."""
+(OWSM's espnet_decoder_view in localgp/backbones/owsm/decoder.py, openai-whisper's
+whisper_decoder_view in localgp/backbones/whisper/model.py) describes its decoder's layers with
+these, and its beam search passes that view to the IncrementalDecoder."""
 
 from __future__ import annotations
 

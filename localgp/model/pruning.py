@@ -1,7 +1,7 @@
 """What every gated encoder and decoder hosts, whatever its backbone: the gate predictors and
 context projections (state-dict prefix `pruning.`), the context they are fed, and the logits
-each layer gets. A backbone's adapter (OWSM in encoder.py/decoder.py, Whisper in whisper.py)
-mixes these into its own encoder and decoder classes and runs its layers under the gates.
+each layer gets. A backbone's adapter (in localgp/backbones/<home>/: OWSM's encoder.py/decoder.py,
+Whisper's model.py) mixes these into its own encoder and decoder classes, runs its layers under the gates.
 """
 
 from __future__ import annotations

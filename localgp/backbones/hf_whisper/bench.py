@@ -22,7 +22,7 @@ import torch
 
 from localgp import flops
 from localgp.bench.core import BenchError, Case, Setting, gated_encoder_case, kept_share, prepare_encoder, pruned_label
-from localgp.bench.whisper import WhisperModels, _shapes, load_clips, log_mel
+from localgp.backbones.whisper.bench import WhisperModels, _shapes, load_clips, log_mel
 from localgp.model.config import GateConfig
 from localgp.model.convert import force_keep
 from localgp.model.packed import pack_linears
@@ -39,7 +39,7 @@ class HFModels:
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
         from localgp.backbones.hf_whisper.model import gate_hf_whisper, gates_from_openai
-        from localgp.model.whisper_weights import default_whisper_dir
+        from localgp.backbones.whisper.weights import default_whisper_dir
 
         if setting.weights == "random":
             raise BenchError("--backbone hf-whisper-base: runs the prepared weights; not with --weights random")
@@ -127,7 +127,7 @@ class DecodeWorkload:
     def case(self, provider: str, keep: float | None) -> Case:
         setting, clips = self.setting, self.clips
         if provider == OPENAI:
-            from localgp.decoding.whisper import WhisperBeamSearch, WhisperDecodeOptions
+            from localgp.backbones.whisper.decoding import WhisperBeamSearch, WhisperDecodeOptions
 
             model = self.models.openai.model
             search = WhisperBeamSearch(model, WhisperDecodeOptions(beam_size=setting.beam, execution="compact"))

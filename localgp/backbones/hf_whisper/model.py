@@ -1,7 +1,7 @@
 """transformers' WhisperForConditionalGeneration gated in place (ToMe's pattern): the encoder and
 decoder, and their layers, re-classed to subclasses; state-dict keys unchanged, gate parameters
 under `model.encoder.pruning.` / `model.decoder.pruning.`. The shared method (gates.py,
-model/gating.py, model/pruning.py) does the work, as for openai-whisper (model/whisper.py):
+model/gating.py, model/pruning.py) does the work, as for openai-whisper (backbones/whisper/model.py):
 
 - encoder layers: attention and MLP per frame ("temporal") or per utterance; masked, compact and
   dense execution; `padding_rule`: with the feature extractor's `attention_mask` given, every
@@ -30,7 +30,7 @@ from transformers.models.whisper.modeling_whisper import (
 from localgp.gates import GateRecord
 from localgp.model.attention import Projections, rows_attention
 from localgp.model.config import DECODER_MODULES, DENSE, EXECUTIONS, GateConfig
-from localgp.model.gating import NoGate, PositionGate, UtteranceGate, profiled
+from localgp.model.gating import PositionGate, UtteranceGate, profiled
 from localgp.model.pruning import (
     DecoderPruning, EncoderPruning, GatedDecoderMixin, GatedEncoderMixin, init_decoder_gating, init_encoder_gating,
     layer_fill,

@@ -12,7 +12,7 @@ import torch
 from localgp import flops
 from localgp.bench.core import GATES, BenchError, Case, Setting, gated_encoder_case, kept_share, pruned_label
 from localgp.gates import GateRecord, random_keep_logits
-from localgp.model import owsm
+from localgp.backbones.owsm import weights as owsm
 from localgp.model.config import DENSE, ENCODER_MODULES, GateConfig
 from localgp.model.pruning import ungated_copy
 
@@ -29,7 +29,7 @@ class Models:
 
 
 def load_models(setting: Setting) -> Models:
-    from localgp.model.convert import gate_s2t_model
+    from localgp.backbones.owsm.model import gate_s2t_model
 
     torch.manual_seed(setting.seed)
     prompt = None
@@ -143,7 +143,7 @@ class LayerWorkload:
         return random_keep_logits(shape, keep, gen, self.x.device).to(self.x.dtype)
 
     def case(self, provider: str, keep: float | None) -> Case:
-        from localgp.model.encoder import run_layer
+        from localgp.backbones.owsm.encoder import run_layer
 
         frames = [self.x.shape[1]] * self.x.shape[0]
         if provider == "espnet":

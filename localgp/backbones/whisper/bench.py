@@ -152,8 +152,8 @@ class WhisperModels:
 
     def _random_masks_model(self, setting: Setting):
         """Whisper base (or its shapes with random weights) gated for forced masks."""
-        from localgp.model.whisper import gate_whisper
-        from localgp.model.whisper_weights import default_whisper_dir, load_whisper
+        from localgp.backbones.whisper.model import gate_whisper
+        from localgp.backbones.whisper.weights import default_whisper_dir, load_whisper
 
         self.weights = None if setting.weights == "random" else Path(setting.weights or default_whisper_dir())
         if self.weights is None:  # base's shapes, random weights (machines without them: timing only)
@@ -198,7 +198,7 @@ class WhisperModels:
         if provider not in self._ct2:
             from faster_whisper import WhisperModel
 
-            from localgp.model.whisper_weights import check_prepared
+            from localgp.backbones.whisper.weights import check_prepared
 
             check_prepared(self.weights)  # ct2/ as `localgp prepare whisper` wrote it
 
@@ -212,7 +212,7 @@ def set_rule_frames(encoder, clips: Clips, device) -> None:
     """The frames of `clips` that the encoder's rule (a rule's, or a GateConfig.prior's) keeps, set
     on it: Silero VAD's speech regions of each clip (the padding rule reads only the lengths)."""
     from localgp.longform.vad import SileroVAD
-    from localgp.model.whisper import frame_kinds, rule_keep
+    from localgp.backbones.whisper.model import frame_kinds, rule_keep
 
     vad = SileroVAD() if encoder.rule.name == "silence" else lambda wave: []
     kinds = frame_kinds([min(len(w), 30 * 16000) for w in clips.waves], [vad(w) for w in clips.waves],
@@ -310,7 +310,7 @@ class DecodeWorkload:
         return self._localgp(provider, keep)
 
     def _localgp(self, provider: str, keep: float | None) -> Case:
-        from localgp.decoding.whisper import WhisperBeamSearch, WhisperDecodeOptions
+        from localgp.backbones.whisper.decoding import WhisperBeamSearch, WhisperDecodeOptions
         from localgp.model.convert import force_keep
 
         model, setting = self.models.model, self.setting
@@ -339,7 +339,7 @@ class DecodeWorkload:
 
 
     def _rule(self, provider: str) -> Case:
-        from localgp.decoding.whisper import WhisperBeamSearch, WhisperDecodeOptions
+        from localgp.backbones.whisper.decoding import WhisperBeamSearch, WhisperDecodeOptions
 
         model, setting = self.models.rule_model(provider, self.clips), self.setting
         search = WhisperBeamSearch(model, WhisperDecodeOptions(beam_size=setting.beam, execution="compact"))

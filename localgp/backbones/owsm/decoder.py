@@ -13,7 +13,7 @@ from localgp.gates import GateRecord
 from localgp.model.config import DECODER_MODULES, EXECUTIONS, GateConfig
 from localgp.model.gating import PositionGate, UtteranceGate
 from localgp.model.layout import DecoderLayerView, DecoderView
-from localgp.model.owsm import EspnetAttention
+from localgp.backbones.owsm.weights import EspnetAttention
 from localgp.model.pruning import DecoderPruning, GatedDecoderMixin, init_decoder_gating
 from localgp.quiet import espnet_imports
 

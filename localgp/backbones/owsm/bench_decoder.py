@@ -23,10 +23,12 @@ from espnet.nets.scorer_interface import BatchScorerInterface
 
 from localgp import flops
 from localgp.bench.core import GATES, BenchError, Case, Setting, check, timed_interleaved
-from localgp.bench.owsm import PROVIDERS
+from localgp.backbones.owsm.bench import PROVIDERS
 from localgp.model.pruning import ungated_copy
-from localgp.decoding import MODULES, BatchBeamSearch, DecodeOptions, DecoderCache, IncrementalDecoder, RowSet
-from localgp.model import owsm
+from localgp.backbones.owsm.decoder import espnet_decoder_view
+from localgp.backbones.owsm.decoding import BatchBeamSearch
+from localgp.decoding import MODULES, DecodeOptions, DecoderCache, IncrementalDecoder, RowSet
+from localgp.backbones.owsm import weights as owsm
 from localgp.model.config import GateConfig
 
 
@@ -72,7 +74,7 @@ class DecoderModels:
     """The plain model (espnet, dense) and its gated copy (masked, compact) on the same weights."""
 
     def __init__(self, setting: Setting):
-        from localgp.model.convert import gate_s2t_model
+        from localgp.backbones.owsm.model import gate_s2t_model
 
         torch.manual_seed(setting.seed)
         device, dtype = setting.torch_device(), setting.torch_dtype()
@@ -209,7 +211,7 @@ class DecoderStepWorkload(DecoderWorkload):
                                         m.vocab) / 1e9
 
             return Case(lambda: decoder.batch_score(ys, states, xs), gflops)
-        incremental = IncrementalDecoder(model.decoder, "compact" if provider == "dense" else provider)
+        incremental = IncrementalDecoder(model.decoder, espnet_decoder_view(model.decoder), "compact" if provider == "dense" else provider)
         cache = self.prefixed_cache(incremental, prefix)
         saved = (cache.ancestry, cache.length, cache.used)
         last = prefix[:, :, -1].flatten()
@@ -244,7 +246,7 @@ def module_costs(setting: Setting, keep: float, repeats: int, warmup: int = 2) -
         raise BenchError(f"--keep must be in (0, 1) for the module costs, got {keep}")
     workload = DecoderStepWorkload(setting)
     m = workload.models
-    incremental = IncrementalDecoder(m.plain.decoder)
+    incremental = IncrementalDecoder(m.plain.decoder, espnet_decoder_view(m.plain.decoder))
     cache = workload.prefixed_cache(incremental, workload.prefix())
     rows, R = cache.rows, cache.rows_per_utterance
     gen = torch.Generator().manual_seed(setting.seed)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from localgp.backbones.whisper.model import whisper_decoder_view
 from localgp.decoding.beam import Hypothesis
 from localgp.decoding.incremental import IncrementalDecoder
 from localgp.errors import UserError
@@ -76,11 +77,11 @@ def whisper_tokenizer(model, language: str | None = None, task: str = "transcrib
 
 
 class WhisperBeamSearch:
-    """`model`: an openai-whisper Whisper, plain or gated by localgp.model.whisper.gate_whisper."""
+    """`model`: an openai-whisper Whisper, plain or gated by localgp.backbones.whisper.model.gate_whisper."""
 
     def __init__(self, model, options: WhisperDecodeOptions = WhisperDecodeOptions()):
         self.options = options
-        self.decoder = IncrementalDecoder(model.decoder, options.execution)
+        self.decoder = IncrementalDecoder(model.decoder, whisper_decoder_view(model.decoder), options.execution)
         self.tokenizer = tok = whisper_tokenizer(model)
         self.n_ctx = model.dims.n_text_ctx
         self.codes = list(tok.all_language_codes)

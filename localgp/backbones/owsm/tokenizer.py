@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from localgp.errors import UserError
-from localgp.model.owsm import LANGUAGES, language_token, owsm_token_list
+from localgp.backbones.owsm.weights import LANGUAGES, language_token, owsm_token_list
 
 NO_TIMESTAMPS = "<notimestamps>"
 

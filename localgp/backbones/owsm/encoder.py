@@ -15,7 +15,7 @@ from torch import Tensor
 from localgp import ops
 from localgp.gates import GateRecord
 from localgp.model.attention import packed_self_attention
-from localgp.model.owsm import EspnetAttention
+from localgp.backbones.owsm.weights import EspnetAttention
 from localgp.model.config import DENSE, ENCODER_MODULES, EXECUTIONS, GateConfig
 from localgp.model.gating import NoGate, PositionGate, UtteranceGate, profiled
 from localgp.model.pruning import EncoderPruning, GatedEncoderMixin, init_encoder_gating

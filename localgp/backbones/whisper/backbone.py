@@ -1,5 +1,5 @@
 """The Whisper base backbone: OpenAI's pretrained Whisper base (`localgp prepare whisper`), in
-fp32, gated in place (localgp.model.whisper), with Whisper's own prompts and tokenizer.
+fp32, gated in place (localgp.backbones.whisper.model), with Whisper's own prompts and tokenizer.
 
 Training: the log-mel spectrogram of the clip padded or trimmed to 30 s (B, 80, 3000); decoder
 input <|startoftranscript|> <|lang|> <|transcribe|> or <|translate|> <|notimestamps|> followed by
@@ -7,7 +7,7 @@ the text's tokens (" " + text, as Whisper's own transcripts begin), targets the 
 and <|endoftext|>: cross-entropy over those positions only. Tasks: ASR in the clip's language,
 and Whisper's X -> English translation (it translates into English only).
 
-Decoding: Whisper's beam search (localgp.decoding.whisper) over batches of clips, one search
+Decoding: Whisper's beam search (localgp.backbones.whisper.decoding) over batches of clips, one search
 per task, with what the Whisper report needs per utterance: executed encoder and decoder
 GFLOPs, sparsity per module, encoder sparsity over all frames and over the speech frames,
 seconds, encoder seconds.
@@ -32,7 +32,7 @@ from localgp.data.examples import record_id
 from localgp.files import file_sha256, replace_atomically
 from localgp.decoding import DecodeOptions
 from localgp.decoding.beam import decoder_keep
-from localgp.decoding.whisper import (
+from localgp.backbones.whisper.decoding import (
     WhisperBeamSearch,
     WhisperDecodeOptions,
     whisper_tokenizer,
@@ -55,19 +55,19 @@ WORD_START = "\u2581"  # analyze's word-start mark; Whisper's BPE marks a word s
 class WhisperBaseBackbone(Backbone):
     name = "whisper-base"
     normalizer = "whisper"
-    max_seconds = 30.0  # its one window (localgp.model.whisper.WINDOW_SECONDS): the rest would be cut off unread
+    max_seconds = 30.0  # its one window (localgp.backbones.whisper.model.WINDOW_SECONDS): the rest would be cut off unread
     _vad = None  # speech_regions' Silero VAD, loaded on first use
 
     def directory(self) -> Path:
-        from localgp.model.whisper_weights import default_whisper_dir
+        from localgp.backbones.whisper.weights import default_whisper_dir
 
         return Path(self.config.whisper_dir) if self.config.whisper_dir else default_whisper_dir()
 
     def build(self, texts=None, gated: bool = True):
         """Whisper base from base.pt in fp32, gated by config.gates unless gated=False, and
         Whisper's multilingual tokenizer. `texts` is unused: the tokenizer is Whisper's own."""
-        from localgp.model.whisper import gate_whisper
-        from localgp.model.whisper_weights import load_whisper
+        from localgp.backbones.whisper.model import gate_whisper
+        from localgp.backbones.whisper.weights import load_whisper
 
         model = load_whisper(self.directory()).float()
         if gated:
@@ -85,7 +85,7 @@ class WhisperBaseBackbone(Backbone):
             return
         clips = list({e.utterance.id: e.utterance for e in examples}.values())
         clips = clips[:: max(len(clips) // CALIBRATION_CLIPS, 1)][:CALIBRATION_CLIPS]
-        from localgp.model.whisper import speech_frames
+        from localgp.backbones.whisper.model import speech_frames
 
         device = next(model.parameters()).device
         groups = [[u.load() for u in clips[i : i + 8]] for i in range(0, len(clips), 8)]
@@ -94,11 +94,11 @@ class WhisperBaseBackbone(Backbone):
                                             [torch.tensor([speech_frames(len(w)) for w in waves]) for waves in groups])
 
     def apply_rule(self, model, rule, calibration: str | Path | None = None) -> None:
-        """The plain model under a training-free rule (localgp.model.whisper.gate_whisper_rule). The
+        """The plain model under a training-free rule (localgp.backbones.whisper.model.gate_whisper_rule). The
         padding and silence rules' fill: the skip values calibrated as prepare_gates does on the
         training clips of `calibration` (a `localgp prepare demo` manifest; None: CALIBRATION_DATA),
         cached in <whisper dir>/skip-values/ by the weights' and the manifest's sha256."""
-        from localgp.model.whisper import gate_whisper_rule
+        from localgp.backbones.whisper.model import gate_whisper_rule
 
         try:
             gate_whisper_rule(model, rule)
@@ -210,7 +210,7 @@ class WhisperBaseBackbone(Backbone):
     def rule_frames(self, rule, waves, utterances) -> torch.Tensor:
         """(B, 1500) bool: the frames the padding or silence rule keeps of each clip's window (the
         silence rule from speech_regions; to the padding rule every frame of the audio is one)."""
-        from localgp.model.whisper import SAMPLE_RATE, WINDOW_SECONDS, frame_kinds, rule_keep
+        from localgp.backbones.whisper.model import SAMPLE_RATE, WINDOW_SECONDS, frame_kinds, rule_keep
 
         regions = [self.speech_regions(u, w) if rule.name == "silence" else [] for u, w in zip(utterances, waves)]
         return rule_keep(rule, frame_kinds([min(len(w), SAMPLE_RATE * WINDOW_SECONDS) for w in waves], regions))
@@ -306,7 +306,7 @@ class WhisperCorpusDecoder:
 
     @torch.no_grad()
     def batch(self, examples) -> list[Decoded]:
-        from localgp.model.whisper import (
+        from localgp.backbones.whisper.model import (
             SAMPLE_RATE,
             WINDOW_SECONDS,
             frame_kinds,

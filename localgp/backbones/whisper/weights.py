@@ -26,7 +26,7 @@ import torch
 
 from localgp.errors import DamagedFile, UserError, reader_error
 from localgp.files import file_sha256, read_json
-from localgp.model.ctranslate2 import ModelBin, read_model_bin
+from localgp.backbones.whisper.ctranslate2 import ModelBin, read_model_bin
 
 
 @dataclass(frozen=True)

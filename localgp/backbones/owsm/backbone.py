@@ -13,8 +13,9 @@ import torch
 from localgp import flops
 from localgp.backbones import Backbone, StepOutput, ready_for_decoding
 from localgp.data.examples import record_id
-from localgp.data.tokenizer import Tokenizer
-from localgp.decoding import BatchBeamSearch, DecodeOptions
+from localgp.backbones.owsm.tokenizer import Tokenizer
+from localgp.backbones.owsm.decoding import BatchBeamSearch
+from localgp.decoding import DecodeOptions
 from localgp.evaluate import Decoded
 from localgp.decoding.beam import decoder_keep
 from localgp.gates import GateRecord, utterance_record
@@ -30,8 +31,8 @@ class OwsmBackbone(Backbone):
         """An OWSM snapshot's model and tokenizer (config.init), or a `preset` model with random
         weights and the BPE tokenizer in out_dir/tokenizer, trained on texts() when it is not
         there yet (None: it must be there)."""
-        from localgp.model import owsm
-        from localgp.model.convert import gate_s2t_model
+        from localgp.backbones.owsm import weights as owsm
+        from localgp.backbones.owsm.model import gate_s2t_model
 
         config = self.config
         if config.init:
