@@ -308,7 +308,7 @@ def test_bench_runs_the_rules_in_the_bench_dtype(whisper_base, real_manifest, mo
     from localgp import bench
     from localgp.model import packed
 
-    monkeypatch.setattr("localgp.backbones.whisper.WhisperBaseBackbone.directory", lambda self: whisper_base)
+    monkeypatch.setattr("localgp.backbones.whisper.backbone.WhisperBaseBackbone.directory", lambda self: whisper_base)
     used = set()
     real = packed.linear
     monkeypatch.setattr(packed, "linear", lambda x, w, b, cache: used.add(cache.precision) or real(x, w, b, cache))
