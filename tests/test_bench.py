@@ -260,16 +260,6 @@ def test_whisper_bench_rows_beside_openai_whisper_and_faster_whisper(whisper_bas
     assert by["openai-whisper"]["gflops"] is None and by["compact"]["gflops"] > dense
 
 
-def test_whisper_bench_times_a_rule(whisper_base, clip_dir):
-    """A training-free rule as a provider: the plain weights under it, compact, on the CPU through
-    packed linears; the padding rule skips every frame after the audio (the clips are short)."""
-    setting = bench.Setting(backbone="whisper-base", batch=2, audio=str(clip_dir), weights=str(whisper_base))
-    rows = bench.run_bench("encoder", setting, ["padding"], keeps=[1.0], repeats=1, warmup=0)
-    by = {r["provider"]: r for r in rows}
-    assert set(by) == {"dense", "masked", "padding"}
-    assert by["padding"]["gflops"] < 0.5 * by["dense"]["gflops"]
-
-
 def test_whisper_bench_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(bench.BenchError, match="--part: whisper-base has no part 'layer'"):
         bench.run_bench("layer", bench.Setting(backbone="whisper-base"), keeps=[0.5])
