@@ -179,10 +179,13 @@ class GatedEncoderMixin:
         in this pass; None without a prior, and while masks are forced (the dense teacher)."""
         if self.pruning.config.prior is None or self.forced_keep is not None:
             return None
+        return self._rule_frames(x, f"GateConfig.prior {self.pruning.config.prior!r} needs the rule's frames")
+
+    def _rule_frames(self, x: Tensor, needs: str) -> Tensor:
+        """set_rule_keep's frames on x's device, refused unless they are of x's batch (B, T)."""
         keep = self.rule_keep
         if keep is None or keep.shape != x.shape[:2]:
-            raise ValueError(f"encoder: GateConfig.prior {self.pruning.config.prior!r} needs the rule's frames of the "
-                             f"batch {tuple(x.shape[:2])}; call set_rule_keep(keep) (got "
+            raise ValueError(f"encoder: {needs} of the batch {tuple(x.shape[:2])}; call set_rule_keep(keep) (got "
                              f"{None if keep is None else tuple(keep.shape)})")
         return keep.to(x.device)
 
@@ -264,11 +267,8 @@ class GatedEncoderMixin:
         if cfg.predictor == "global":
             return self.global_logits[:, index], x, context
         if cfg.predictor == "rule":
-            keep = self.rule_keep
-            if keep is None or keep.shape != x.shape[:2]:
-                raise ValueError(f"encoder: predictor 'rule' needs the kept frames of the batch {tuple(x.shape[:2])}; "
-                                 f"call set_rule_keep(keep) (got {None if keep is None else tuple(keep.shape)})")
-            return mask_logits(keep.to(x.device)[..., None].expand(-1, -1, modules)).to(x.dtype), x, context
+            keep = self._rule_frames(x, "predictor 'rule' needs the kept frames")
+            return mask_logits(keep[..., None].expand(-1, -1, modules)).to(x.dtype), x, context
         logits, x, context = self.pruning.gates[index](x, context, self.gate_context_pad)
         if not temporal:  # utterance-wise: pool the frame logits over the valid frames
             logits = masked_time_mean(logits, valid)

@@ -146,7 +146,7 @@ class WhisperModels:
             set_precision(model, self.setting.dtype, self.setting.torch_device())  # as the other localgp rows
             set_execution(model, "compact")
             if name != "attention":
-                set_rule_frames(model.encoder, clips, self.setting.torch_device())
+                set_rule_frames(model.encoder, run.backbone, clips, self.setting.torch_device())
             self._rules[name] = model
         return self._rules[name]
 
@@ -175,7 +175,7 @@ class WhisperModels:
         if self.run is None:
             return
         if self.model.encoder.rule is not None:
-            set_rule_frames(self.model.encoder, clips, self.setting.torch_device())
+            set_rule_frames(self.model.encoder, self.run.backbone, clips, self.setting.torch_device())
         from localgp.context.feeder import ContextFeeder
 
         config, tokenizer = self.run.config, self.run.tokenizer
@@ -208,16 +208,11 @@ class WhisperModels:
         return self._ct2[provider]
 
 
-def set_rule_frames(encoder, clips: Clips, device) -> None:
+def set_rule_frames(encoder, backbone, clips: Clips, device) -> None:
     """The frames of `clips` that the encoder's rule (a rule's, or a GateConfig.prior's) keeps, set
-    on it: Silero VAD's speech regions of each clip (the padding rule reads only the lengths)."""
-    from localgp.longform.vad import SileroVAD
-    from localgp.backbones.whisper.model import frame_kinds, rule_keep
-
-    vad = SileroVAD() if encoder.rule.name == "silence" else lambda wave: []
-    kinds = frame_kinds([min(len(w), 30 * 16000) for w in clips.waves], [vad(w) for w in clips.waves],
-                        encoder.positional_embedding.shape[0])
-    encoder.set_rule_keep(rule_keep(encoder.rule, kinds).to(device))
+    on it (the backbone's rule_frames: Silero VAD's speech regions of each clip for the silence
+    rule; the padding rule reads only the lengths)."""
+    encoder.set_rule_keep(backbone.rule_frames(encoder.rule, clips.waves, [None] * len(clips.waves)).to(device))
 
 
 def _shapes(models: WhisperModels, setting: Setting, clips: Clips) -> dict:
