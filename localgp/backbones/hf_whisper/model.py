@@ -10,7 +10,10 @@ model/gating.py, model/pruning.py) does the work, as for openai-whisper (backbon
   transformers' cache: a token that skips self-attention still appends its keys and values, so
   every layer's cache keeps the length of layer 0's (positions and masks come from it); each
   layer's decisions live in its cache layer (`GatedCacheLayer`), so they follow the beams when
-  generate() reorders, selects, repeats or crops the cache.
+  generate() reorders, selects, repeats or crops the cache;
+- decoder cross-attention, gated or not: inside generate() the encoder output is projected once
+  per clip, not once per beam, and a beam reordering moves an index instead of copying every
+  beam's keys and values (`SharedCrossAttention`, `SharedCrossLayer`).
 
 Dense and masked execution run transformers' own attention (eager or sdpa, as the model is set);
 compact runs the kept rows only, with localgp's varlen attention (attention_keys "kept") or
@@ -24,7 +27,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
 from transformers.models.whisper.modeling_whisper import (
-    WhisperDecoder, WhisperDecoderLayer, WhisperEncoder, WhisperEncoderLayer, WhisperForConditionalGeneration,
+    WhisperAttention, WhisperDecoder, WhisperDecoderLayer, WhisperEncoder, WhisperEncoderLayer,
+    WhisperForConditionalGeneration,
 )
 
 from localgp.gates import GateRecord
@@ -184,6 +188,74 @@ class GatedCacheLayer(DynamicLayer):
         self.masks = None
 
 
+class SharedCrossLayer(DynamicLayer):
+    """A decoder layer's cross-attention cache holding each clip's keys and values once:
+    `keys`/`values` (C, H, S, Dh) for the C distinct encoder rows and `rows` (R,) the one each of the
+    decoder's R rows reads. generate() repeats the encoder output once per beam; transformers' own
+    cache keeps R copies and copies all of them on every beam reordering (half the time of a beam-5
+    generate() of Whisper base on the CPU, RESULTS.md). Here a reordering moves `rows` only."""
+
+    rows: Tensor
+
+    def reorder_cache(self, beam_idx):
+        self.rows = self.rows.index_select(0, beam_idx.to(self.rows.device))
+
+    def batch_select_indices(self, indices):
+        self.rows = self.rows[indices]
+
+    def batch_repeat_interleave(self, repeats):
+        self.rows = self.rows.repeat_interleave(repeats, dim=0)
+
+    def crop(self, tokens_to_remove):
+        pass  # the encoder's keys: no decoded token to remove
+
+
+def _distinct_rows(memory: Tensor) -> tuple[Tensor, Tensor]:
+    """The runs of equal consecutive rows of the encoder output (R, S, D) (generate() repeats each
+    clip's rows once per beam): the first row of each run (C,) and each row's run (R,)."""
+    new = torch.tensor([True] + [not torch.equal(memory[r], memory[r - 1]) for r in range(1, memory.shape[0])],
+                       device=memory.device)
+    return new.nonzero().flatten(), new.cumsum(0) - 1
+
+
+def shared_cross_keys(attention, memory: Tensor, cache) -> tuple[Tensor, Tensor, Tensor]:
+    """A cross-attention module's keys and values (C, S, H, Dh) for the distinct clips of `memory`
+    (R, S, D) and the clip of each row (R,): computed at the first step of a generate() and kept
+    in its cache (SharedCrossLayer), read from there after; without a cache, one clip per row."""
+    i, attn = attention.layer_idx, HFAttention(attention)
+    if cache is None:
+        return attn.key(memory), attn.value(memory), torch.arange(memory.shape[0], device=memory.device)
+    if cache.is_updated.get(i):
+        layer = cache.cross_attention_cache.layers[i]
+        return layer.keys.transpose(1, 2), layer.values.transpose(1, 2), layer.rows
+    first, rows = _distinct_rows(memory)
+    keys, values = attn.key(memory[first]), attn.value(memory[first])
+    cache.cross_attention_cache.update(keys.transpose(1, 2), values.transpose(1, 2), i)
+    layer = cache.cross_attention_cache.layers[i]
+    layer.__class__ = SharedCrossLayer  # in place, as GatedCacheLayer
+    layer.rows = rows
+    cache.is_updated[i] = True
+    return keys, values, rows
+
+
+class SharedCrossAttention(WhisperAttention):
+    """A decoder layer's cross-attention (`encoder_attn`) that, inside generate(), projects the
+    encoder output once per clip instead of once per beam and keeps it so (SharedCrossLayer); the
+    queries of a clip's rows attend to it in one call (rows_attention). Anywhere else (no cache,
+    attention weights asked for, a mask) it is transformers' own."""
+
+    def forward(self, hidden_states, key_value_states=None, cache=None, attention_mask=None, output_attentions=False,
+                **kwargs):
+        if (key_value_states is None or not isinstance(cache, EncoderDecoderCache) or output_attentions
+                or attention_mask is not None):
+            return super().forward(hidden_states, key_value_states, cache, attention_mask, output_attentions, **kwargs)
+        R, L, D = hidden_states.shape
+        keys, values, rows = shared_cross_keys(self, key_value_states, cache)
+        out = rows_attention(HFAttention(self), hidden_states.reshape(R * L, D), rows.repeat_interleave(L), keys,
+                             values, None)
+        return out.view(R, L, -1), None
+
+
 def cache_masks(cache: EncoderDecoderCache) -> list[Tensor | None]:
     """Each decoder layer's decisions for the cached tokens (B, S, M) float, or None."""
     return [getattr(layer, "masks", None) for layer in cache.self_attention_cache.layers]
@@ -264,22 +336,13 @@ class GatedHFWhisperDecoderLayer(WhisperDecoderLayer):
         return gate.add_kept("self_attn", x, out, c.index)
 
     def _compact_cross_attention(self, gate: PositionGate, x: Tensor, memory: Tensor, cache) -> Tensor:
-        attn = HFAttention(self.encoder_attn)
-        i = self.encoder_attn.layer_idx
         c = gate.compact("src_attn", x)
         with profiled("src_attn"):
-            if cache is not None and cache.is_updated.get(i):
-                layer = cache.cross_attention_cache.layers[i]
-                keys, values = layer.keys.transpose(1, 2), layer.values.transpose(1, 2)
-            else:
-                keys, values = attn.key(memory), attn.value(memory)
-                if cache is not None:
-                    cache.cross_attention_cache.update(keys.transpose(1, 2), values.transpose(1, 2), i)
-                    cache.is_updated[i] = True
+            keys, values, rows = shared_cross_keys(self.encoder_attn, memory, cache)
             if c.index.numel() == 0:
                 return x
-            batch_of_row = c.index // x.shape[1]
-            out = rows_attention(attn, self.encoder_attn_layer_norm(c.packed), batch_of_row, keys, values, None)
+            out = rows_attention(HFAttention(self.encoder_attn), self.encoder_attn_layer_norm(c.packed),
+                                 rows[c.index // x.shape[1]], keys, values, None)
         return gate.add_kept("src_attn", x, out, c.index)
 
 
@@ -310,6 +373,8 @@ def gate_hf_whisper(model: WhisperForConditionalGeneration, config: GateConfig) 
         encoder.context_queue = {}
         encoder._pass = None
         _reclass_layers(encoder, GatedHFWhisperEncoderLayer)
+    for layer in model.model.decoder.layers:  # gated or not: the encoder projected once per clip in generate()
+        layer.encoder_attn.__class__ = SharedCrossAttention
     if config.decoder:
         decoder = model.model.decoder
         decoder.__class__ = GatedHFWhisperDecoder

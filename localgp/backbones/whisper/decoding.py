@@ -70,6 +70,34 @@ class WhisperHypothesis(Hypothesis):
         return self.score / (len(self.token_ids) + 1)
 
 
+def whisper_candidates(scores: list[list[float]], ids: list[list[int]], rows: range, beam_size: int,
+                       eot: int) -> tuple[list[tuple[float, int, int]], list[tuple[float, int, int]]]:
+    """One clip's step of whisper's BeamSearchDecoder.update: `scores[r][j]` the summed log-probability
+    of row r continued by its j-th best token `ids[r][j]` (beam_size + 1 per row). The candidates
+    (score, row, token) of `rows` ranked by score (stable, as whisper's dict order): the best
+    beam_size that do not end in `eot` go on; those ending in it ranked ahead of them are finished.
+    Returns (going on, finished), each best first."""
+    ranked = sorted(((scores[r][j], r, ids[r][j]) for r in rows for j in range(beam_size + 1)),
+                    key=lambda c: c[0], reverse=True)
+    saved, ended = [], []
+    for c in ranked:
+        (ended if c[2] == eot else saved).append(c)
+        if len(saved) == beam_size:
+            break
+    return saved, ended
+
+
+def whisper_best(finished: list[tuple[float, int]], length_penalty: float | None) -> int:
+    """Whisper's MaximumLikelihoodRanker: the index of the best of `finished` (summed log-probability,
+    output tokens without <|endoftext|>), normalised by length (None) or by Google NMT's penalty."""
+
+    def normalised(i: int) -> float:
+        score, length = finished[i]
+        return score / (length if length_penalty is None else ((5 + length) / 6) ** length_penalty)
+
+    return max(range(len(finished)), key=normalised)  # the first of equals, as numpy's argmax
+
+
 def whisper_tokenizer(model, language: str | None = None, task: str = "transcribe"):
     from whisper.tokenizer import get_tokenizer
 
@@ -156,15 +184,8 @@ class WhisperBeamSearch:
                 R = cache.rows_per_utterance
                 parents, new_tokens, new_scores, going_on = [], [], [], []
                 for u, a in enumerate(active):
-                    rows = range(u * R, (u + 1) * R)
-                    ranked = sorted(((candidates[r][j], r, ids[r][j]) for r in rows for j in range(K + 1)),
-                                    key=lambda c: c[0], reverse=True)  # stable, as whisper's dict order
-                    saved, ended = [], []
-                    for c in ranked:
-                        (ended if c[2] == eot else saved).append(c)
-                        if len(saved) == K:
-                            break
-                    for s, r, _ in sorted(ended, key=lambda c: c[0], reverse=True)[: max_candidates - len(finished[a])]:
+                    saved, ended = whisper_candidates(candidates, ids, range(u * R, (u + 1) * R), K, eot)
+                    for s, r, _ in ended[: max_candidates - len(finished[a])]:
                         finished[a].append(WhisperHypothesis(yseq[r] + [eot], s, P, slots=cache.ancestry[r],
                                                              language=languages[a]))
                     if len(finished[a]) >= max_candidates or i == steps - 1:
@@ -195,13 +216,7 @@ class WhisperBeamSearch:
 
     def _best(self, hyps: list[WhisperHypothesis], cache) -> WhisperHypothesis:
         """Whisper's MaximumLikelihoodRanker: the best length-normalised summed log-probability."""
-        alpha = self.options.length_penalty
-
-        def normalised(h: WhisperHypothesis) -> float:
-            length = len(h.token_ids)
-            return h.score / (length if alpha is None else ((5 + length) / 6) ** alpha)
-
-        best = max(hyps, key=normalised)  # the first of equals, as numpy's argmax
+        best = hyps[whisper_best([(h.score, len(h.token_ids)) for h in hyps], self.options.length_penalty)]
         if self.decoder.gated:
             best.keep = cache.keep_slab.index_select(0, best.slots).cpu()
         for h in hyps:
