@@ -63,10 +63,10 @@ def main() -> None:
     search = WhisperBeamSearch(source, WhisperDecodeOptions(beam_size=5, execution="compact"))
     clips = load_manifest(args.data)["test"][: args.limit]
     units = differing = 0
-    ours, searches = "openai-whisper (localgp)", {
-        "transformers generate(), openai-whisper's beam search": {"custom_generate": whisper_beam_search,
-                                                                   "max_new_tokens": 224},
-        "transformers generate(), transformers' beam search": {}}
+    openai_search = {"custom_generate": whisper_beam_search, "max_new_tokens": 224}
+    ours = "openai-whisper (localgp)"
+    searches = {"transformers generate(), openai-whisper's beam search": openai_search,
+                "transformers generate(), transformers' beam search": {}}
     piped = f"transformers pipeline(batch_size={args.batch}), openai-whisper's beam search"
     asr = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
                    feature_extractor=processor.feature_extractor, device="cpu")
@@ -93,7 +93,7 @@ def main() -> None:
                 queue_context(model, **source.encoder.external_context)
             t = time.perf_counter()
             texts[piped] += [r["text"] for r in asr(waves, batch_size=args.batch, generate_kwargs=dict(
-                language=languages, task="transcribe", num_beams=5, **searches[next(iter(searches))]))]
+                language=languages, task="transcribe", num_beams=5, **openai_search))]
             seconds[piped] += time.perf_counter() - t
             model.model.encoder.context_queue = {}  # every clip took its own: the next calls take external_context
             model.model.encoder.external_context = dict(source.encoder.external_context)

@@ -53,9 +53,12 @@ def main() -> None:
         wave = clip.load()
         mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.as_tensor(wave).float()))
         features = processor([wave], sampling_rate=16000, return_tensors="pt").input_features
-        same = []
+        same, wants = [], {}  # openai-whisper decodes once per beam size
         for name, (kw, options) in systems.items():
-            want = whisper.decode(base, mel, dataclasses.replace(options, language=clip.language)).tokens
+            if options.beam_size not in wants:
+                options = dataclasses.replace(options, language=clip.language)
+                wants[options.beam_size] = whisper.decode(base, mel, options).tokens
+            want = wants[options.beam_size]
             with torch.inference_mode():
                 out = model.generate(features, language=clip.language, task="transcribe", max_new_tokens=224, **kw)
             got = [t for t in out[0].tolist() if t != model.generation_config.eos_token_id]

@@ -210,12 +210,16 @@ class SharedCrossLayer(DynamicLayer):
         pass  # the encoder's keys: no decoded token to remove
 
 
-def _distinct_rows(memory: Tensor) -> tuple[Tensor, Tensor]:
-    """The runs of equal consecutive rows of the encoder output (R, S, D) (generate() repeats each
-    clip's rows once per beam): the first row of each run (C,) and each row's run (R,)."""
+def _clip_of_row(memory: Tensor, cache) -> Tensor:
+    """(R,) the run of equal consecutive rows of the encoder output (R, S, D) that each row is in
+    (generate() repeats each clip's rows once per beam). Compared once per generate(): the layers
+    after the first read it from the first one's cache (no reordering happens between them)."""
+    done = next((layer for layer in cache.cross_attention_cache.layers if isinstance(layer, SharedCrossLayer)), None)
+    if done is not None:
+        return done.rows
     new = torch.tensor([True] + [not torch.equal(memory[r], memory[r - 1]) for r in range(1, memory.shape[0])],
                        device=memory.device)
-    return new.nonzero().flatten(), new.cumsum(0) - 1
+    return new.cumsum(0) - 1
 
 
 def shared_cross_keys(attention, memory: Tensor, cache) -> tuple[Tensor, Tensor, Tensor]:
@@ -228,7 +232,8 @@ def shared_cross_keys(attention, memory: Tensor, cache) -> tuple[Tensor, Tensor,
     if cache.is_updated.get(i):
         layer = cache.cross_attention_cache.layers[i]
         return layer.keys.transpose(1, 2), layer.values.transpose(1, 2), layer.rows
-    first, rows = _distinct_rows(memory)
+    rows = _clip_of_row(memory, cache)
+    first = torch.searchsorted(rows, torch.arange(int(rows[-1]) + 1, device=rows.device))  # each run's first row
     keys, values = attn.key(memory[first]), attn.value(memory[first])
     cache.cross_attention_cache.update(keys.transpose(1, 2), values.transpose(1, 2), i)
     layer = cache.cross_attention_cache.layers[i]
