@@ -61,14 +61,16 @@ class GateRecord:
         if decided is not None:
             self.decided[name] = decided
 
-    def sparsity(self) -> Tensor:
+    def sparsity(self, part: str | None = None) -> Tensor:
         """Fraction of gated units (module x frame/token) skipped over the valid positions the
-        gates decided (what the sparsity loss targets)."""
-        if not self.masks:
-            raise ValueError("sparsity: no gate was applied in this forward pass")
-        use = [v & self.decided[k] if k in self.decided else v for k, v in self.valid.items()]
+        gates decided (what the sparsity loss targets); part ('encoder', 'decoder'): of the
+        masks whose names start with it only."""
+        names = [k for k in self.masks if part is None or k.startswith(f"{part}.")]
+        if not names:
+            raise ValueError(f"sparsity: no {part + ' ' if part else ''}gate was applied in this forward pass")
+        use = [self.valid[k] & self.decided[k] if k in self.decided else self.valid[k] for k in names]
         # in float32 whatever the masks' dtype: a bfloat16 sum of thousands of ones is off by tens
-        kept = sum((m * u).sum(dtype=torch.float32) for m, u in zip(self.masks.values(), use, strict=True))
+        kept = sum((self.masks[k] * u).sum(dtype=torch.float32) for k, u in zip(names, use, strict=True))
         total = sum(u.sum() for u in use)
         return 1 - kept / total.clamp(min=1)
 

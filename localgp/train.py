@@ -124,7 +124,8 @@ class StepLoss(torch.nn.Module):
         if teacher is not None:
             distill = distillation_loss(out.logits, teacher, out.targets, cfg.distill_temperature)
             loss = loss + cfg.distill_weight * distill
-        total, sparsity = pruning_loss(self.model, loss, cfg.target_sparsity, cfg.sparsity_weight)
+        total, sparsity = pruning_loss(self.model, loss, cfg.target_sparsity, cfg.sparsity_weight,
+                                       cfg.decoder_target_sparsity)
         return total, out.loss, distill, sparsity
 
 

@@ -83,6 +83,9 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (with a checkpoint) after this much training time
     grad_clip: float = 5.0
     target_sparsity: float = 0.3
+    # the decoder's gates under a target of their own, target_sparsity then the encoder's alone;
+    # None: one joint target over every gate
+    decoder_target_sparsity: float | None = None
     sparsity_weight: float = 1.0  # alpha of the sparsity loss
     # Knowledge distillation from the dense model (the same model with every gate keeping, no
     # gradient): distill_weight * T^2 * KL(teacher || student) of the output distributions at
@@ -159,6 +162,13 @@ class TrainConfig:
             raise UserError(f"TrainConfig.backbone_lr must be a positive number or null, got {self.backbone_lr!r}")
         if not _is_number(self.target_sparsity) or not 0 <= self.target_sparsity <= 1:
             raise UserError(f"TrainConfig.target_sparsity must lie in [0, 1], got {self.target_sparsity!r}")
+        if self.decoder_target_sparsity is not None:
+            if not _is_number(self.decoder_target_sparsity) or not 0 <= self.decoder_target_sparsity <= 1:
+                raise UserError("TrainConfig.decoder_target_sparsity must lie in [0, 1] or be null, got "
+                                f"{self.decoder_target_sparsity!r}")
+            if not isinstance(self.gates, dict) or not self.gates.get("decoder"):
+                raise UserError("TrainConfig.decoder_target_sparsity needs gates on the decoder (gates.decoder), "
+                                "and the config has none")
         if self.max_minutes is not None and (not _is_number(self.max_minutes) or self.max_minutes <= 0):
             raise UserError(f"TrainConfig.max_minutes must be a positive number or null, got {self.max_minutes!r}")
         _check_data(self.data)

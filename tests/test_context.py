@@ -4,6 +4,8 @@ conftest.py), down to the alignment of each context to the encoder's frames.
 """
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -76,6 +78,17 @@ def test_lang2vec(lang2vec):
     assert torch.equal(l2v("deu"), de)
     with pytest.raises(ValueError, match="unknown language code 'xx'"):
         l2v("xx")
+
+
+def test_lang2vec_from_a_console_script(tmp_path):
+    """lang2vec's distribution puts a script lang2vec.py among the console scripts, and a console
+    script (`localgp train`) runs with that directory first on sys.path: the package must still load."""
+    (tmp_path / "lang2vec.py").write_text("raise ImportError('the script, not the package')\n")
+    (tmp_path / "entry.py").write_text("from localgp.context.language import Lang2Vec\n"
+                                       "print(tuple(Lang2Vec()('de').shape))\n")
+    result = subprocess.run([sys.executable, str(tmp_path / "entry.py")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1, 289)"
 
 
 def test_extractor_errors(ecapa, tmp_path):

@@ -187,10 +187,18 @@ def test_sparsity_loss_and_record():
     record.add("encoder.1.ffn1", torch.tensor([[1.0, 1.0, 1.0]]))
     assert float(record.sparsity()) == pytest.approx(1 / 5)
     assert record.sparsity_per_module() == {"encoder.ffn1": pytest.approx(1 / 5)}
+    with pytest.raises(ValueError, match="no decoder gate was applied"):
+        record.sparsity("decoder")
+    record.add("decoder.0.ffn", torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+    assert float(record.sparsity("encoder")) == pytest.approx(1 / 5)
+    assert float(record.sparsity("decoder")) == pytest.approx(1 / 2)
+    assert float(record.sparsity()) == pytest.approx(3 / 9)
 
 
-def test_training_reaches_the_target_sparsity(tiny):
-    """A short CPU loop on random data drives achieved sparsity to 0.3 +- 0.03."""
+@pytest.mark.parametrize("decoder_target", [None, 0.5])
+def test_training_reaches_the_target_sparsity(tiny, decoder_target):
+    """A short CPU loop on random data drives achieved sparsity to 0.3 +- 0.03; with a decoder target
+    of its own, the encoder's to 0.3 and the decoder's to 0.5, each +- 0.05."""
     torch.manual_seed(0)
     model = gate_s2t_model(copy.deepcopy(tiny[0]), GateConfig(encoder="temporal", decoder="token")).train()
     gates = [p for n, p in model.named_parameters() if "pruning." in n]
@@ -200,15 +208,20 @@ def test_training_reaches_the_target_sparsity(tiny):
     prev, prev_lens = ys[:, :1], torch.ones(4, dtype=torch.long)
     for _ in range(80):
         loss, _, _ = model(feats, flens, ys, ylens, prev, prev_lens, ys, ylens)
-        total, _ = pruning_loss(model, loss, target=0.3, alpha=5.0)
+        total, _ = pruning_loss(model, loss, target=0.3, alpha=5.0, decoder_target=decoder_target)
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
     model.eval()
     with torch.no_grad():
         model(feats, flens, ys, ylens, prev, prev_lens, ys, ylens)
-    achieved = float(last_record(model).sparsity())
-    assert abs(achieved - 0.3) <= 0.03, achieved
+    record = last_record(model)
+    if decoder_target is None:
+        achieved = float(record.sparsity())
+        assert abs(achieved - 0.3) <= 0.03, achieved
+    else:
+        encoder, decoder = float(record.sparsity("encoder")), float(record.sparsity("decoder"))
+        assert abs(encoder - 0.3) <= 0.05 and abs(decoder - decoder_target) <= 0.05, (encoder, decoder)
 
 
 def test_checkpoint_round_trip_in_owsm_layout(tiny, tmp_path):
