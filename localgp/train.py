@@ -125,7 +125,7 @@ class StepLoss(torch.nn.Module):
             distill = distillation_loss(out.logits, teacher, out.targets, cfg.distill_temperature)
             loss = loss + cfg.distill_weight * distill
         total, sparsity = pruning_loss(self.model, loss, cfg.target_sparsity, cfg.sparsity_weight,
-                                       cfg.decoder_target_sparsity)
+                                       cfg.decoder_target_sparsity, cfg.decoder_sparsity_weight)
         return total, out.loss, distill, sparsity
 
 

@@ -87,6 +87,7 @@ class TrainConfig:
     # None: one joint target over every gate
     decoder_target_sparsity: float | None = None
     sparsity_weight: float = 1.0  # alpha of the sparsity loss
+    decoder_sparsity_weight: float | None = None  # alpha of the decoder's, with its own target; None: sparsity_weight
     # Knowledge distillation from the dense model (the same model with every gate keeping, no
     # gradient): distill_weight * T^2 * KL(teacher || student) of the output distributions at
     # temperature T over the target positions, added to the task loss. 0: none.
@@ -169,6 +170,13 @@ class TrainConfig:
             if not isinstance(self.gates, dict) or not self.gates.get("decoder"):
                 raise UserError("TrainConfig.decoder_target_sparsity needs gates on the decoder (gates.decoder), "
                                 "and the config has none")
+        if self.decoder_sparsity_weight is not None:
+            if not _is_number(self.decoder_sparsity_weight) or self.decoder_sparsity_weight < 0:
+                raise UserError("TrainConfig.decoder_sparsity_weight must be a number >= 0 or null, got "
+                                f"{self.decoder_sparsity_weight!r}")
+            if self.decoder_target_sparsity is None:
+                raise UserError("TrainConfig.decoder_sparsity_weight weighs the decoder's own target: set "
+                                "decoder_target_sparsity too")
         if self.max_minutes is not None and (not _is_number(self.max_minutes) or self.max_minutes <= 0):
             raise UserError(f"TrainConfig.max_minutes must be a positive number or null, got {self.max_minutes!r}")
         _check_data(self.data)

@@ -73,17 +73,17 @@ def last_record(model: nn.Module) -> GateRecord:
 
 
 def pruning_loss(model: nn.Module, task_loss: torch.Tensor, target: float, alpha: float = 1.0,
-                 decoder_target: float | None = None):
+                 decoder_target: float | None = None, decoder_alpha: float | None = None):
     """task loss + alpha * sparsity loss, and the achieved sparsity, of the last forward pass.
-    decoder_target: the decoder's gates get a target of their own and `target` holds for the
-    encoder's alone (a joint target is met by the encoder's many frames while the decoder keeps
-    every token); the sparsity returned stays the joint one."""
+    decoder_target: the decoder's gates get a target (and decoder_alpha, if given, a weight) of
+    their own and `target` holds for the encoder's alone (a joint target is met by the encoder's
+    many frames while the decoder keeps every token); the sparsity returned stays the joint one."""
     record = last_record(model)
     sparsity = record.sparsity()
     if decoder_target is None:
         return task_loss + sparsity_loss(sparsity, target, alpha), sparsity
     loss = sparsity_loss(record.sparsity("encoder"), target, alpha) \
-        + sparsity_loss(record.sparsity("decoder"), decoder_target, alpha)
+        + sparsity_loss(record.sparsity("decoder"), decoder_target, alpha if decoder_alpha is None else decoder_alpha)
     return task_loss + loss, sparsity
 
 
