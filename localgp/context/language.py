@@ -21,14 +21,9 @@ ISO_639_3 = {
 def import_lang2vec():
     """lang2vec.lang2vec. Its distribution also installs a script lang2vec.py among the console
     scripts, and a console script (`localgp train`) runs with that directory first on sys.path, where
-    the script would shadow the package: the import skips that directory."""
-    found = sys.modules.get("lang2vec")
-    if found is not None and not hasattr(found, "__path__"):  # the script, imported as a module
-        del sys.modules["lang2vec"]
-    scripts = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else None
+    the script would shadow the package: the import skips every directory holding a lang2vec.py."""
     saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != scripts
-                   or not os.path.isfile(os.path.join(scripts, "lang2vec.py"))]
+    sys.path[:] = [p for p in saved if not os.path.isfile(os.path.join(p or os.curdir, "lang2vec.py"))]
     try:
         return importlib.import_module("lang2vec.lang2vec")
     finally:
