@@ -37,8 +37,8 @@ def resemblyzer():
 
 
 @pytest.fixture(scope="module")
-def lang2vec():
-    return Lang2Vec()  # loads the URIEL tables: seconds
+def lang2vec(tmp_path_factory):
+    return Lang2Vec(tmp_path_factory.mktemp("lang2vec"))  # loads the URIEL tables on its first vector: seconds
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +80,27 @@ def test_lang2vec(lang2vec):
         l2v("xx")
 
 
+def test_lang2vec_vectors_are_cached_on_disk(lang2vec, tmp_path):
+    """A second process (here: another instance on the same directory) reads the vectors from disk,
+    without importing lang2vec; a damaged cache file is named, with its fix."""
+    de = lang2vec("de")
+    again = Lang2Vec(lang2vec.cache_dir.parents[1])
+    assert torch.equal(again("de"), de) and again._l2v is None
+    cached = lang2vec.cache_dir / "deu.json"
+    assert cached.is_file()
+    damaged = Lang2Vec(tmp_path)
+    damaged.cache_dir.mkdir(parents=True)
+    (damaged.cache_dir / "deu.json").write_text("[1.0, 2.0]")
+    with pytest.raises(ValueError, match="deu.json is damaged .not 289 numbers.: delete it"):
+        damaged("de")
+
+
 def test_lang2vec_from_a_console_script(tmp_path):
     """lang2vec's distribution puts a script lang2vec.py among the console scripts, and a console
     script (`localgp train`) runs with that directory first on sys.path: the package must still load."""
     (tmp_path / "lang2vec.py").write_text("raise ImportError('the script, not the package')\n")
     (tmp_path / "entry.py").write_text("from localgp.context.language import Lang2Vec\n"
-                                       "print(tuple(Lang2Vec()('de').shape))\n")
+                                       f"print(tuple(Lang2Vec({str(tmp_path / 'cache')!r})('de').shape))\n")
     result = subprocess.run([sys.executable, str(tmp_path / "entry.py")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(1, 289)"
