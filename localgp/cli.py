@@ -124,6 +124,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_gates(args: argparse.Namespace) -> int:
+    from localgp.release import export_gates
+
+    wrote = export_gates(args.run, args.out, rank=args.rank)
+    print(f"wrote {wrote['path']}: {wrote['bytes'] / 1e6:.2f} MB, sha256 {wrote['sha256']}; {wrote['tensors']} "
+          f"tensors of step {wrote['step']}, the skip values at rank {wrote['rank']} (relative error at most "
+          + (f"{wrote['skip_values_error']:.4f})" if wrote["skip_values_error"] is not None else "-: none)"))
+    return 0
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
     import logging
 
@@ -390,9 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of a run: this backbone's plain pretrained model, ungated (zero-shot)")
     decode.add_argument("--data", help="with --model: the corpus manifest (localgp prepare demo's manifest.jsonl)")
     decode.add_argument("--whisper-dir", help="with --model whisper-base: `localgp prepare whisper`'s directory")
-    decode.add_argument("--gates", help="with --model whisper-base: a training-free rule, padding, silence, attention "
-                                        "or attention:BLOCK:KEEP (default 3:0.5); the padding and silence rules' "
-                                        "fill is calibrated on --data's training clips")
+    decode.add_argument("--gates", help="with --model whisper-base: default (the release gates), a gates file "
+                                        "(FILE.safetensors, `localgp export-gates`), or a training-free rule, "
+                                        "padding, silence, attention or attention:BLOCK:KEEP (default 3:0.5); the "
+                                        "padding and silence rules' fill is calibrated on --data's training clips")
     decode.add_argument("--out", required=True, help="JSONL of decoded records (appended; a rerun resumes)")
     decode.add_argument("--split", default="test", help="corpus split (manifest and Europarl-ST data)")
     decode.add_argument("--tasks", default="asr,st", help="asr, st or both (every translation present)")
@@ -414,13 +425,23 @@ def build_parser() -> argparse.ArgumentParser:
                              "when another model or other options produced them)")
     decode.set_defaults(func=cmd_decode)
 
+    export = sub.add_parser("export-gates", help="a trained run's gates as one small file (safetensors: float16, "
+                                                 "the skip values factorised) for --gates FILE")
+    export.add_argument("run", help="a `localgp train` out_dir (its backbone's weights pretrained: Whisper base)")
+    export.add_argument("--out", required=True, help="the gates file to write, NAME.safetensors")
+    export.add_argument("--rank", type=positive_int, default=128,
+                        help="rank of each skip-values matrix (frames x width) in the file")
+    export.set_defaults(func=cmd_export_gates)
+
     transcribe = sub.add_parser("transcribe", help="audio files of any length -> .txt/.srt/.vtt/.json (Whisper, "
                                                    "plain or with trained gates; resumable)")
     transcribe.add_argument("audio", nargs="+", help="audio files (any format PyAV reads), directories, @list.txt")
     transcribe.add_argument("--model", default="whisper-base",
                             help="whisper-base (the plain pretrained model) or a `localgp train` run directory "
                                  "(its gated model); OWSM snapshots are not supported yet")
-    transcribe.add_argument("--gates", help="RUN_DIR: with --model whisper-base, that run's gated model; none: "
+    transcribe.add_argument("--gates", help="RUN_DIR: with --model whisper-base, that run's gated model; default: "
+                                            "the release gates shipped with localgp; FILE.safetensors: a gates "
+                                            "file (`localgp export-gates`); none: "
                                             "--model RUN_DIR without its gates; padding, silence, attention or "
                                             "attention:BLOCK:KEEP (default 3:0.5): a training-free rule on "
                                             "whisper-base")
@@ -448,10 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "owsm: a tiny OWSM-architecture model trained from scratch")
     demo.add_argument("--out", default="out/demo", help="runs, decoded records, report.json/.md, masks.png")
     demo.add_argument("--data", default="data/demo", help="the demo corpus (prepared here when missing)")
-    demo.add_argument("--rows", default="padding,silence,attention,localgp+speaker",
+    demo.add_argument("--rows", default="padding,silence,attention,localgp+speaker,release",
                       help="whisper-base: comma list of rows beside dense: the training-free rules padding, silence, "
-                           "attention (attention:BLOCK:KEEP for other settings) and the trained localgp+speaker, "
-                           "localgp, globalgp")
+                           "attention (attention:BLOCK:KEEP for other settings), the trained localgp+speaker, "
+                           "localgp, globalgp, and release (the release gates shipped in the package)")
     demo.add_argument("--targets", type=lambda t: tuple(keep_ratio(v) for v in t.split(",")),
                       help="whisper-base: comma list of sparsity targets, a run per row and target (default 0.6: "
                            "localgp.demo.WHISPER_TARGETS)")
@@ -503,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", help="whisper-base: the directory `localgp prepare whisper` wrote (default: its "
                                          "own), or random (base's shapes: timing only)")
         p.add_argument("--preset", choices=sorted(PRESETS), help="model size, random weights (default medium)")
-        p.add_argument("--checkpoint", help="a `localgp train` out_dir: its model and trained gates decide the masks")
+        p.add_argument("--checkpoint", help="a `localgp train` out_dir: its model and trained gates decide the masks "
+                                            "(whisper-base: also default, the release gates, or a gates file)")
         p.add_argument("--batch", type=positive_int, help="utterances per call (default 1; transcribe: windows, 8)")
         p.add_argument("--seconds", type=positive_float, help="audio per utterance (default 30; OWSM pads to 30 s)")
         p.add_argument("--dtype", default="float32", help=DTYPE_HELP + " (aliases fp32, bf16, fp16)")

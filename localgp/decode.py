@@ -46,6 +46,7 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
     run_dir: a `localgp train` run; its own corpus (its data, with the split replaced) is decoded.
     Or run_dir=None and model= a backbone name (e.g. "whisper-base"): its plain pretrained model,
     ungated (the zero-shot baseline), on `data` (TrainConfig.data, or a manifest path); with gates=
+    "default" (the release gates) or a gates file (localgp.release) that model gated; with gates=
     a training-free rule (padding, silence, attention[:BLOCK:KEEP]) on it, the padding and silence
     rules' fill calibrated on the training clips of `data` (a manifest).
     options: the backbone's decode options (None: its defaults; see Backbone.decode_options).
@@ -61,6 +62,8 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
     from localgp.data.examples import load_corpus, make_examples
     from localgp.files import file_sha256
     from localgp.model.packed import check_precision
+    from localgp.release import identity as gates_identity
+    from localgp.release import is_gates_file, load_gates
     from localgp.runs import check_device, checkpoint_path, dense_model, load_run, rule_model
 
     if batch_size < 1:
@@ -85,6 +88,12 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
         produced_by = {"checkpoint sha256": file_sha256(checkpoint_path(run_dir))}
     elif model is None or data is None:
         raise UserError("decode: give a run directory, or model= (a backbone name) and data= (its corpus)")
+    elif is_gates_file(gates):
+        run = load_gates(gates, whisper_dir)
+        if run.backbone.name != model:
+            raise UserError(f"--gates {gates}: gates of backbone {run.backbone.name}, not of --model {model}")
+        cache = out_path.parent / "context"  # the gates' contexts of this corpus
+        produced_by = {"model": model, **gates_identity(gates)}
     elif gates is not None:
         calibration = data["path"] if data.get("kind") == "manifest" else None
         run = rule_model(model, gates, data, whisper_dir, calibration)

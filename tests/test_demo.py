@@ -116,7 +116,7 @@ def test_the_transcribe_benchmark_runs_by_default_on_the_demos_output(tmp_path, 
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["system"] for r in rows] == ["openai-whisper", "faster-whisper-float32", "faster-whisper-int8",
                                            "localgp-dense", "localgp-padding", "localgp-silence", "localgp-attention",
-                                           "localgp-compact"]
+                                           "localgp-compact", "localgp-release"]
     assert all(r["audio_seconds"] > 2 and r["seconds"] > 0 for r in rows)
     assert "localgp-compact" in done.stdout
     # without the demo's report, the default names what is missing and what writes it

@@ -200,8 +200,14 @@ def check(setting: Setting, part: str, providers=(), repeats: int = 1, warmup: i
     if setting.dtype == "int8" and setting.backbone == "owsm":
         raise BenchError("--dtype int8: the OWSM parts time ESPnet's modules as they are (unpacked); int8 is for "
                          "--backbone whisper-base")
-    if setting.checkpoint and not Path(setting.checkpoint).is_dir():
-        raise BenchError(f"--checkpoint: {setting.checkpoint} is not a directory (a `localgp train` out_dir)")
+    from localgp.release import is_gates_file
+
+    if is_gates_file(setting.checkpoint):
+        if setting.backbone != "whisper-base":
+            raise BenchError(f"--checkpoint {setting.checkpoint}: a gates file goes with --backbone whisper-base")
+    elif setting.checkpoint and not Path(setting.checkpoint).is_dir():
+        raise BenchError(f"--checkpoint: {setting.checkpoint} is not a directory (a `localgp train` out_dir) nor a "
+                         f"gates file (default, or FILE.safetensors)")
 
 
 

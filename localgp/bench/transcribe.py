@@ -11,7 +11,8 @@ recording, side by side, in one run, by what users run and by localgp:
   --gates RULE`, the training-free rules on the plain Whisper base (the padding and silence
   rules' fill calibrated on the manifest's training clips, cached beside the weights);
 - `localgp-compact`: `localgp transcribe` with a trained gated Whisper run, compact execution
-  (`localgp-compact:RUN_DIR`: another run beside it, in the same benchmark).
+  (`localgp-compact:RUN_DIR`: another run beside it, in the same benchmark);
+- `localgp-release`: `localgp transcribe --gates default`, the release gates shipped in the package.
 
 `--dtypes float32,bfloat16,int8` runs every localgp system in each (`localgp transcribe --dtype`);
 openai-whisper runs in float32 and faster-whisper's rows keep their compute types (each row's
@@ -49,7 +50,7 @@ from localgp.errors import UserError
 from localgp.model.packed import check_precision
 
 SYSTEMS = ("openai-whisper", "faster-whisper-float32", "faster-whisper-int8", "localgp-dense", "localgp-padding",
-           "localgp-silence", "localgp-attention", "localgp-compact")
+           "localgp-silence", "localgp-attention", "localgp-compact", "localgp-release")
 RULE_PREFIX = "localgp-"  # localgp-<rule>: `--gates <rule>` (attention takes :BLOCK:KEEP)
 DEFAULT_REPORT = "out/demo/report.json"  # `make demo`'s: localgp-compact runs the run it trained
 DEFAULT_AUDIO = "data/demo/manifest.jsonl"
@@ -154,6 +155,9 @@ def run_system(system: str, audio: Path, language: str, beam: int, batch: int, w
         rule = rule_of(system)
         if system == "localgp-dense":
             transcriber = Transcriber("whisper-base", whisper_dir=str(weights), device="cpu", dtype=dtype)
+        elif system == "localgp-release":
+            transcriber = Transcriber("whisper-base", gates="default", whisper_dir=str(weights), device="cpu",
+                                      dtype=dtype)
         elif rule is not None:
             transcriber = Transcriber("whisper-base", gates=rule, whisper_dir=str(weights), device="cpu",
                                       calibration=manifest, dtype=dtype)

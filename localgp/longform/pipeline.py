@@ -121,12 +121,15 @@ class Loaded:
 def load_model(model: str = "whisper-base", gates: str | None = None, whisper_dir: str | None = None,
                calibration: str | None = None) -> Loaded:
     """model: "whisper-base" (the plain pretrained model; gates=RUN_DIR puts a trained run's model
-    in its place, gates="padding", "silence", "attention[:BLOCK:KEEP]" a training-free rule, its
+    in its place, gates="default" the release gates, gates=FILE.safetensors a gates file
+    (localgp.release), gates="padding", "silence", "attention[:BLOCK:KEEP]" a training-free rule, its
     fill calibrated on `calibration`'s training clips), or a `localgp train` run directory (its
     gated model; gates="none": its weights without the gates). An OWSM snapshot directory is
     refused: not supported here yet."""
     from localgp.files import file_sha256
     from localgp.model.config import is_rule
+    from localgp.release import identity as gates_identity
+    from localgp.release import is_gates_file, load_gates
     from localgp.runs import checkpoint_path, dense_model, load_run, rule_model
 
     if is_rule(gates):
@@ -137,6 +140,14 @@ def load_model(model: str = "whisper-base", gates: str | None = None, whisper_di
                             **run.backbone.weights_identity()})
     if calibration is not None:
         raise UserError("--calibration goes with --gates padding or silence (the rules' fill)")
+    if is_gates_file(gates):
+        if model != "whisper-base":
+            raise UserError(f"--gates {gates}: a gates file goes on --model whisper-base, not on --model {model}")
+        run = load_gates(gates, whisper_dir)
+        if run.backbone.name != "whisper-base":
+            raise UserError(f"--gates {gates}: gates of backbone {run.backbone.name}: `localgp transcribe` decodes "
+                            f"Whisper models only so far")
+        return Loaded(run, {"name": "whisper-base", **gates_identity(gates), "gates": True})
     if gates is not None and gates != "none" and model != "whisper-base":
         raise UserError(f"--gates {gates}: a run's gates go on --model whisper-base; --model {model} brings its own "
                         f"(--gates none decodes it without them)")

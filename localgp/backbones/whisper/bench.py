@@ -104,9 +104,11 @@ class WhisperModels:
 
         self.run = None
         if setting.checkpoint:  # a trained run: its gates decide, fed the clips' own contexts (set_contexts)
+            from localgp.release import is_gates_file, load_gates
             from localgp.runs import load_run
 
-            self.run = load_run(setting.checkpoint)
+            self.run = (load_gates(setting.checkpoint, setting.weights) if is_gates_file(setting.checkpoint)
+                        else load_run(setting.checkpoint))
             if self.run.config.backbone != "whisper-base":
                 raise BenchError(f"--checkpoint {setting.checkpoint}: a {self.run.config.backbone} run, not whisper-base")
             if not hasattr(self.run.model.encoder, "pruning"):
