@@ -62,7 +62,6 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
     from localgp.data.examples import load_corpus, make_examples
     from localgp.files import file_sha256
     from localgp.model.packed import check_precision
-    from localgp.release import identity as gates_identity
     from localgp.release import is_gates_file, load_gates
     from localgp.runs import check_device, checkpoint_path, dense_model, load_run, rule_model
 
@@ -89,11 +88,11 @@ def decode_run(run_dir: str | Path | None, out_path: str | Path, split: str = "t
     elif model is None or data is None:
         raise UserError("decode: give a run directory, or model= (a backbone name) and data= (its corpus)")
     elif is_gates_file(gates):
-        run = load_gates(gates, whisper_dir)
+        run, identity = load_gates(gates, whisper_dir)
         if run.backbone.name != model:
             raise UserError(f"--gates {gates}: gates of backbone {run.backbone.name}, not of --model {model}")
         cache = out_path.parent / "context"  # the gates' contexts of this corpus
-        produced_by = {"model": model, **gates_identity(gates)}
+        produced_by = {"model": model, **identity}
     elif gates is not None:
         calibration = data["path"] if data.get("kind") == "manifest" else None
         run = rule_model(model, gates, data, whisper_dir, calibration)

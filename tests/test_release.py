@@ -69,7 +69,8 @@ def test_exported_gates_load_back_as_the_run_within_float16(exported, filled_run
     assert metadata["weights"]["model"] == "whisper-base" and metadata["extra_state"]
     assert all(t.dtype == torch.float16 for t in tensors.values() if t.is_floating_point())
     run = load_run(filled_run)
-    gated = release.load_gates(str(path), str(tiny_whisper))
+    gated, identity = release.load_gates(str(path), str(tiny_whisper))
+    assert identity == {"gates file": str(path.resolve()), "gates sha256": wrote["sha256"]}
     want = {k: v for k, v in run.model.state_dict().items() if GATE_KEY in k and torch.is_tensor(v)}
     got = gated.model.state_dict()
     for key, value in want.items():
@@ -170,7 +171,8 @@ def test_export_gates_command(filled_run, tmp_path, capsys, cli_error):
 
 # ------------------------------------------------------------------ the release gates, real weights
 def test_the_release_gates_match_their_recorded_sha256_and_fit_in_10_mb(monkeypatch):
-    path = release.resolve("default")
+    path, sha256 = release.resolve("default")
+    assert sha256 == release.RELEASES["default"].sha256
     assert path.stat().st_size <= 10_000_000
     _, metadata = release.read_gates_file(path)
     assert metadata["config"]["backbone"] == "whisper-base" and metadata["skip_values"]["relative_error"] < 0.05

@@ -64,9 +64,10 @@ class Lang2Vec:
     def _values(self, language: str, code: str) -> list[float]:
         path = self.cache_dir / f"{code}.json"
         if path.is_file():
-            values = read_json(path, "delete it (a cache: lang2vec computes it again)", expect=list)
+            fix = "delete it (a cache: lang2vec computes it again)"
+            values = read_json(path, fix, expect=list)
             if len(values) != self.size or not all(isinstance(v, (int, float)) for v in values):
-                raise DamagedFile(path, f"not {self.size} numbers", "delete it (a cache: lang2vec computes it again)")
+                raise DamagedFile(path, f"not {self.size} numbers", fix)
             return [float(v) for v in values]
         if self._l2v is None:
             self._l2v = import_lang2vec()

@@ -128,7 +128,6 @@ def load_model(model: str = "whisper-base", gates: str | None = None, whisper_di
     refused: not supported here yet."""
     from localgp.files import file_sha256
     from localgp.model.config import is_rule
-    from localgp.release import identity as gates_identity
     from localgp.release import is_gates_file, load_gates
     from localgp.runs import checkpoint_path, dense_model, load_run, rule_model
 
@@ -143,11 +142,11 @@ def load_model(model: str = "whisper-base", gates: str | None = None, whisper_di
     if is_gates_file(gates):
         if model != "whisper-base":
             raise UserError(f"--gates {gates}: a gates file goes on --model whisper-base, not on --model {model}")
-        run = load_gates(gates, whisper_dir)
+        run, identity = load_gates(gates, whisper_dir)
         if run.backbone.name != "whisper-base":
             raise UserError(f"--gates {gates}: gates of backbone {run.backbone.name}: `localgp transcribe` decodes "
                             f"Whisper models only so far")
-        return Loaded(run, {"name": "whisper-base", **gates_identity(gates), "gates": True})
+        return Loaded(run, {"name": "whisper-base", **identity, "gates": True})
     if gates is not None and gates != "none" and model != "whisper-base":
         raise UserError(f"--gates {gates}: a run's gates go on --model whisper-base; --model {model} brings its own "
                         f"(--gates none decodes it without them)")

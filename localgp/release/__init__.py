@@ -61,9 +61,9 @@ def is_gates_file(name: str | None) -> bool:
     return name is not None and (name in RELEASES or str(name).endswith(SUFFIX))
 
 
-def resolve(name: str) -> Path:
-    """The gates file `name` stands for: a released name (its packaged file, checked against the
-    recorded sha256), else the path itself (it must exist)."""
+def resolve(name: str) -> tuple[Path, str]:
+    """(path, sha256) of the gates file `name` stands for: a released name (its packaged file,
+    checked against the recorded sha256), else the path itself (it must exist)."""
     if name in RELEASES:
         release = RELEASES[name]
         path = HERE / release.file
@@ -73,7 +73,7 @@ def resolve(name: str) -> Path:
         found = file_sha256(path)
         if found != release.sha256:
             raise DamagedFile(path, f"sha256 {found}, not the recorded {release.sha256}", fix)
-        return path
+        return path, found
     path = Path(name)
     if path.is_dir():
         raise DamagedFile(path, "a directory where a file should be",
@@ -81,7 +81,7 @@ def resolve(name: str) -> Path:
     if not path.is_file():
         raise UserError(f"--gates {name}: no such gates file (`localgp export-gates RUN_DIR --out FILE{SUFFIX}` "
                         f"writes one; or one of {', '.join(RELEASES)}: the release gates)")
-    return path
+    return path, file_sha256(path)
 
 
 # ------------------------------------------------------------------ writing
@@ -181,27 +181,35 @@ def read_gates_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, metadata
 
 
+def factored_table(key: str) -> str | None:
+    """The key of the skip-values table a factor's key (export_gates) belongs to, else None."""
+    part = next((p for p in FACTORS if key.endswith(SKIP_TABLE + p)), None)
+    return None if part is None else key[: -len(part)]
+
+
 def model_state_of(tensors: dict[str, torch.Tensor], extra: dict) -> dict:
     """The state dict a gates file stands for: its factorised tables rebuilt, float32 again."""
     state = dict(extra)
     for key, value in tensors.items():
-        if key.endswith(FACTORS[0]) and key[: -len(FACTORS[0])].endswith(SKIP_TABLE):
-            state[key[: -len(FACTORS[0])]] = rebuild(tensors, key[: -len(FACTORS[0])])
-        elif not any(key.endswith(SKIP_TABLE + part) for part in FACTORS):
+        table = factored_table(key)
+        if table is None:
             state[key] = value.float() if value.is_floating_point() else value
+        elif table not in state:
+            state[table] = rebuild(tensors, table)
     return state
 
 
 def load_gates(name: str, whisper_dir: str | None = None):
-    """The gated model of a gates file (a released name, or a path: resolve()) as a runs.Run, in
-    eval mode, masked execution (as load_run gives a run directory's). whisper_dir: where the
-    backbone's pretrained weights are (None: the recorded config's)."""
+    """(run, identity): the gated model of a gates file (a released name, or a path: resolve()) as
+    a runs.Run, in eval mode, masked execution (as load_run gives a run directory's), and what names
+    the file in records and summaries (its name and sha256). whisper_dir: where the backbone's
+    pretrained weights are (None: the recorded config's)."""
     from localgp.backbones import get_backbone
     from localgp.model.convert import GATE_KEY, set_execution
     from localgp.runs import Run, restore_model
     from localgp.train_config import TrainConfig
 
-    path = resolve(name)
+    path, sha256 = resolve(name)
     tensors, metadata = read_gates_file(path)
     try:
         config = TrainConfig(**metadata["config"])
@@ -216,10 +224,5 @@ def load_gates(name: str, whisper_dir: str | None = None):
         raise DamagedFile(path, f"no tensor for the gates' {missing[:3]}", "export it again from its run")
     restore_model(model, {"weights": metadata["weights"], "model": state}, backbone, path)
     set_execution(model, "masked")
-    return Run(model.eval(), tokenizer, config, backbone)
-
-
-def identity(name: str) -> dict:
-    """What names a gates file in records and summaries: its name and sha256."""
-    path = resolve(name)
-    return {"gates file": name if name in RELEASES else str(path.resolve()), "gates sha256": file_sha256(path)}
+    identity = {"gates file": name if name in RELEASES else str(path.resolve()), "gates sha256": sha256}
+    return Run(model.eval(), tokenizer, config, backbone), identity

@@ -107,7 +107,7 @@ class WhisperModels:
             from localgp.release import is_gates_file, load_gates
             from localgp.runs import load_run
 
-            self.run = (load_gates(setting.checkpoint, setting.weights) if is_gates_file(setting.checkpoint)
+            self.run = (load_gates(setting.checkpoint, setting.weights)[0] if is_gates_file(setting.checkpoint)
                         else load_run(setting.checkpoint))
             if self.run.config.backbone != "whisper-base":
                 raise BenchError(f"--checkpoint {setting.checkpoint}: a {self.run.config.backbone} run, not whisper-base")
